@@ -1,0 +1,155 @@
+"""The distillation objective: channels + weighting -> one scalar loss and its metrics.
+
+All reductions live here:
+
+* token -> sample: :func:`per_sample_mean` turns per-token energies into one value per
+  sample (the mean over that sample's supervised tokens), *before* any weighting, so
+  that instance-level betas weigh samples against each other;
+* sample -> batch: :class:`DistillationObjective` sums per-sample losses and divides by
+  the number of items in the whole accumulated batch (``num_items``), so that gradient
+  accumulation over micro-batches equals one large batch, as Hugging Face's
+  ``num_items_in_batch`` does for CE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from betakd.weighting import CE, Weighting, WeightingOutput, at_least_float32
+
+REDUCTIONS = ("sample", "token")
+
+
+def per_sample_mean(values: Tensor, sample_index: Tensor, num_samples: int) -> Tensor:
+    """Mean of per-token ``values [N]`` per sample, given each token's sample index ``[N]``.
+
+    Samples without tokens get 0 (see :func:`token_counts` to tell them apart).
+    """
+    values = values.float()
+    sums = values.new_zeros(num_samples).index_add(0, sample_index, values)
+    return sums / token_counts(sample_index, num_samples).clamp_min(1).to(sums.dtype)
+
+
+def token_counts(sample_index: Tensor, num_samples: int) -> Tensor:
+    """Number of supervised tokens per sample."""
+    return torch.bincount(sample_index, minlength=num_samples)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Per-row mean of ``values [B, T]`` over the positions where ``mask`` is true."""
+    mask = mask.to(torch.float32)
+    return (values.float() * mask).sum(dim=-1) / mask.sum(dim=-1).clamp_min(1.0)
+
+
+@dataclass
+class ObjectiveOutput:
+    """The scalar to backpropagate, the per-sample losses behind it, and logging metrics."""
+
+    loss: Tensor
+    per_sample_loss: Tensor
+    betas: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class DistillationObjective(nn.Module):
+    """Combine the CE channel and teacher channels with a weighting.
+
+    ``reduction="sample"`` gives every sample the same weight (its per-sample loss is a
+    mean over its tokens); ``reduction="token"`` weighs each sample by its number of
+    supervised tokens, which matches token-averaged CE.
+    """
+
+    def __init__(self, weighting: Weighting, reduction: str = "sample") -> None:
+        super().__init__()
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if weighting.channels[0] != CE:
+            raise ValueError(f"the first channel must be {CE!r}, got {weighting.channels}")
+        self.weighting = weighting
+        self.reduction = reduction
+
+    @property
+    def channels(self) -> list[str]:
+        return self.weighting.channels
+
+    def forward(
+        self,
+        ce: Tensor,
+        energies: Mapping[str, Tensor],
+        representation: Tensor | None = None,
+        *,
+        counts: Tensor | None = None,
+        num_items: int | Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """Args:
+        ce: per-sample CE ``[B]``.
+        energies: per-sample energy ``[B]`` for every teacher channel of the weighting.
+        representation: ``[B, D]`` input of an instance weighting.
+        counts: supervised tokens per sample ``[B]``; samples with 0 are left out.
+        num_items: samples (``reduction="sample"``) or tokens (``"token"``) in the whole
+            accumulated batch; defaults to this micro-batch's.
+        """
+        losses = self._stack_channels(ce, energies)
+        if counts is None:
+            counts = torch.ones(losses.shape[0], device=losses.device)
+        valid = counts > 0
+        # Zero the left-out rows *before* weighting: a NaN there would leak into gradients.
+        losses = torch.where(valid[:, None], losses, torch.zeros_like(losses))
+        out = self.weighting(losses, representation)
+        item_weights = self._item_weights(counts, valid)
+        if num_items is None:
+            num_items = item_weights.sum()
+        num_items = torch.as_tensor(num_items, dtype=losses.dtype, device=losses.device)
+        loss = (out.per_sample_loss * item_weights).sum() / num_items.clamp_min(1.0)
+        metrics = summarize(self.channels, losses, out, valid)
+        metrics["loss"] = float(loss.detach())
+        return ObjectiveOutput(loss, out.per_sample_loss, out.betas, metrics)
+
+    def _stack_channels(self, ce: Tensor, energies: Mapping[str, Tensor]) -> Tensor:
+        teacher_channels = self.channels[1:]
+        missing = sorted(set(teacher_channels) - set(energies))
+        extra = sorted(set(energies) - set(teacher_channels))
+        if missing or extra:
+            raise ValueError(
+                f"energies must match the weighting's channels {teacher_channels}; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        columns = [ce] + [energies[name] for name in teacher_channels]
+        for name, column in zip(self.channels, columns):
+            if column.shape != ce.shape or ce.dim() != 1:
+                raise ValueError(
+                    f"channel {name!r} must be a per-sample tensor of shape "
+                    f"{tuple(ce.shape)}, got {tuple(column.shape)}"
+                )
+        return torch.stack([at_least_float32(c) for c in columns], dim=1)
+
+    def _item_weights(self, counts: Tensor, valid: Tensor) -> Tensor:
+        if self.reduction == "token":
+            return counts.float() * valid
+        return valid.float()
+
+
+def summarize(
+    channels: list[str], losses: Tensor, out: WeightingOutput, valid: Tensor, prefix: str = ""
+) -> dict[str, float]:
+    """Per channel: mean energy, beta mean/min/max/std, weighted and regulariser terms,
+    and the share of betas at a bound, over the valid samples."""
+    metrics: dict[str, float] = {}
+    if not bool(valid.any()):
+        return metrics
+    rows = valid.nonzero().squeeze(1)
+    for k, name in enumerate(channels):
+        beta = out.betas[rows, k].float()
+        metrics[f"{prefix}{name}/energy"] = float(losses[rows, k].detach().mean())
+        metrics[f"{prefix}{name}/beta_mean"] = float(beta.mean())
+        metrics[f"{prefix}{name}/beta_min"] = float(beta.min())
+        metrics[f"{prefix}{name}/beta_max"] = float(beta.max())
+        metrics[f"{prefix}{name}/beta_std"] = float(beta.std(unbiased=False))
+        metrics[f"{prefix}{name}/weighted"] = float(out.weighted[rows, k].detach().mean())
+        metrics[f"{prefix}{name}/regulariser"] = float(out.regulariser[rows, k].detach().mean())
+        metrics[f"{prefix}{name}/at_bound"] = float(out.at_bound[rows, k].float().mean())
+    return metrics
