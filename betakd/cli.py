@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import sys
+
 import click
 
 from betakd import __version__
@@ -9,12 +12,63 @@ from betakd import __version__
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="betakd")
-def main() -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
     """Uncertainty-aware knowledge distillation (Beta-KD) for VLMs and LLMs."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
 
 
 @main.command()
-def demo() -> None:
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config key, e.g. --set training.max_steps=10 --set weighting.name=task.",
+)
+@click.option("--resume", is_flag=True, help="Continue the run in training.output_dir.")
+@click.option("--check", is_flag=True, help="Validate the config and exit (loads no model).")
+def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) -> None:
+    """Distill a student from a teacher as the YAML CONFIG says.
+
+    \b
+    CONFIG keys (see README, "Config schema"):
+      student:   path, dtype, trust_remote_code, lora
+      teacher:   path, dtype, trust_remote_code, source (online|cache), cache_dir
+      data:      train_file (LLaVA JSON/JSONL), image_folder, max_length,
+                 max_skip_fraction, limit
+      channels:  logits: [{energy, name, positions, options}],
+                 features: [{name, energy (mse|cosine)}]
+      weighting: name (equal|fixed|task|instance|closed_form|reference),
+                 options, learning_rate, representation, reduction, init_from
+      non_finite: action (stop|skip)
+      training:  any transformers.TrainingArguments field
+    """
+    from betakd.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, list(overrides))
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from err
+    if check:
+        click.echo(f"{config}: valid")
+        return
+    from betakd.train import OutputDirError, run_training
+
+    try:
+        result = run_training(cfg, resume=resume)
+    except (OutputDirError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from err
+    click.echo(f"student saved to {result.output_dir} ({result.skips.summary()})")
+
+
+@main.command()
+@click.option("--quick", is_flag=True, help="A smoke-size run (about 2 minutes).")
+def demo(quick: bool) -> None:
     """Distill a small easy-VQA student with every weighting and write a report."""
     click.echo(
         "betakd demo: converts easy-VQA to LLaVA format, trains or loads the cached teacher, "
@@ -24,4 +78,4 @@ def demo() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The training config: one YAML file -> validated, typed settings.
+
+Validation happens before any model loads, and every error names the offending key
+(``channels.logits.0.energy: unknown energy 'kl' ...``). ``training`` is passed through
+to ``transformers.TrainingArguments`` and checked against its fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from betakd import energies, features, weighting
+
+Dtype = Literal["float32", "bfloat16", "float16", "auto"]
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key it concerns."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class LoraSettings(Strict):
+    r: int = Field(8, ge=1)
+    alpha: int = Field(16, ge=1)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = "all-linear"
+
+
+class ModelSettings(Strict):
+    path: str = Field(description="local directory or hub id of the model")
+    dtype: Dtype = "float32"
+    trust_remote_code: bool = False
+
+
+class StudentSettings(ModelSettings):
+    lora: LoraSettings | None = None
+
+
+class TeacherSettings(ModelSettings):
+    path: str | None = None
+    source: Literal["online", "cache"] = "online"
+    cache_dir: str | None = Field(None, description="offline teacher cache (source: cache)")
+    cache_top_k: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _source_needs(self) -> TeacherSettings:
+        if self.source == "online" and not self.path:
+            raise ValueError("teacher.path is required when teacher.source is 'online'")
+        if self.source == "cache" and not self.cache_dir:
+            raise ValueError("teacher.cache_dir is required when teacher.source is 'cache'")
+        return self
+
+
+class DataSettings(Strict):
+    train_file: str = Field(description="LLaVA-format JSON or JSONL conversations")
+    image_folder: str | None = None
+    max_length: int = Field(2048, ge=8)
+    max_skip_fraction: float = Field(0.05, ge=0, le=1)
+    limit: int | None = Field(None, ge=1, description="use only the first N records")
+
+
+class LogitChannel(Strict):
+    energy: str
+    name: str | None = Field(None, description="channel name in logs; defaults to the energy")
+    positions: Literal["answer", "answer_and_prompt"] = "answer"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("energy")
+    @classmethod
+    def _known_energy(cls, value: str) -> str:
+        if value not in energies.names():
+            raise ValueError(f"unknown energy {value!r}; registered: {', '.join(energies.names())}")
+        return value
+
+    @model_validator(mode="after")
+    def _valid_options(self) -> LogitChannel:
+        try:
+            energies.get(self.energy, **self.options)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"options: {err}") from err
+        return self
+
+    @property
+    def channel(self) -> str:
+        return self.name or self.energy
+
+
+class FeatureChannelSettings(Strict):
+    name: str = "visual"
+    energy: str = "mse"
+    source: Literal["visual_tokens"] = "visual_tokens"
+
+    @field_validator("energy")
+    @classmethod
+    def _known_energy(cls, value: str) -> str:
+        features.get(value)
+        return value
+
+
+class ChannelSettings(Strict):
+    logits: list[LogitChannel] = Field(default_factory=list)
+    features: list[FeatureChannelSettings] = Field(default_factory=list)
+
+    def names(self) -> list[str]:
+        return [c.channel for c in self.logits] + [f.name for f in self.features]
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> ChannelSettings:
+        seen = self.names()
+        duplicated = sorted({n for n in seen if seen.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"channel names must be unique; repeated: {duplicated} (set `name`)")
+        if weighting.CE in seen:
+            raise ValueError(f"{weighting.CE!r} is reserved for the cross-entropy channel")
+        return self
+
+
+Representation = Literal["teacher_visual", "teacher_answer_hidden", "teacher_confidence"]
+
+
+class WeightingSettings(Strict):
+    name: str = "task"
+    options: dict[str, Any] = Field(default_factory=dict)
+    learning_rate: float = Field(0.02, gt=0, description="Adam step on log-betas and adapters")
+    weight_decay: float = Field(0.0, ge=0)
+    representation: Representation = "teacher_visual"
+    reduction: Literal["sample", "token"] = "sample"
+    init_from: str | None = Field(
+        None, description="betakd_head.safetensors (or its folder) of an earlier stage"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _known_weighting(cls, value: str) -> str:
+        if value not in weighting.names():
+            raise ValueError(
+                f"unknown weighting {value!r}; available: {', '.join(weighting.names())}"
+            )
+        return value
+
+    @property
+    def needs_representation(self) -> bool:
+        return self.name == "instance" or (
+            self.name == "reference" and self.options.get("level") == "instance"
+        )
+
+
+class NonFinitePolicy(Strict):
+    action: Literal["stop", "skip"] = "stop"
+
+
+class TrainConfig(Strict):
+    student: StudentSettings
+    teacher: TeacherSettings
+    data: DataSettings
+    channels: ChannelSettings = Field(default_factory=ChannelSettings)
+    weighting: WeightingSettings = Field(default_factory=WeightingSettings)
+    non_finite: NonFinitePolicy = Field(default_factory=NonFinitePolicy)
+    training: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("training")
+    @classmethod
+    def _known_training_arguments(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from transformers import TrainingArguments
+
+        known = {f.name for f in dataclasses.fields(TrainingArguments)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ValueError(f"not a transformers.TrainingArguments field: {unknown}")
+        return value
+
+    @model_validator(mode="after")
+    def _channels_fit_weighting(self) -> TrainConfig:
+        names = ["ce", *self.channels.names()]
+        if len(names) == 1 and self.weighting.name != "equal":
+            raise ValueError(
+                "no teacher channel configured: add channels.logits or channels.features"
+            )
+        try:
+            weighting.build(self.weighting.name, names, **self._probe_options())
+        except (TypeError, ValueError, KeyError) as err:
+            raise ValueError(f"weighting.options: {err}") from err
+        return self
+
+    def _probe_options(self) -> dict[str, Any]:
+        options = dict(self.weighting.options)
+        if self.weighting.needs_representation:
+            options.setdefault("input_dim", 1)
+        return options
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "missing required key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_value(text: str) -> Any:
+    """A ``--set`` value: YAML scalars (numbers, booleans, null, lists) or a plain string."""
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to the raw config dict (creating missing levels)."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if isinstance(node, list):
+                node = node[int(part)]
+                continue
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"--set {key}: {part!r} is not a mapping")
+        if isinstance(node, list):
+            node[int(parts[-1])] = parse_value(value)
+        else:
+            node[parts[-1]] = parse_value(value)
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    """Read, override and validate a YAML config; errors name the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return validate(apply_overrides(raw, overrides or []), source=str(path))
+
+
+def validate(raw: dict[str, Any], source: str = "<dict>") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def dump(config: TrainConfig, path: str | Path) -> None:
+    """Write the resolved config (defaults filled in) as YAML."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

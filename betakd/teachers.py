@@ -1,0 +1,102 @@
+"""Where the teacher's supervision comes from: a frozen model run online (or, later, a cache).
+
+A teacher source turns a teacher batch and the aligned positions into
+:class:`TeacherTargets`: the teacher logits at the aligned positions, its visual tokens,
+and the representation ``h(x)`` that an instance weighting sees. Everything it returns
+is detached; the teacher never receives gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from betakd import align
+from betakd.align import AlignedPositions
+from betakd.models import FamilyAdapter, forward_inputs, slice_vocab
+
+REPRESENTATIONS = ("teacher_visual", "teacher_answer_hidden", "teacher_confidence")
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's side of one batch."""
+
+    logits: Tensor | None  # [N, V] at the aligned teacher positions
+    visual: list[Tensor] | None  # per sample [n_i, d_teacher]
+    representation: Tensor | None  # [B, D], detached float32
+
+
+def representation_dim(representation: str, teacher_config) -> int:
+    """Width of ``h(x)`` for a representation choice, read from the teacher's config."""
+    if representation == "teacher_confidence":
+        return 2
+    if representation not in REPRESENTATIONS:
+        raise ValueError(
+            f"unknown representation {representation!r}; choose from {REPRESENTATIONS}"
+        )
+    text = getattr(teacher_config, "text_config", None) or teacher_config
+    if hasattr(text, "get_text_config"):
+        text = text.get_text_config()
+    return int(text.hidden_size)
+
+
+class OnlineTeacher:
+    """A frozen teacher model run on every step, under ``torch.no_grad``.
+
+    It is deliberately not an ``nn.Module`` attribute of the trained module, so that
+    DDP/FSDP never wrap it as something to train.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: FamilyAdapter,
+        *,
+        vocab_rows: int,
+        need_logits: bool,
+        need_visual: bool,
+        representation: str | None,
+    ) -> None:
+        model.eval()
+        model.requires_grad_(False)
+        self.model = model
+        self.adapter = adapter
+        self.vocab_rows = vocab_rows
+        self.need_logits = need_logits
+        self.need_visual = need_visual
+        self.representation = representation
+
+    def to(self, device: torch.device | str) -> OnlineTeacher:
+        self.model.to(device)
+        return self
+
+    @torch.no_grad()
+    def __call__(
+        self, batch: dict, aligned: AlignedPositions, image_counts: Sequence[int]
+    ) -> TeacherTargets:
+        wants_hidden = self.representation == "teacher_answer_hidden"
+        out = self.model(**forward_inputs(batch, self.adapter), output_hidden_states=wants_hidden)
+        logits = slice_vocab(aligned.teacher(out.logits), self.vocab_rows)
+        visual = None
+        if self.need_visual or self.representation == "teacher_visual":
+            visual = [v.detach() for v in self.adapter.visual_tokens(out, image_counts)]
+        return TeacherTargets(
+            logits=logits if self.need_logits or self.representation else None,
+            visual=visual if self.need_visual else None,
+            representation=self._representation(out, logits, visual, aligned),
+        )
+
+    def _representation(
+        self, out, logits: Tensor, visual: list[Tensor] | None, aligned: AlignedPositions
+    ) -> Tensor | None:
+        if self.representation is None:
+            return None
+        if self.representation == "teacher_visual":
+            return align.pooled_visual(visual)
+        if self.representation == "teacher_answer_hidden":
+            return align.pooled_answer_hidden(out.hidden_states[-1], aligned)
+        return align.confidence_stats(logits, aligned)

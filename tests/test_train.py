@@ -1,0 +1,235 @@
+"""End-to-end training through the public path: config -> BetaKDTrainer -> saved student."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, TrainerCallback
+
+from betakd import config as cfg
+from betakd.cli import main
+from betakd.distill import HEAD_FILE
+from betakd.train import OutputDirError, build_trainer, run_training, training_arguments
+
+WEIGHTINGS = {
+    "equal": {},
+    "fixed": {"options": {"weights": {"cosine_probs": 2.0, "visual": 1.0}}},
+    "task": {},
+    "instance": {"representation": "teacher_visual"},
+    "closed_form": {},
+    "reference": {"options": {"level": "task"}},
+}
+
+
+def make_config(student, teacher, data, image_folder, out, weighting="task", **training):
+    features = [{"name": "visual", "energy": "mse"}] if image_folder is not None else []
+    raw = {
+        "student": {"path": str(student)},
+        "teacher": {"path": str(teacher)},
+        "data": {"train_file": str(data), "image_folder": image_folder and str(image_folder)},
+        "channels": {"logits": [{"energy": "cosine_probs"}], "features": features},
+        "weighting": {"name": weighting, **WEIGHTINGS.get(weighting, {})},
+        "training": {
+            "output_dir": str(out),
+            "per_device_train_batch_size": 2,
+            "max_steps": 4,
+            "learning_rate": 5e-3,
+            "use_cpu": True,
+            "seed": 0,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "logging_steps": 1,
+            **training,
+        },
+    }
+    if image_folder is None and weighting == "fixed":
+        raw["weighting"]["options"] = {"weights": {"cosine_probs": 2.0}}
+    return cfg.validate(raw)
+
+
+def losses_on_repeated_batch(config, steps=6):
+    """Manual optimisation of one batch through the trainer's own loss and optimizer."""
+    trainer = build_trainer(config, training_arguments(config))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    optimizer = trainer.create_optimizer()
+    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    values = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+        loss.backward()
+        optimizer.step()
+        values.append(float(loss))
+    return values, trainer
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+@pytest.mark.parametrize("weighting", sorted(WEIGHTINGS))
+def test_every_family_trains_with_every_weighting(
+    family, weighting, tiny_model_dir, vqa_data, tmp_path
+):
+    data, images = vqa_data
+    student = tiny_model_dir(family, "student")
+    teacher = tiny_model_dir(family, "teacher")
+    config = make_config(student, teacher, data, images, tmp_path / "out", weighting)
+    values, trainer = losses_on_repeated_batch(config)
+    assert all(torch.isfinite(torch.tensor(values)))
+    assert values[-1] < values[0], values
+    metrics = trainer._metric_sums
+    assert "cosine_probs/beta_mean" in metrics and "visual/energy" in metrics
+
+
+def test_text_only_distillation_runs_through_the_cli(tiny_model_dir, tmp_path):
+    records = [
+        {
+            "id": f"t{i}",
+            "conversations": [
+                {"from": "human", "value": f"What is {i} plus one?"},
+                {"from": "gpt", "value": str(i + 1)},
+            ],
+        }
+        for i in range(8)
+    ]
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    config = make_config(
+        tiny_model_dir("llama", "student"),
+        tiny_model_dir("llama", "teacher"),
+        data,
+        None,
+        tmp_path / "out",
+        "instance",
+    ).model_dump()
+    config["weighting"]["representation"] = "teacher_confidence"
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.yaml.safe_dump(config))
+    result = CliRunner().invoke(main, ["train", str(path), "--set", "training.max_steps=2"])
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.model_type == "llama"
+
+
+def test_saved_student_reloads_offline_and_head_is_separate(llava_pair, vqa_data, tmp_path):
+    data, images = vqa_data
+    config = make_config(*llava_pair, data, images, tmp_path / "out", "instance")
+    result = run_training(config)
+    out = result.output_dir
+    student = AutoModelForImageTextToText.from_pretrained(out)
+    assert student.config.model_type == "llava"
+    saved = load_file(out / "model.safetensors")
+    assert not any(k.startswith(("objective.", "features.", "head.")) for k in saved)
+    head = load_file(out / HEAD_FILE)
+    assert any(k.startswith("objective.weighting.net") for k in head)
+    assert any(k.startswith("features.visual.adapter") for k in head)
+    assert (out / "betakd_config.yaml").is_file()
+    logged = [h for h in result.log_history if "cosine_probs/beta_mean" in h]
+    assert logged, result.log_history
+
+
+class StopAfter(TrainerCallback):
+    """Simulates a crash right after a checkpoint."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def final_state(out: Path):
+    return load_file(out / "model.safetensors"), load_file(out / HEAD_FILE)
+
+
+def test_resume_matches_an_uninterrupted_run(llava_pair, vqa_data, tmp_path):
+    data, images = vqa_data
+    extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 5}
+    straight = make_config(*llava_pair, data, images, tmp_path / "a", "instance", **extra)
+    run_training(straight)
+
+    broken = make_config(*llava_pair, data, images, tmp_path / "b", "instance", **extra)
+    trainer_args = training_arguments(broken)
+    from betakd import train as train_module
+
+    original = train_module.build_trainer
+
+    def with_crash(config, args):
+        trainer = original(config, args)
+        trainer.add_callback(StopAfter(3))
+        return trainer
+
+    train_module.build_trainer = with_crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(broken)
+    finally:
+        train_module.build_trainer = original
+    assert (Path(trainer_args.output_dir) / "checkpoint-2").is_dir()
+    with pytest.raises(OutputDirError, match="--resume"):
+        run_training(broken)
+    run_training(broken, resume=True)
+
+    (model_a, head_a), (model_b, head_b) = final_state(tmp_path / "a"), final_state(tmp_path / "b")
+    for key in model_a:
+        torch.testing.assert_close(model_b[key], model_a[key], rtol=0, atol=1e-6)
+    for key in head_a:
+        torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
+
+
+def test_second_stage_starts_from_first_stage_betas(llava_pair, vqa_data, tmp_path):
+    data, images = vqa_data
+    first = run_training(make_config(*llava_pair, data, images, tmp_path / "s1", "task"))
+    raw = make_config(*llava_pair, data, images, tmp_path / "s2", "task").model_dump()
+    raw["weighting"]["init_from"] = str(first.output_dir)
+    trainer = build_trainer(cfg.validate(raw), training_arguments(cfg.validate(raw)))
+    stage_one = load_file(first.output_dir / HEAD_FILE)["objective.weighting.raw"]
+    torch.testing.assert_close(trainer.model.head.objective.weighting.raw.detach(), stage_one)
+    assert not torch.equal(stage_one, torch.zeros_like(stage_one))
+
+
+def test_skipped_samples_are_counted_and_reported(llava_pair, tmp_path, vqa_data):
+    data, images = vqa_data
+    records = json.loads(Path(data).read_text())
+    (images / "corrupt.png").write_bytes(b"not a png")
+    long_question = " ".join(["word"] * 400)
+    records += [
+        {**records[0], "id": "missing", "image": "nope.png"},
+        {**records[0], "id": "corrupt", "image": "corrupt.png"},
+        {
+            **records[0],
+            "id": "long",
+            "conversations": [
+                {"from": "human", "value": "<image>\n" + long_question},
+                {"from": "gpt", "value": "red"},
+            ],
+        },
+    ]
+    mixed = tmp_path / "mixed.json"
+    mixed.write_text(json.dumps(records))
+    raw = make_config(*llava_pair, mixed, images, tmp_path / "out", "task").model_dump()
+    raw["data"].update(max_length=160, max_skip_fraction=0.5)
+    result = run_training(cfg.validate(raw))
+    counts = {reason: n for reason, n in result.skips.counts().items() if n}
+    assert counts == {"missing_image": 1, "corrupt_image": 1, "too_long": 1}, counts
+
+    raw["data"]["max_skip_fraction"] = 0.1
+    raw["training"]["output_dir"] = str(tmp_path / "out2")
+    with pytest.raises(ValueError, match="skipped 3 of 9"):
+        run_training(cfg.validate(raw))
+
+
+def test_missing_model_path_and_used_output_dir(tmp_path, vqa_data, llava_pair):
+    data, images = vqa_data
+    config = make_config(tmp_path / "nope", llava_pair[1], data, images, tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="student.path: no model directory"):
+        run_training(config)
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "other.txt").write_text("someone else's run")
+    config = make_config(*llava_pair, data, images, tmp_path / "busy")
+    with pytest.raises(OutputDirError, match="not empty"):
+        run_training(config)
