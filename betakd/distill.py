@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -176,14 +175,3 @@ class DistillationModule(nn.Module):
     def config(self):
         return self.student.config
 
-
-def trainable_head_parameters(module: DistillationModule) -> list[nn.Parameter]:
-    return [p for p in module.head.parameters() if p.requires_grad]
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def detach_metrics(metrics: dict[str, float]) -> dict[str, float]:
-    return {k: float(v) for k, v in metrics.items() if torch.isfinite(torch.tensor(float(v)))}

@@ -15,7 +15,6 @@ checkpointing, ``report_to``, progress bars). What this subclass adds:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -188,6 +187,3 @@ class BetaKDTrainer(Trainer):
         module.head.load(Path(resume_from_checkpoint) / HEAD_FILE)
         logger.info("resumed student and head from %s", resume_from_checkpoint)
 
-
-def write_json(path: str | Path, payload: dict) -> None:
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True))
