@@ -101,7 +101,10 @@ class FeatureChannelSettings(Strict):
     @field_validator("energy")
     @classmethod
     def _known_energy(cls, value: str) -> str:
-        features.get(value)
+        if value not in features.FEATURE_ENERGIES:
+            raise ValueError(
+                f"unknown feature energy {value!r}; registered: {sorted(features.FEATURE_ENERGIES)}"
+            )
         return value
 
 
