@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 
 from betakd import config as cfg
 from betakd import models
@@ -121,6 +121,9 @@ def build_trainer(config: cfg.TrainConfig, args: TrainingArguments) -> BetaKDTra
         limit=config.data.limit,
     )
     logger.info("training samples: %d (%s)", len(dataset), dataset.report.summary())
+    # The head (adapters, weighting network) initialises from the global RNG: seed it so
+    # that a run is reproducible and equal configs start from equal heads.
+    set_seed(args.seed)
     head = DistillationHead.from_config(
         config,
         teacher_dim=_visual_dim(teacher) if teacher_adapter.multimodal else None,

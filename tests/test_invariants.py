@@ -1,0 +1,143 @@
+"""Invariants of the training loop: accumulation, precision, non-finite losses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from betakd import config as cfg
+from betakd.train import build_trainer, run_training, training_arguments
+from betakd.trainer import NonFiniteLossError
+
+COLOURS = ["red", "green", "blue"]
+
+
+@pytest.fixture(scope="module")
+def sixteen_samples(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("sixteen")
+    records = []
+    for i in range(16):
+        colour = COLOURS[i % 3]
+        rgb = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}[colour]
+        Image.new("RGB", (32, 32), rgb).save(root / f"{i}.png")
+        question = "What colour is the shape?" if i % 2 else "Describe the colour, briefly."
+        answer = colour if i % 2 else f"it is {colour}"  # ragged answer lengths
+        records.append(
+            {
+                "id": f"s{i}",
+                "image": f"{i}.png",
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+        )
+    data = root / "data.json"
+    data.write_text(json.dumps(records))
+    return data, root
+
+
+def config_for(pair, data, out, weighting, batch, accumulation, **extra):
+    options = {
+        "fixed": {"weights": {"cosine_probs": 2.0, "visual": 0.5}},
+        "instance": {"hidden": 8},
+        "closed_form": {"per": "sample"},
+    }.get(weighting, {})
+    raw = {
+        "student": {"path": str(pair[0])},
+        "teacher": {"path": str(pair[1])},
+        "data": {"train_file": str(data[0]), "image_folder": str(data[1])},
+        "channels": {"logits": [{"energy": "cosine_probs"}], "features": [{"name": "visual"}]},
+        "weighting": {"name": weighting, "options": options},
+        "training": {
+            "output_dir": str(out),
+            "per_device_train_batch_size": batch,
+            "gradient_accumulation_steps": accumulation,
+            "max_steps": 2,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "use_cpu": True,
+            "seed": 0,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "report_to": "none",
+            **extra,
+        },
+    }
+    return cfg.validate(raw)
+
+
+def loss_trajectory(result):
+    return [h["loss"] for h in result.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("weighting", ["equal", "fixed", "task", "instance", "closed_form"])
+def test_accumulation_equals_one_large_batch(weighting, llava_pair, sixteen_samples, tmp_path):
+    """8 x 1 == 4 x 2 == 2 x 4 per optimizer step (the reference weighting is excluded:
+    it reproduces the authors' batch-mean formula, which depends on the micro-batch)."""
+    trajectories = []
+    heads = []
+    for batch, accumulation in [(8, 1), (4, 2), (2, 4)]:
+        out = tmp_path / f"b{batch}"
+        config = config_for(llava_pair, sixteen_samples, out, weighting, batch, accumulation)
+        result = run_training(config)
+        trajectories.append(loss_trajectory(result))
+        heads.append({k: v.clone() for k, v in result.trainer._module.head.state_dict().items()})
+    for other in trajectories[1:]:
+        assert other == pytest.approx(trajectories[0], abs=1e-5)
+    for other in heads[1:]:
+        for key, value in heads[0].items():
+            torch.testing.assert_close(other[key], value, rtol=0, atol=1e-5)
+
+
+def test_bfloat16_autocast_stays_close_to_float32(llava_pair, sixteen_samples, tmp_path):
+    """Documented tolerance: bf16 autocast keeps the first loss within 2% of float32
+    (weighting math itself always runs in float32)."""
+    losses = []
+    for name, extra in [("fp32", {}), ("bf16", {"bf16": True})]:
+        config = config_for(
+            llava_pair, sixteen_samples, tmp_path / name, "instance", 8, 1, max_steps=1, **extra
+        )
+        losses.append(loss_trajectory(run_training(config))[0])
+    assert losses[1] == pytest.approx(losses[0], rel=0.02)
+
+
+def poisoned_trainer(llava_pair, sixteen_samples, tmp_path, action):
+    config = config_for(llava_pair, sixteen_samples, tmp_path / action, "task", 4, 1)
+    raw = config.model_dump()
+    raw["non_finite"] = {"action": action}
+    config = cfg.validate(raw)
+    trainer = build_trainer(config, training_arguments(config))
+    original = trainer.teacher.model.forward
+
+    def nan_logits(*args, **kwargs):
+        out = original(*args, **kwargs)
+        out.logits = torch.full_like(out.logits, float("nan"))
+        return out
+
+    trainer.teacher.model.forward = nan_logits
+    return trainer
+
+
+def test_non_finite_teacher_logits_stop_with_step_and_samples(
+    llava_pair, sixteen_samples, tmp_path
+):
+    trainer = poisoned_trainer(llava_pair, sixteen_samples, tmp_path, "stop")
+    with pytest.raises(NonFiniteLossError, match=r"step 0, samples \['s\d+'"):
+        trainer.train()
+
+
+def test_non_finite_steps_can_be_skipped_and_counted(llava_pair, sixteen_samples, tmp_path):
+    trainer = poisoned_trainer(llava_pair, sixteen_samples, tmp_path, "skip")
+    before = {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
+    trainer.train()
+    assert trainer.skipped_steps == 2
+    assert any("skipped_non_finite_steps" in h for h in trainer.state.log_history)
+    after = trainer.model.student.state_dict()
+    for key, value in before.items():
+        assert torch.isfinite(after[key]).all(), key
+        torch.testing.assert_close(after[key], value)
