@@ -66,6 +66,15 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     click.echo(f"student saved to {result.output_dir} ({result.skips.summary()})")
 
 
+def _register_subcommands() -> None:
+    from betakd.eval.cli import eval_command
+
+    main.add_command(eval_command, "eval")
+
+
+_register_subcommands()
+
+
 @main.command()
 @click.option("--quick", is_flag=True, help="A smoke-size run (about 2 minutes).")
 def demo(quick: bool) -> None:

@@ -174,4 +174,3 @@ class DistillationModule(nn.Module):
     @property
     def config(self):
         return self.student.config
-

@@ -18,8 +18,6 @@ from betakd import align
 from betakd.align import AlignedPositions
 from betakd.models import FamilyAdapter, forward_inputs, slice_vocab
 
-REPRESENTATIONS = ("teacher_visual", "teacher_answer_hidden", "teacher_confidence")
-
 
 @dataclass
 class TeacherTargets:
@@ -28,20 +26,6 @@ class TeacherTargets:
     logits: Tensor | None  # [N, V] at the aligned teacher positions
     visual: list[Tensor] | None  # per sample [n_i, d_teacher]
     representation: Tensor | None  # [B, D], detached float32
-
-
-def representation_dim(representation: str, teacher_config) -> int:
-    """Width of ``h(x)`` for a representation choice, read from the teacher's config."""
-    if representation == "teacher_confidence":
-        return 2
-    if representation not in REPRESENTATIONS:
-        raise ValueError(
-            f"unknown representation {representation!r}; choose from {REPRESENTATIONS}"
-        )
-    text = getattr(teacher_config, "text_config", None) or teacher_config
-    if hasattr(text, "get_text_config"):
-        text = text.get_text_config()
-    return int(text.hidden_size)
 
 
 class OnlineTeacher:
@@ -95,8 +79,11 @@ class OnlineTeacher:
     ) -> Tensor | None:
         if self.representation is None:
             return None
-        if self.representation == "teacher_visual":
-            return align.pooled_visual(visual)
-        if self.representation == "teacher_answer_hidden":
-            return align.pooled_answer_hidden(out.hidden_states[-1], aligned)
-        return align.confidence_stats(logits, aligned)
+        hidden = out.hidden_states[-1] if out.hidden_states is not None else None
+        return align.instance_representation(
+            self.representation,
+            aligned=aligned,
+            teacher_visual=visual,
+            teacher_hidden=hidden,
+            teacher_logits=logits,
+        )

@@ -16,9 +16,10 @@ from transformers import TrainingArguments, set_seed
 
 from betakd import config as cfg
 from betakd import models
+from betakd.align import representation_dim
 from betakd.data import KDCollator, SampleEncoder, SkipReport, build_dataset
 from betakd.distill import DistillationHead, DistillationModule
-from betakd.teachers import OnlineTeacher, representation_dim
+from betakd.teachers import OnlineTeacher
 from betakd.trainer import BetaKDTrainer
 
 logger = logging.getLogger(__name__)

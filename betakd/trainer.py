@@ -186,4 +186,3 @@ class BetaKDTrainer(Trainer):
             student.load_state_dict(saved.state_dict(), strict=True)
         module.head.load(Path(resume_from_checkpoint) / HEAD_FILE)
         logger.info("resumed student and head from %s", resume_from_checkpoint)
-

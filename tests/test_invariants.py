@@ -2,43 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from betakd import config as cfg
 from betakd.train import build_trainer, run_training, training_arguments
 from betakd.trainer import NonFiniteLossError
-
-COLOURS = ["red", "green", "blue"]
-
-
-@pytest.fixture(scope="module")
-def sixteen_samples(tmp_path_factory):
-    from PIL import Image
-
-    root = tmp_path_factory.mktemp("sixteen")
-    records = []
-    for i in range(16):
-        colour = COLOURS[i % 3]
-        rgb = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}[colour]
-        Image.new("RGB", (32, 32), rgb).save(root / f"{i}.png")
-        question = "What colour is the shape?" if i % 2 else "Describe the colour, briefly."
-        answer = colour if i % 2 else f"it is {colour}"  # ragged answer lengths
-        records.append(
-            {
-                "id": f"s{i}",
-                "image": f"{i}.png",
-                "conversations": [
-                    {"from": "human", "value": f"<image>\n{question}"},
-                    {"from": "gpt", "value": answer},
-                ],
-            }
-        )
-    data = root / "data.json"
-    data.write_text(json.dumps(records))
-    return data, root
 
 
 def config_for(pair, data, out, weighting, batch, accumulation, **extra):

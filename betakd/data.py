@@ -1,0 +1,512 @@
+"""LLaVA-format conversations: reading, validation with skip accounting, collation.
+
+Records look like ``{"id", "image", "conversations": [{"from": "human"|"gpt",
+"value"}]}`` with an ``<image>`` placeholder in a human turn. A validation pass
+reads every record once (parsing, opening images, encoding with every model's
+processor) so that skipped samples are counted before training starts; the
+collator then encodes the same raw sample once per model, so teacher and
+student may use different processors and image-token counts.
+
+Prompts are rendered by the model's own chat template. Labels are -100
+everywhere except on assistant answers (and the template's end-of-turn token).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import datasets
+import jinja2
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from betakd.models import FamilyAdapter, tokenizer_of
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+IMAGE_PLACEHOLDER = "<image>"
+ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+SKIP_REASONS = (
+    "missing_image",
+    "corrupt_image",
+    "too_long",
+    "empty_answer",
+    "no_assistant_turn",
+    "bad_record",
+)
+# Skips logged one by one per reason; the rest only count (and stay in the report).
+_LOGGED_PER_REASON = 50
+
+
+class DataError(ValueError):
+    """The data set cannot be used as configured (e.g. too many skipped samples)."""
+
+
+class SkipSample(Exception):
+    """One record cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}")
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ---------------------------------------------------------------------------
+# Skip accounting
+
+
+@dataclass
+class SkipReport:
+    """Counts of skipped samples by reason, with the sample id and detail of each."""
+
+    total: int = 0
+    skipped: dict[str, list[str]] = field(default_factory=lambda: {r: [] for r in SKIP_REASONS})
+
+    def add(self, reason: str, sample_id: str, detail: str) -> None:
+        entries = self.skipped[reason]
+        entries.append(f"{sample_id}: {detail}")
+        level = logging.WARNING if len(entries) <= _LOGGED_PER_REASON else logging.DEBUG
+        logger.log(level, "skipping sample %s (%s): %s", sample_id, reason, detail)
+
+    @property
+    def count(self) -> int:
+        return sum(len(v) for v in self.skipped.values())
+
+    @property
+    def kept(self) -> int:
+        return self.total - self.count
+
+    @property
+    def fraction(self) -> float:
+        return self.count / self.total if self.total else 0.0
+
+    def counts(self) -> dict[str, int]:
+        return {reason: len(entries) for reason, entries in self.skipped.items()}
+
+    def summary(self, examples: int = 3) -> str:
+        parts = [f"skipped {self.count} of {self.total} samples ({self.fraction:.1%})"]
+        for reason, entries in self.skipped.items():
+            if entries:
+                shown = "; ".join(entries[:examples])
+                parts.append(f"{reason}={len(entries)} (e.g. {shown})")
+        return ", ".join(parts)
+
+    def as_dict(self) -> dict:
+        """JSON-ready: totals, counts per reason and every skipped `id: detail`."""
+        return {
+            "total": self.total,
+            "skipped": self.count,
+            "fraction": self.fraction,
+            "counts": self.counts(),
+            "samples": {reason: list(entries) for reason, entries in self.skipped.items()},
+        }
+
+    def enforce(self, max_skip_fraction: float) -> None:
+        """Fail when more than `max_skip_fraction` of the samples were skipped."""
+        if not 0.0 <= max_skip_fraction <= 1.0:
+            raise ValueError(f"max_skip_fraction must be in [0, 1], got {max_skip_fraction}")
+        if self.total == 0:
+            raise DataError("the data set has no records")
+        if self.kept == 0 or self.fraction > max_skip_fraction:
+            raise DataError(
+                f"{self.summary()}; more than data.max_skip_fraction={max_skip_fraction} "
+                "(check the image folder and the data file)"
+            )
+
+
+SkipCounter = SkipReport
+
+
+# ---------------------------------------------------------------------------
+# Records
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One usable record: chat messages with typed content and its image files."""
+
+    index: int  # row in the source file
+    id: str
+    messages: tuple[dict, ...]
+    image_paths: tuple[Path, ...] = ()
+
+
+def load_records(path: str | Path, cache_dir: str | None = None) -> datasets.Dataset:
+    """Read a LLaVA-format .json (a list of records) or .jsonl file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file not found: {path}")
+    return datasets.load_dataset("json", data_files=str(path), split="train", cache_dir=cache_dir)
+
+
+def _image_field(record: Mapping) -> list[str]:
+    image = record.get("image")
+    if image is None or image == "":
+        return []
+    return [image] if isinstance(image, str) else list(image)
+
+
+def _split_placeholders(text: str) -> list[dict]:
+    """Turn 'a <image> b' into typed content parts in order."""
+    parts: list[dict] = []
+    for i, piece in enumerate(text.split(IMAGE_PLACEHOLDER)):
+        if i:
+            parts.append({"type": "image"})
+        if piece.strip():
+            parts.append({"type": "text", "text": piece.strip()})
+    return parts
+
+
+def parse_record(record: Mapping, index: int, image_folder: str | Path | None) -> Conversation:
+    """Validate one record's structure; raises SkipSample with the reason."""
+    sample_id = str(record.get("id") if record.get("id") is not None else index)
+    turns = record.get("conversations")
+    if not turns:
+        raise SkipSample("no_assistant_turn", "no conversations")
+    messages = []
+    for turn in turns:
+        role = ROLES.get(turn.get("from"))
+        if role is None:
+            raise SkipSample("bad_record", f"unknown speaker {turn.get('from')!r}")
+        value = turn.get("value") or ""
+        if role == "assistant":
+            if IMAGE_PLACEHOLDER in value:
+                raise SkipSample("bad_record", "an <image> placeholder in an assistant turn")
+            if not value.strip():
+                raise SkipSample("empty_answer", "an assistant turn is empty")
+            messages.append({"role": role, "content": [{"type": "text", "text": value}]})
+        else:
+            messages.append({"role": role, "content": _split_placeholders(value)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SkipSample("no_assistant_turn", "no turn from gpt")
+    images = _image_field(record)
+    placeholders = sum(part["type"] == "image" for m in messages for part in m["content"])
+    if images and placeholders == 0:
+        # LLaVA convention: the image belongs in front of the first human turn.
+        first_user = next((m for m in messages if m["role"] == "user"), None)
+        if first_user is None:
+            raise SkipSample("bad_record", "an image but no human turn")
+        first_user["content"] = [{"type": "image"}] * len(images) + first_user["content"]
+        placeholders = len(images)
+    if placeholders != len(images):
+        raise SkipSample(
+            "bad_record", f"{placeholders} <image> placeholders for {len(images)} images"
+        )
+    paths = tuple(_image_path(p, image_folder) for p in images)
+    return Conversation(index, sample_id, tuple(messages), paths)
+
+
+def _image_path(name: str, image_folder: str | Path | None) -> Path:
+    path = Path(name)
+    if not path.is_absolute() and image_folder is not None:
+        path = Path(image_folder) / path
+    return path
+
+
+def open_image(path: Path) -> Image.Image:
+    """Decode an image fully (lazy decoding would hide truncated files)."""
+    if not path.is_file():
+        raise SkipSample("missing_image", f"no file at {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise SkipSample("corrupt_image", f"cannot decode {path}: {err}") from err
+
+
+def open_images(conversation: Conversation) -> list[Image.Image]:
+    return [open_image(p) for p in conversation.image_paths]
+
+
+# ---------------------------------------------------------------------------
+# Encoding with one model's processor
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    is_answer: bool
+
+
+@dataclass
+class Encoded:
+    """One sample encoded for one model (not yet padded)."""
+
+    input_ids: torch.Tensor  # [T]
+    labels: torch.Tensor  # [T]
+    vision: dict[str, torch.Tensor]  # image tensors as the processor returns them
+    image_count: int
+
+
+def _as_text_only(messages: Sequence[dict]) -> list[dict]:
+    # Text-only chat templates (most causal LMs) expect string content.
+    out = []
+    for message in messages:
+        if any(part["type"] == "image" for part in message["content"]):
+            raise SkipSample("bad_record", "an image in a sample for a text-only model")
+        text = " ".join(part["text"] for part in message["content"])
+        out.append({"role": message["role"], "content": text})
+    return out
+
+
+class SampleEncoder:
+    """Encodes conversations for one model: chat template, answer-only labels, images."""
+
+    def __init__(self, processor, adapter: FamilyAdapter, max_length: int | None = None):
+        self.processor = processor
+        self.tokenizer = tokenizer_of(processor)
+        self.adapter = adapter
+        self.max_length = max_length
+        self.image_token = getattr(processor, "image_token", None)
+        if adapter.multimodal and self.image_token is None:
+            raise ValueError(f"the processor of {adapter.name} has no image_token")
+
+    @property
+    def pad_token_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else self.tokenizer.eos_token_id
+
+    def _render(self, messages: Sequence[dict], generation_prompt: bool) -> str:
+        return self.processor.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    def segments(self, conversation: Conversation) -> list[Segment]:
+        """Split the rendered conversation into prompt text and answer text.
+
+        Renders growing prefixes of the conversation with the model's template;
+        an answer is what a full assistant turn adds after the generation
+        prompt. Its trailing whitespace stays unlabelled.
+        """
+        messages = list(conversation.messages)
+        if not self.adapter.multimodal:
+            messages = _as_text_only(messages)
+        try:
+            return self._segments(messages, conversation.id)
+        except jinja2.TemplateError as err:
+            raise SkipSample("bad_record", f"chat template failed: {err}") from err
+
+    def _segments(self, messages: list[dict], sample_id: str) -> list[Segment]:
+        segments: list[Segment] = []
+        done = ""
+        for k, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            head = self._render(messages[:k], generation_prompt=True)
+            full = self._render(messages[: k + 1], generation_prompt=False)
+            if not head.startswith(done) or not full.startswith(head):
+                raise ValueError(
+                    f"sample {sample_id}: the chat template does not render conversations "
+                    "prefix by prefix, so answers cannot be located"
+                )
+            body = full[len(head) :]
+            answer = body.rstrip()
+            segments.append(Segment(head[len(done) :], False))
+            segments.append(Segment(answer, True))
+            segments.append(Segment(body[len(answer) :], False))
+            done = full
+        rest = self._render(messages, generation_prompt=False)[len(done) :]
+        segments.append(Segment(rest, False))
+        return [s for s in segments if s.text]
+
+    def encode(self, conversation: Conversation, images: Sequence[Image.Image]) -> Encoded:
+        """Encode a sample; raises SkipSample("too_long") when it cannot fit."""
+        ids: list[torch.Tensor] = []
+        labels: list[torch.Tensor] = []
+        vision: dict[str, torch.Tensor] = {}
+        remaining = list(images)
+        for segment in self.segments(conversation):
+            count = segment.text.count(self.image_token) if self.adapter.multimodal else 0
+            if count and vision:
+                raise SkipSample("bad_record", "images in more than one prompt turn")
+            if count:
+                seg_ids, vision = self._encode_with_images(segment.text, remaining[:count])
+                remaining = remaining[count:]
+            else:
+                seg_ids = self._encode_text(segment.text)
+            ids.append(seg_ids)
+            labels.append(seg_ids.clone() if segment.is_answer else torch.full_like(seg_ids, -100))
+        if remaining:
+            raise SkipSample("bad_record", f"{len(remaining)} images without a placeholder")
+        encoded = Encoded(torch.cat(ids), torch.cat(labels), vision, len(images))
+        return self._fit(encoded, conversation.id)
+
+    def _encode_text(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _encode_with_images(self, text: str, images: list) -> tuple[torch.Tensor, dict]:
+        out = self.processor(
+            text=[text], images=[images], add_special_tokens=False, return_tensors="pt"
+        )
+        vision = {
+            k: v
+            for k, v in out.items()
+            if k not in ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
+        }
+        return out["input_ids"][0].long(), vision
+
+    def _fit(self, encoded: Encoded, sample_id: str) -> Encoded:
+        """Cut at max_length, but never through image tokens or all answers."""
+        limit = self.max_length
+        length = encoded.input_ids.numel()
+        if limit is None or length <= limit:
+            return encoded
+        image_positions = self.adapter.image_mask(encoded.input_ids).nonzero()
+        if image_positions.numel() and int(image_positions.max()) >= limit:
+            raise SkipSample(
+                "too_long", f"{length} tokens > max_length={limit} and the cut hits image tokens"
+            )
+        if not (encoded.labels[:limit] != IGNORE_INDEX).any():
+            raise SkipSample(
+                "too_long", f"{length} tokens > max_length={limit} and no answer token fits"
+            )
+        encoded.input_ids = encoded.input_ids[:limit]
+        encoded.labels = encoded.labels[:limit]
+        return encoded
+
+
+# ---------------------------------------------------------------------------
+# Data set with a validation pass
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Usable conversations (after validation); items are raw `Conversation`s."""
+
+    def __init__(self, conversations: Sequence[Conversation], report: SkipReport):
+        self.conversations = list(conversations)
+        self.report = report
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, i: int) -> Conversation:
+        return self.conversations[i]
+
+
+def build_dataset(
+    data_path: str | Path,
+    image_folder: str | Path | None,
+    encoders: Mapping[str, SampleEncoder] | Sequence[SampleEncoder],
+    *,
+    max_skip_fraction: float = 0.05,
+    limit: int | None = None,
+    cache_dir: str | None = None,
+) -> ConversationDataset:
+    """Read, validate and count skips; every encoder (student, teacher) must accept a sample.
+
+    Raises DataError when more than `max_skip_fraction` of the records were skipped.
+    """
+    records = load_records(data_path, cache_dir=cache_dir)
+    if limit is not None:
+        records = records.select(range(min(limit, len(records))))
+    encoder_list = list(encoders.values()) if isinstance(encoders, Mapping) else list(encoders)
+    report = SkipReport(total=len(records))
+    kept = []
+    for index, record in enumerate(records):
+        try:
+            conversation = parse_record(record, index, image_folder)
+            images = open_images(conversation)
+            for encoder in encoder_list:
+                encoder.encode(conversation, images)
+        except SkipSample as skip:
+            sample_id = record.get("id") if record.get("id") is not None else index
+            report.add(skip.reason, str(sample_id), skip.detail)
+            continue
+        kept.append(conversation)
+    if report.count:
+        logger.warning("%s", report.summary())
+    report.enforce(max_skip_fraction)
+    return ConversationDataset(kept, report)
+
+
+# ---------------------------------------------------------------------------
+# Collation
+
+
+def pad_encoded(
+    samples: Sequence[Encoded], encoder: SampleEncoder, padding_side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Pad a list of encoded samples into one model's batch."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    width = max(s.input_ids.numel() for s in samples)
+    input_ids = torch.full((len(samples), width), encoder.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(samples), width), dtype=torch.long)
+    for row, sample in enumerate(samples):
+        n = sample.input_ids.numel()
+        span = slice(0, n) if padding_side == "right" else slice(width - n, width)
+        input_ids[row, span] = sample.input_ids
+        labels[row, span] = sample.labels
+        attention[row, span] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch.update(encoder.adapter.collate_vision([s.vision for s in samples]))
+    batch.update(encoder.adapter.extra_inputs(input_ids))
+    return batch
+
+
+class KDCollator:
+    """Collates raw conversations into a student batch and, optionally, a teacher batch.
+
+    Output: the student's model inputs and `labels` at the top level (so the
+    Trainer sees them), the teacher's under "teacher", and per-sample metadata:
+    `sample_index` (row in the data file), `sample_ids` and `image_counts`.
+    """
+
+    def __init__(
+        self,
+        student: SampleEncoder,
+        teacher: SampleEncoder | None = None,
+        *,
+        student_padding_side: str = "right",
+        teacher_padding_side: str = "right",
+    ):
+        self.student = student
+        self.teacher = teacher
+        self.student_padding_side = student_padding_side
+        self.teacher_padding_side = teacher_padding_side
+
+    def _encode_all(self, encoder: SampleEncoder, conversations, images) -> list[Encoded]:
+        encoded = []
+        for conversation, sample_images in zip(conversations, images):
+            try:
+                encoded.append(encoder.encode(conversation, sample_images))
+            except SkipSample as skip:
+                # Validation accepted this sample, so this is a changed file or a misconfiguration.
+                raise DataError(
+                    f"sample {conversation.id} passed validation but now fails: {skip}"
+                ) from skip
+        return encoded
+
+    def _open(self, conversation: Conversation) -> list[Image.Image]:
+        try:
+            return open_images(conversation)
+        except SkipSample as skip:
+            raise DataError(f"sample {conversation.id}: {skip}") from skip
+
+    def __call__(self, conversations: Sequence[Conversation]) -> dict:
+        images = [self._open(c) for c in conversations]
+        encoded = self._encode_all(self.student, conversations, images)
+        batch = pad_encoded(encoded, self.student, self.student_padding_side)
+        if self.teacher is not None:
+            teacher_encoded = self._encode_all(self.teacher, conversations, images)
+            batch["teacher"] = pad_encoded(teacher_encoded, self.teacher, self.teacher_padding_side)
+        batch["sample_index"] = torch.tensor([c.index for c in conversations], dtype=torch.long)
+        batch["sample_ids"] = [c.id for c in conversations]
+        batch["image_counts"] = torch.tensor([len(i) for i in images], dtype=torch.long)
+        return batch

@@ -1,0 +1,388 @@
+"""Loading student, teacher and processor; every model-family quirk lives here.
+
+Other modules ask a `FamilyAdapter` (chosen from the model's config) for what
+differs between families: extra forward inputs, how per-sample image tensors
+batch, where the projected visual tokens come from and which token ids belong
+to an image. No other module branches on the family.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    PretrainedConfig,
+    PreTrainedModel,
+    ProcessorMixin,
+    Qwen2VLProcessor,
+)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor for images only.
+
+    The stock processor requires a video processor, and every video processor in
+    transformers 5 needs torchvision, which CPU-only installs lack. Images need
+    only the (PIL) image processor and the tokenizer.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
+# Processor classes of this package, found by the `processor_class` that
+# save_pretrained writes; everything else loads through AutoProcessor.
+_OWN_PROCESSORS = {"Qwen2VLImageOnlyProcessor": Qwen2VLImageOnlyProcessor}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
+    """Accept a torch dtype, a name ("bfloat16", "bf16", ...) or "auto"."""
+    if dtype is None or dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)} or 'auto'")
+    return DTYPES[dtype]
+
+
+def is_multimodal_config(config: PretrainedConfig) -> bool:
+    return getattr(config, "vision_config", None) is not None
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    trust_remote_code: bool = False,
+    frozen: bool = False,
+) -> PreTrainedModel:
+    """Load a VLM (AutoModelForImageTextToText) or a causal LM from `path`.
+
+    `frozen=True` is for the teacher: eval mode and no parameter needs a gradient.
+    """
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    adapter_spec(config)  # fail early on an unsupported family
+    auto = AutoModelForImageTextToText if is_multimodal_config(config) else AutoModelForCausalLM
+    model = auto.from_pretrained(
+        path, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+    )
+    if frozen:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def load_processor(path: str | Path, *, trust_remote_code: bool = False):
+    """The processor saved with the model (a tokenizer for a text-only model)."""
+    own = _OWN_PROCESSORS.get(_saved_processor_class(Path(path)))
+    if own is not None:
+        return own.from_pretrained(path)
+    try:
+        return AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ImportError, AttributeError) as err:
+        # Video processors (Qwen2-VL, Qwen2.5-VL, ...) import torchvision.
+        raise RuntimeError(
+            f"cannot load the processor from {path}: {err}. If this family needs a video "
+            "processor, install torchvision matching your torch build."
+        ) from err
+
+
+def _saved_processor_class(path: Path) -> str | None:
+    config_file = path / "processor_config.json"
+    if not config_file.is_file():
+        return None
+    with config_file.open(encoding="utf-8") as handle:
+        return json.load(handle).get("processor_class")
+
+
+def tokenizer_of(processor):
+    """The tokenizer inside a processor, or the processor itself if it is one."""
+    return getattr(processor, "tokenizer", processor)
+
+
+# ---------------------------------------------------------------------------
+# Vocabulary
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
+    """Logit KD needs token i to mean the same string for both models."""
+    student_vocab = tokenizer_of(student_tokenizer).get_vocab()
+    teacher_vocab = tokenizer_of(teacher_tokenizer).get_vocab()
+    if student_vocab == teacher_vocab:
+        return
+    only_student = sorted(set(student_vocab) - set(teacher_vocab))
+    only_teacher = sorted(set(teacher_vocab) - set(student_vocab))
+    moved = sorted(
+        t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t]
+    )
+    raise ValueError(
+        "student and teacher vocabularies differ, so their logits cannot be compared: "
+        f"student has {len(student_vocab)} tokens, teacher {len(teacher_vocab)}; "
+        f"only in student: {only_student[:5]}, only in teacher: {only_teacher[:5]}, "
+        f"same token with another id: {moved[:5]}"
+    )
+
+
+def output_rows(model: PreTrainedModel) -> int:
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def vocab_rows(tokenizer, *models: PreTrainedModel) -> int:
+    """Number of logit columns that are real tokens.
+
+    Embedding matrices are often padded (to a multiple of 64 or more); those rows
+    are no token and are sliced away. Fewer rows than tokens is an error.
+    """
+    rows = len(tokenizer_of(tokenizer))
+    for model in models:
+        if output_rows(model) < rows:
+            raise ValueError(
+                f"{type(model).__name__} has {output_rows(model)} output rows but the tokenizer "
+                f"has {rows} tokens"
+            )
+    return rows
+
+
+def slice_vocab(logits: torch.Tensor, rows: int) -> torch.Tensor:
+    """Drop padding columns beyond the real vocabulary."""
+    if logits.shape[-1] < rows:
+        raise ValueError(f"logits have {logits.shape[-1]} columns, fewer than the {rows} tokens")
+    return logits[..., :rows]
+
+
+# ---------------------------------------------------------------------------
+# Family adapters
+
+
+def _concat_vision(per_sample: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Image tensors whose first dimension counts images or patches: concatenate."""
+    present = [s for s in per_sample if s]
+    if not present:
+        return {}
+    return {key: torch.cat([s[key] for s in present]) for key in present[0]}
+
+
+def _pad_images_vision(per_sample: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Tensors shaped [1, images, ...] per sample: pad the image axis with zeros.
+
+    Idefics3 treats an all-zero image as padding, so samples without an image
+    (or with fewer) can share a batch with others.
+    """
+    present = [s for s in per_sample if s]
+    if not present:
+        return {}
+    batch = {}
+    most = max(s["pixel_values"].shape[1] for s in present)
+    for key, reference in present[0].items():
+        shape = (len(per_sample), most, *reference.shape[2:])
+        out = torch.zeros(shape, dtype=reference.dtype)
+        for row, sample in enumerate(per_sample):
+            if sample:
+                out[row, : sample[key].shape[1]] = sample[key][0]
+        batch[key] = out
+    return batch
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What one model family needs; see `FamilyAdapter` for the bound version."""
+
+    name: str
+    multimodal: bool
+    # Unit of `out.image_outputs.pooler_output`: one tensor per "image" or per "sample".
+    visual_unit: str | None = None
+    collate_vision: Callable[[Sequence[dict]], dict] = _concat_vision
+    needs_mm_token_type_ids: bool = False
+    # Config attributes naming token ids that belong to an image besides the image token.
+    image_token_attrs: tuple[str, ...] = ()
+    # Token strings that belong to an image (looked up in the tokenizer).
+    image_token_strings: tuple[str, ...] = ()
+    # Image tensors the processor returns and the forward takes.
+    vision_keys: tuple[str, ...] = ("pixel_values",)
+
+
+_SPECS = {
+    "llava": FamilySpec("llava", True, visual_unit="image"),
+    "qwen2_vl": FamilySpec(
+        "qwen2_vl",
+        True,
+        visual_unit="image",
+        needs_mm_token_type_ids=True,
+        image_token_attrs=("vision_start_token_id", "vision_end_token_id"),
+        vision_keys=("pixel_values", "image_grid_thw"),
+    ),
+    "qwen2_5_vl": FamilySpec(
+        "qwen2_5_vl",
+        True,
+        visual_unit="image",
+        image_token_attrs=("vision_start_token_id", "vision_end_token_id"),
+        vision_keys=("pixel_values", "image_grid_thw"),
+    ),
+    "idefics3": FamilySpec(
+        "idefics3",
+        True,
+        visual_unit="sample",
+        collate_vision=_pad_images_vision,
+        vision_keys=("pixel_values", "pixel_attention_mask"),
+        image_token_strings=(
+            "<fake_token_around_image>",
+            "<global-img>",
+            *(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)),
+        ),
+    ),
+    "causal_lm": FamilySpec("causal_lm", False, vision_keys=()),
+}
+_SPECS["smolvlm"] = _SPECS["idefics3"]
+
+
+def adapter_spec(config: PretrainedConfig) -> FamilySpec:
+    model_type = config.model_type
+    if model_type in _SPECS:
+        return _SPECS[model_type]
+    if not is_multimodal_config(config):
+        return _SPECS["causal_lm"]
+    supported = sorted(k for k in _SPECS if k != "causal_lm")
+    raise ValueError(
+        f"model type {model_type!r} is not supported for distillation; supported VLMs: {supported} "
+        "and any text-only causal LM"
+    )
+
+
+def _image_token_id(config: PretrainedConfig) -> int:
+    for attr in ("image_token_id", "image_token_index"):
+        value = getattr(config, attr, None)
+        if value is not None:
+            return int(value)
+    raise ValueError(f"{config.model_type} config has no image_token_id")
+
+
+@dataclass(frozen=True)
+class FamilyAdapter:
+    """A family's quirks bound to one model's token ids."""
+
+    spec: FamilySpec
+    image_token_id: int | None
+    # Every token id that belongs to an image (placeholders, markers, tags).
+    image_token_ids: frozenset[int] = field(default_factory=frozenset)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def multimodal(self) -> bool:
+        return self.spec.multimodal
+
+    def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Forward inputs that depend on the final (padded) token ids."""
+        if self.spec.needs_mm_token_type_ids:
+            return {"mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32)}
+        return {}
+
+    def collate_vision(self, per_sample: Sequence[dict[str, torch.Tensor]]) -> dict:
+        """Batch the image tensors that the processor returned per sample."""
+        return self.spec.collate_vision(per_sample)
+
+    def image_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """True where a token belongs to an image (not text that both models share)."""
+        if not self.image_token_ids:
+            return torch.zeros_like(input_ids, dtype=torch.bool)
+        ids = torch.tensor(sorted(self.image_token_ids), device=input_ids.device)
+        return torch.isin(input_ids, ids)
+
+    def visual_tokens(self, output, image_counts: Sequence[int]) -> list[torch.Tensor]:
+        """Projected visual tokens per sample, each [n_tokens, hidden] (n=0 without image).
+
+        Comes from `out.image_outputs.pooler_output` (transformers 5): the
+        projector's output, i.e. what is spliced into the language model.
+        """
+        if not self.multimodal:
+            raise ValueError(f"{self.name} is a text-only model: it has no visual tokens")
+        image_outputs = getattr(output, "image_outputs", None)
+        if image_outputs is None or image_outputs.pooler_output is None:
+            if sum(image_counts) == 0:
+                return [torch.empty(0, 0) for _ in image_counts]
+            raise ValueError(
+                f"{self.name} forward output has no image_outputs.pooler_output; "
+                "was pixel_values passed?"
+            )
+        pieces = list(image_outputs.pooler_output)
+        if self.spec.visual_unit == "sample":
+            return self._per_sample_units(pieces, image_counts)
+        return self._group_images(pieces, image_counts)
+
+    def _per_sample_units(self, pieces, image_counts):
+        if len(pieces) != len(image_counts):
+            raise ValueError(
+                f"{self.name}: {len(pieces)} visual outputs for a batch of {len(image_counts)}"
+            )
+        return [p.reshape(-1, p.shape[-1]) for p in pieces]
+
+    def _group_images(self, pieces, image_counts):
+        if len(pieces) != sum(image_counts):
+            raise ValueError(
+                f"{self.name}: {len(pieces)} visual outputs for {sum(image_counts)} images"
+            )
+        width = pieces[0].shape[-1] if pieces else 0
+        grouped, start = [], 0
+        for count in image_counts:
+            mine = [p.reshape(-1, width) for p in pieces[start : start + count]]
+            start += count
+            grouped.append(torch.cat(mine) if mine else pieces[0].new_empty(0, width))
+        return grouped
+
+
+def get_adapter(config_or_model, processor=None) -> FamilyAdapter:
+    """The adapter for a model (or its config); `processor` supplies token strings."""
+    config = getattr(config_or_model, "config", config_or_model)
+    spec = adapter_spec(config)
+    if not spec.multimodal:
+        return FamilyAdapter(spec, None, frozenset())
+    image_token_id = _image_token_id(config)
+    ids = {image_token_id}
+    for attr in spec.image_token_attrs:
+        if getattr(config, attr, None) is not None:
+            ids.add(int(getattr(config, attr)))
+    if spec.image_token_strings:
+        if processor is None:
+            raise ValueError(f"{spec.name} needs its processor to know its image marker tokens")
+        tokenizer = tokenizer_of(processor)
+        unk = tokenizer.unk_token_id
+        for token in spec.image_token_strings:
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if token_id is not None and token_id != unk:
+                ids.add(int(token_id))
+    return FamilyAdapter(spec, image_token_id, frozenset(ids))
+
+
+def forward_inputs(batch: dict[str, torch.Tensor], adapter: FamilyAdapter) -> dict:
+    """The model inputs of a collated batch (drops labels and metadata).
+
+    Image inputs are absent from a batch without images; the model then runs text-only.
+    """
+    keys = ("input_ids", "attention_mask", *adapter.spec.vision_keys)
+    if adapter.spec.needs_mm_token_type_ids:
+        keys = (*keys, "mm_token_type_ids")
+    return {k: batch[k] for k in keys if k in batch}

@@ -1,0 +1,406 @@
+"""Tiny randomly initialised models of real families, built offline.
+
+Tests, benchmarks and the demo need real architectures (LLaVA, Qwen2-VL,
+Qwen2.5-VL, Idefics3, Llama) without downloading weights. Everything here builds from
+configs, uses one byte-level BPE tokenizer trained on the spot, and saves with
+``save_pretrained`` so that the Auto classes reload it with ``HF_HUB_OFFLINE=1``.
+
+All families share one tokenizer (same vocabulary, same special tokens), so
+any two models built from the same tokenizer can be teacher and student.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+from functools import partial
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPVisionConfig,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3Processor,
+    Idefics3VisionConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from betakd.models import Qwen2VLImageOnlyProcessor
+
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "llama")
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<|pad|>"
+TURN_START = "<|im_start|>"
+TURN_END = "<|im_end|>"
+VISION_START = "<|vision_start|>"
+VISION_END = "<|vision_end|>"
+VIDEO_TOKEN = "<|video_pad|>"
+FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
+GLOBAL_IMAGE_TOKEN = "<global-img>"
+END_OF_UTTERANCE = "<end_of_utterance>"
+# Idefics3's processor looks these up even with image splitting off; having them
+# in the vocabulary keeps its `add_special_tokens` call from growing the vocabulary.
+ROW_COL_TOKENS = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
+
+SPECIAL_TOKENS = (
+    PAD_TOKEN,
+    TURN_START,
+    TURN_END,
+    IMAGE_TOKEN,
+    VISION_START,
+    VISION_END,
+    VIDEO_TOKEN,
+    FAKE_IMAGE_TOKEN,
+    GLOBAL_IMAGE_TOKEN,
+    END_OF_UTTERANCE,
+    *ROW_COL_TOKENS,
+)
+
+DEFAULT_TEXTS = (
+    "What colour is the shape? The shape is red.",
+    "Is there a blue circle in the image? Yes, there is a blue circle.",
+    "What shape is in the picture? A green triangle on a white background.",
+    "Describe the image in one sentence. A small yellow rectangle near the top left corner.",
+    "Answer the question using a single word or phrase. no yes one two three four",
+    "Answer with the option's letter from the given choices directly. A B C D",
+    "The quick brown fox jumps over the lazy dog 0123456789 .,;:!?()[]{}'\"-+*/=<>",
+)
+
+# Markup that stands for one image inside a rendered prompt; each family's
+# processor expands it into that model's image tokens.
+_IMAGE_MARKUP = {
+    "llava": IMAGE_TOKEN,
+    "qwen2_vl": VISION_START + IMAGE_TOKEN + VISION_END,
+    "qwen2_5_vl": VISION_START + IMAGE_TOKEN + VISION_END,
+    "idefics3": IMAGE_TOKEN,
+    "llama": "",
+}
+
+
+def chat_template(image_markup: str = IMAGE_TOKEN) -> str:
+    """ChatML-style template; `content` may be a string or a list of typed parts."""
+    return (
+        "{%- for message in messages -%}"
+        "{{ '" + TURN_START + "' + message['role'] + '\\n' }}"
+        "{%- if message['content'] is string -%}{{ message['content'] }}"
+        "{%- else -%}{%- for part in message['content'] -%}"
+        "{%- if part['type'] == 'image' -%}{{ '" + image_markup + "' }}"
+        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
+        "{%- endfor -%}{%- endif -%}"
+        "{{ '" + TURN_END + "\\n' }}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}{{ '" + TURN_START + "assistant\\n' }}{%- endif -%}"
+    )
+
+
+def train_tokenizer(
+    texts: list[str] | tuple[str, ...] = DEFAULT_TEXTS, vocab_size: int = 512
+) -> PreTrainedTokenizerFast:
+    """Byte-level BPE trained on `texts`, with chat and image special tokens.
+
+    Byte-level means any text encodes (no unknown tokens), so a small corpus is
+    enough. `vocab_size` must leave room for the 256 bytes and the specials; a
+    corpus with too few distinct merges yields fewer tokens than asked for (the
+    default corpus fills 512). Deterministic for a given corpus.
+    """
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise ValueError(
+            f"vocab_size={vocab_size} is below the byte alphabet + specials ({minimum})"
+        )
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(list(texts), trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token=TURN_END,
+        pad_token=PAD_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD_TOKEN, TURN_END)],
+    )
+    tokenizer.chat_template = chat_template(IMAGE_TOKEN)
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class TinyDims:
+    """Sizes of a tiny model; `size="student"|"teacher"` picks a preset."""
+
+    hidden: int = 32
+    layers: int = 1
+    heads: int = 2
+    vision_hidden: int = 32
+    vision_layers: int = 1
+    patch_size: int = 8
+
+
+PRESETS = {
+    "student": TinyDims(hidden=32, layers=1, vision_hidden=16, patch_size=8),
+    "teacher": TinyDims(hidden=64, layers=2, vision_hidden=32, patch_size=4),
+}
+
+
+def _dims(size: str | TinyDims, overrides: dict) -> TinyDims:
+    if isinstance(size, TinyDims):
+        base = size
+    elif size in PRESETS:
+        base = PRESETS[size]
+    else:
+        raise ValueError(f"size must be one of {sorted(PRESETS)} or a TinyDims, got {size!r}")
+    unknown = set(overrides) - set(TinyDims.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown tiny-model dimensions: {sorted(unknown)}")
+    return replace(base, **overrides)
+
+
+def _text_config(tokenizer: PreTrainedTokenizerFast, dims: TinyDims, config_cls=LlamaConfig, **kw):
+    return config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=dims.hidden,
+        intermediate_size=2 * dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=dims.heads,
+        max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        **kw,
+    )
+
+
+def _family_tokenizer(tokenizer: PreTrainedTokenizerFast, family: str) -> PreTrainedTokenizerFast:
+    # A copy, so that the caller's tokenizer keeps its generic template.
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = chat_template(_IMAGE_MARKUP[family])
+    return tok
+
+
+def _check_square(image_size: int, patch_size: int, factor: int = 1) -> int:
+    if image_size % (patch_size * factor):
+        raise ValueError(
+            f"image_size={image_size} must be a multiple of patch_size*{factor}={patch_size * factor}"
+        )
+    return image_size // patch_size
+
+
+def _build_llava(tokenizer, dims: TinyDims, image_size: int):
+    grid = _check_square(image_size, dims.patch_size)
+    vision = CLIPVisionConfig(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=2 * dims.vision_hidden,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.heads,
+        image_size=image_size,
+        patch_size=dims.patch_size,
+        projection_dim=dims.vision_hidden,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer, dims),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_seq_length=grid * grid,
+        tie_word_embeddings=False,
+    )
+    model = LlavaForConditionalGeneration(config)
+    tok = _family_tokenizer(tokenizer, "llava")
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=dims.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
+def _qwen_vision_config(family: str, dims: TinyDims, merge: int) -> dict:
+    common = {
+        "depth": dims.vision_layers,
+        "num_heads": dims.heads,
+        "patch_size": dims.patch_size,
+        "spatial_merge_size": merge,
+        "temporal_patch_size": 2,
+        "in_channels": 3,
+    }
+    if family == "qwen2_vl":
+        # `hidden_size` is the merger's output, i.e. the language model's width.
+        return {
+            **common,
+            "embed_dim": dims.vision_hidden,
+            "hidden_size": dims.hidden,
+            "mlp_ratio": 2,
+        }
+    # Qwen2.5-VL: windowed attention; one full-attention block keeps tiny grids simple.
+    return {
+        **common,
+        "hidden_size": dims.vision_hidden,
+        "intermediate_size": 2 * dims.vision_hidden,
+        "out_hidden_size": dims.hidden,
+        "window_size": 4 * dims.patch_size * merge,
+        "fullatt_block_indexes": list(range(dims.vision_layers)),
+    }
+
+
+def _build_qwen_vl(tokenizer, dims: TinyDims, image_size: int, family: str):
+    merge = 2
+    _check_square(image_size, dims.patch_size, merge)
+    head_dim = dims.hidden // dims.heads
+    # Multimodal RoPE splits half the head dimension into (time, height, width).
+    quarter = head_dim // 4
+    mrope_section = [head_dim // 2 - 2 * quarter, quarter, quarter]
+    text = _text_config(
+        tokenizer,
+        dims,
+        config_cls=dict,
+        rope_parameters={
+            "rope_type": "default",
+            "mrope_section": mrope_section,
+            "rope_theta": 10000.0,
+        },
+    )
+    text.pop("tie_word_embeddings")
+    config_cls, model_cls = {
+        "qwen2_vl": (Qwen2VLConfig, Qwen2VLForConditionalGeneration),
+        "qwen2_5_vl": (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration),
+    }[family]
+    config = config_cls(
+        text_config=text,
+        vision_config=_qwen_vision_config(family, dims, merge),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_start_token_id=tokenizer.convert_tokens_to_ids(VISION_START),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids(VISION_END),
+        tie_word_embeddings=False,
+    )
+    model = model_cls(config)
+    tok = _family_tokenizer(tokenizer, family)
+    pixels = image_size * image_size
+    # min = max pixels pins every image to one square grid, like a fixed-resolution tower.
+    image_processor = Qwen2VLImageProcessorPil(
+        size={"shortest_edge": pixels, "longest_edge": pixels},
+        patch_size=dims.patch_size,
+        merge_size=merge,
+        temporal_patch_size=2,
+    )
+    processor = Qwen2VLImageOnlyProcessor(
+        image_processor=image_processor, tokenizer=tok, chat_template=tok.chat_template
+    )
+    return model, processor
+
+
+def _build_idefics3(tokenizer, dims: TinyDims, image_size: int):
+    scale = 2
+    grid = _check_square(image_size, dims.patch_size, scale)
+    vision = Idefics3VisionConfig(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=2 * dims.vision_hidden,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.heads,
+        image_size=image_size,
+        patch_size=dims.patch_size,
+    )
+    config = Idefics3Config(
+        vision_config=vision,
+        text_config=_text_config(tokenizer, dims),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        scale_factor=scale,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = Idefics3ForConditionalGeneration(config)
+    tok = _family_tokenizer(tokenizer, "idefics3")
+    image_processor = Idefics3ImageProcessorPil(
+        do_image_splitting=False,
+        size={"longest_edge": image_size},
+        max_image_size={"longest_edge": image_size},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_len=(grid // scale) ** 2,
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
+def _build_llama(tokenizer, dims: TinyDims, image_size: int):
+    del image_size  # text-only
+    model = LlamaForCausalLM(_text_config(tokenizer, dims))
+    return model, _family_tokenizer(tokenizer, "llama")
+
+
+_BUILDERS = {
+    "llava": _build_llava,
+    "qwen2_vl": partial(_build_qwen_vl, family="qwen2_vl"),
+    "qwen2_5_vl": partial(_build_qwen_vl, family="qwen2_5_vl"),
+    "idefics3": _build_idefics3,
+    "llama": _build_llama,
+}
+
+
+def build_tiny_model(
+    family: str,
+    tokenizer: PreTrainedTokenizerFast | None = None,
+    *,
+    size: str | TinyDims = "student",
+    image_size: int = 32,
+    seed: int = 0,
+    **dims,
+) -> tuple[PreTrainedModel, object]:
+    """Return `(model, processor)`; the processor is a tokenizer for "llama".
+
+    `dims` overrides fields of the preset (hidden, layers, heads, vision_hidden,
+    vision_layers, patch_size), e.g. a teacher with another patch size gets a
+    different number of image tokens from the same tokenizer.
+    """
+    if family not in _BUILDERS:
+        raise ValueError(f"unknown tiny family {family!r}; expected one of {FAMILIES}")
+    tokenizer = tokenizer if tokenizer is not None else train_tokenizer()
+    resolved = _dims(size, dims)
+    torch.manual_seed(seed)
+    model, processor = _BUILDERS[family](tokenizer, resolved, image_size)
+    model.eval()
+    return model, processor
+
+
+def save_tiny_model(
+    family: str, path: str | Path, tokenizer: PreTrainedTokenizerFast | None = None, **kw
+) -> Path:
+    """Build a tiny model and save model + processor under `path`; returns `path`."""
+    path = Path(path)
+    model, processor = build_tiny_model(family, tokenizer, **kw)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -1,0 +1,246 @@
+"""LLaVA-format data: parsing, answer-only labels, skip accounting, collation."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from betakd.data import (
+    IGNORE_INDEX,
+    DataError,
+    KDCollator,
+    SampleEncoder,
+    SkipReport,
+    SkipSample,
+    build_dataset,
+    parse_record,
+)
+from betakd.models import forward_inputs, get_adapter, load_model, load_processor
+from betakd.tiny import FAMILIES
+
+
+def encoder_for(path, max_length=None):
+    processor = load_processor(path)
+    model_config = load_model(path).config
+    return SampleEncoder(processor, get_adapter(model_config, processor), max_length)
+
+
+def answer_text(batch, encoder, row):
+    labels = batch["labels"][row]
+    return encoder.tokenizer.decode(labels[labels != IGNORE_INDEX])
+
+
+def test_parse_record_places_image_and_roles(llava_files, tmp_path):
+    rec = llava_files.record("a", "What colour?", "red", "x.png")
+    conv = parse_record(rec, 3, tmp_path)
+    assert conv.id == "a" and conv.index == 3
+    assert conv.image_paths == (tmp_path / "x.png",)
+    assert [m["role"] for m in conv.messages] == ["user", "assistant"]
+    assert conv.messages[0]["content"][0] == {"type": "image"}
+
+
+def test_parse_record_without_placeholder_prepends_image(llava_files, tmp_path):
+    rec = llava_files.record("a", "What colour?", "red", None)
+    rec["image"] = "x.png"
+    conv = parse_record(rec, 0, tmp_path)
+    assert conv.messages[0]["content"][0] == {"type": "image"}
+
+
+@pytest.mark.parametrize(
+    ("turns", "reason"),
+    [
+        ([{"from": "human", "value": "hi"}], "no_assistant_turn"),
+        ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}], "empty_answer"),
+        ([{"from": "robot", "value": "hi"}], "bad_record"),
+    ],
+)
+def test_parse_record_rejects(turns, reason):
+    with pytest.raises(SkipSample) as err:
+        parse_record({"id": "z", "conversations": turns}, 0, None)
+    assert err.value.reason == reason
+
+
+def test_labels_cover_only_answers(tiny_model_dir, vqa_data):
+    path = tiny_model_dir("llava")
+    encoder = encoder_for(path)
+    data_file, images = vqa_data
+    dataset = build_dataset(data_file, images, [encoder])
+    batch = KDCollator(encoder)([dataset[0], dataset[1]])
+    assert answer_text(batch, encoder, 0) == "red<|im_end|>"
+    assert answer_text(batch, encoder, 1) == "no<|im_end|>"
+    # The prompt (with its 16 image tokens) is unlabelled.
+    image_id = encoder.adapter.image_token_id
+    assert (batch["input_ids"][0] == image_id).sum() == 16
+    assert (batch["labels"][batch["input_ids"] == image_id] == IGNORE_INDEX).all()
+
+
+def test_multi_turn_labels_every_answer(llava_files, tiny_model_dir, tmp_path):
+    llava_files.write_image(tmp_path / "i.png")
+    rec = {
+        "id": "m",
+        "image": "i.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nColour?"},
+            {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "Shape?"},
+            {"from": "gpt", "value": "a circle"},
+        ],
+    }
+    data = llava_files.write_records(tmp_path / "d.jsonl", [rec])
+    encoder = encoder_for(tiny_model_dir("llava"))
+    batch = KDCollator(encoder)(list(build_dataset(data, tmp_path, [encoder])))
+    assert answer_text(batch, encoder, 0) == "red<|im_end|>a circle<|im_end|>"
+
+
+def test_skips_are_counted_with_reasons_and_logged(llava_files, tiny_model_dir, tmp_path, caplog):
+    images = tmp_path / "images"
+    llava_files.write_image(images / "ok.png")
+    (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    records = [
+        llava_files.record(f"ok{i}", "What colour is the shape?", "red", "ok.png")
+        for i in range(10)
+    ] + [
+        llava_files.record("missing", "What colour?", "red", "nowhere.png"),
+        llava_files.record("corrupt", "What colour?", "red", "corrupt.png"),
+        llava_files.record("long", "What colour? " + "very " * 60, "red", "ok.png"),
+        llava_files.record("empty", "What colour?", "", "ok.png"),
+        {
+            "id": "noanswer",
+            "image": "ok.png",
+            "conversations": [{"from": "human", "value": "<image>"}],
+        },
+    ]
+    data = llava_files.write_records(tmp_path / "d.json", records)
+    encoder = encoder_for(tiny_model_dir("llava"), max_length=64)
+    with caplog.at_level(logging.WARNING, logger="betakd.data"):
+        dataset = build_dataset(data, images, [encoder], max_skip_fraction=0.5)
+    report = dataset.report
+    assert len(dataset) == 10 and report.total == 15 and report.count == 5
+    assert report.counts() == {
+        "missing_image": 1,
+        "corrupt_image": 1,
+        "too_long": 1,
+        "empty_answer": 1,
+        "no_assistant_turn": 1,
+        "bad_record": 0,
+    }
+    assert "nowhere.png" in caplog.text and "corrupt.png" in caplog.text
+    assert "noanswer" in caplog.text
+    with pytest.raises(DataError, match="max_skip_fraction=0.1"):
+        build_dataset(data, images, [encoder], max_skip_fraction=0.1)
+
+
+def test_truncation_keeps_images_and_cuts_answer(llava_files, tiny_model_dir, tmp_path):
+    llava_files.write_image(tmp_path / "i.png")
+    data = llava_files.write_records(
+        tmp_path / "d.json", [llava_files.record("t", "Describe.", "a long answer " * 20, "i.png")]
+    )
+    encoder = encoder_for(tiny_model_dir("llava"), max_length=40)
+    batch = KDCollator(encoder)(list(build_dataset(data, tmp_path, [encoder])))
+    assert batch["input_ids"].shape[1] == 40
+    assert (batch["labels"] != IGNORE_INDEX).sum() > 0
+
+
+def test_teacher_and_student_batches_differ_in_image_tokens(llava_pair, vqa_data):
+    student, teacher = (encoder_for(p) for p in llava_pair)
+    data_file, images = vqa_data
+    dataset = build_dataset(data_file, images, {"student": student, "teacher": teacher})
+    collate = KDCollator(student, teacher, teacher_padding_side="left")
+    batch = collate([dataset[i] for i in range(4)])
+    image_id = student.adapter.image_token_id
+    assert (batch["input_ids"][0] == image_id).sum() == 16
+    assert (batch["teacher"]["input_ids"][0] == image_id).sum() == 64
+    assert batch["sample_ids"] == ["s0", "s1", "s2", "s3"]
+    assert batch["sample_index"].tolist() == [0, 1, 2, 3]
+    assert batch["image_counts"].tolist() == [1, 1, 1, 1]
+    # Left padding: the last column is real for every teacher row.
+    assert batch["teacher"]["attention_mask"][:, -1].all()
+    for row in range(4):
+        assert answer_text(batch, student, row) == answer_text(batch["teacher"], teacher, row)
+
+
+def test_skip_report_enforce_messages():
+    report = SkipReport(total=4)
+    report.add("missing_image", "a", "no file at /x.png")
+    report.enforce(0.25)
+    with pytest.raises(DataError, match=r"missing_image=1 \(e.g. a: no file at /x.png\)"):
+        report.enforce(0.2)
+    with pytest.raises(DataError, match="no records"):
+        SkipReport(total=0).enforce(1.0)
+
+
+def test_text_only_model_skips_image_samples(llava_files, tiny_model_dir, tmp_path):
+    llava_files.write_image(tmp_path / "i.png")
+    recs = [llava_files.record(f"t{i}", "Say hi.", "hi", None) for i in range(3)]
+    recs.append(llava_files.record("img", "What colour?", "red", "i.png"))
+    data = llava_files.write_records(tmp_path / "d.jsonl", recs)
+    encoder = encoder_for(tiny_model_dir("llama"))
+    dataset = build_dataset(data, tmp_path, [encoder], max_skip_fraction=0.3)
+    assert dataset.report.counts()["bad_record"] == 1
+    batch = KDCollator(encoder)(list(dataset))
+    assert set(batch) >= {"input_ids", "attention_mask", "labels"}
+    assert "pixel_values" not in batch
+    assert answer_text(batch, encoder, 0) == "hi<|im_end|>"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_backward_with_collated_batch(llava_files, family, tiny_model_dir, tmp_path):
+    images = tmp_path / "images"
+    with_image = family != "llama"
+    recs = []
+    for i, colour in enumerate(["red", "blue", "green"]):
+        if with_image:
+            llava_files.write_image(images / f"{i}.png", colour, size=(32 + 8 * i, 32))
+        recs.append(
+            llava_files.record(
+                f"f{i}", "What colour is it?", colour, f"{i}.png" if with_image else None
+            )
+        )
+    if with_image:  # a text-only sample in the same batch
+        recs.append(llava_files.record("text", "Say yes.", "yes", None))
+    data = llava_files.write_records(tmp_path / "d.json", recs)
+    path = tiny_model_dir(family)
+    model = load_model(path)
+    processor = load_processor(path)
+    encoder = SampleEncoder(processor, get_adapter(model, processor))
+    batch = KDCollator(encoder)(list(build_dataset(data, images, [encoder])))
+    model.train()
+    out = model(**forward_inputs(batch, encoder.adapter), labels=batch["labels"])
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads[:3])
+    if with_image:
+        visual = encoder.adapter.visual_tokens(out, batch["image_counts"].tolist())
+        assert [v.shape[0] > 0 for v in visual] == [True, True, True, False]
+
+
+VICUNA_STYLE = (
+    "{%- if messages[0]['role'] != 'system' -%}A chat between a user and an assistant. {% endif -%}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}USER: "
+    "{%- for p in m['content'] -%}{%- if p['type'] == 'image' -%}<image>\n"
+    "{%- else -%}{{ p['text'] }}{%- endif -%}{%- endfor -%} "
+    "{%- elif m['role'] == 'assistant' -%}ASSISTANT: {{ m['content'][0]['text'] }}</s>"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}ASSISTANT:{%- endif -%}"
+)
+
+
+def test_other_chat_template_with_default_system_prompt(llava_files, tiny_model_dir, tmp_path):
+    """A template unlike ChatML still yields answer-only labels."""
+    path = tiny_model_dir("llava")
+    processor = load_processor(path)
+    processor.chat_template = VICUNA_STYLE
+    encoder = SampleEncoder(processor, get_adapter(load_model(path).config, processor))
+    llava_files.write_image(tmp_path / "i.png")
+    data = llava_files.write_records(
+        tmp_path / "d.json", [llava_files.record("v", "What colour?", "red", "i.png")]
+    )
+    batch = KDCollator(encoder)(list(build_dataset(data, tmp_path, [encoder])))
+    # "ASSISTANT:" ends the generation prompt, so the answer starts with the space.
+    assert answer_text(batch, encoder, 0) == " red</s>"
+    prompt = encoder.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] == IGNORE_INDEX])
+    assert prompt.startswith("A chat between") and prompt.endswith("ASSISTANT:")

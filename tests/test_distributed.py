@@ -1,0 +1,91 @@
+"""Two CPU processes (gloo DDP) equal one process with the doubled batch.
+
+Marked `distributed`: run alone with `pytest -m distributed`. The processes are started
+with torchrun, the launcher accelerate itself uses for multi-process jobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from betakd import config as cfg
+from betakd.distill import HEAD_FILE
+from betakd.train import run_training
+
+pytestmark = pytest.mark.distributed
+
+WEIGHTINGS = {"equal": {}, "task": {}, "instance": {"hidden": 8}}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, pair, data, images, out: Path, weighting: str, batch: int) -> Path:
+    raw = {
+        "student": {"path": str(pair[0])},
+        "teacher": {"path": str(pair[1])},
+        "data": {"train_file": str(data), "image_folder": str(images)},
+        "channels": {"logits": [{"energy": "cosine_probs"}], "features": [{"name": "visual"}]},
+        "weighting": {"name": weighting, "options": WEIGHTINGS[weighting]},
+        "training": {
+            "output_dir": str(out),
+            "per_device_train_batch_size": batch,
+            "max_steps": 3,
+            "learning_rate": 1e-2,
+            "logging_steps": 1,
+            "use_cpu": True,
+            "seed": 0,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "report_to": "none",
+        },
+    }
+    path.write_text(cfg.yaml.safe_dump(raw))
+    return path
+
+
+def test_ddp_two_processes_equal_one_process_with_double_batch(
+    llava_pair, sixteen_samples, tmp_path
+):
+    data, images = sixteen_samples
+    multi = [
+        write_config(
+            tmp_path / f"{w}-ddp.yaml", llava_pair, data, images, tmp_path / f"{w}-ddp", w, 2
+        )
+        for w in WEIGHTINGS
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_worker.py")),
+        *map(str, multi),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for weighting in WEIGHTINGS:
+        single_path = write_config(
+            tmp_path / f"{weighting}-one.yaml", llava_pair, data, images,
+            tmp_path / f"{weighting}-one", weighting, 4,
+        )  # fmt: skip
+        single = run_training(cfg.load_config(single_path))
+        ddp_history = json.loads((tmp_path / f"{weighting}-ddp" / "log_history.json").read_text())
+        losses_ddp = [h["loss"] for h in ddp_history if "loss" in h]
+        losses_one = [h["loss"] for h in single.log_history if "loss" in h]
+        assert len(losses_ddp) == 3
+        assert losses_ddp == pytest.approx(losses_one, abs=1e-4), weighting
+        head_ddp = load_file(tmp_path / f"{weighting}-ddp" / HEAD_FILE)
+        head_one = load_file(tmp_path / f"{weighting}-one" / HEAD_FILE)
+        for key, value in head_one.items():
+            torch.testing.assert_close(head_ddp[key], value, rtol=0, atol=1e-4)
