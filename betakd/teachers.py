@@ -54,8 +54,20 @@ class OnlineTeacher:
         self.need_visual = need_visual
         self.representation = representation
 
-    def to(self, device: torch.device | str) -> OnlineTeacher:
-        self.model.to(device)
+    def prepare(self, accelerator) -> OnlineTeacher:
+        """Place the frozen teacher for the engine in use, without making it trainable.
+
+        DeepSpeed ZeRO-3 partitions it through an optimizer-less DeepSpeed engine (so no
+        GPU holds the whole teacher), FSDP shards it in evaluation mode; otherwise it moves
+        to the device.
+        """
+        kind = accelerator.distributed_type.value
+        if kind == "DEEPSPEED" and _zero_stage(accelerator) == 3:
+            self.model = _deepspeed_inference_engine(self.model, accelerator)
+        elif kind == "FSDP":
+            self.model = accelerator.prepare_model(self.model, evaluation_mode=True)
+        else:
+            self.model.to(accelerator.device)
         return self
 
     @torch.no_grad()
@@ -87,3 +99,23 @@ class OnlineTeacher:
             teacher_hidden=hidden,
             teacher_logits=logits,
         )
+
+
+def _zero_stage(accelerator) -> int:
+    config = accelerator.state.deepspeed_plugin.deepspeed_config
+    return int(config.get("zero_optimization", {}).get("stage", 0))
+
+
+def _deepspeed_inference_engine(model: nn.Module, accelerator):
+    import deepspeed
+
+    train_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    config = {
+        "train_micro_batch_size_per_gpu": train_config.get("train_micro_batch_size_per_gpu", 1),
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": train_config.get("bf16", {"enabled": False}),
+        "fp16": train_config.get("fp16", {"enabled": False}),
+    }
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine

@@ -20,7 +20,7 @@ from betakd.align import representation_dim
 from betakd.data import KDCollator, SampleEncoder, SkipReport, build_dataset
 from betakd.distill import DistillationHead, DistillationModule
 from betakd.teachers import OnlineTeacher
-from betakd.trainer import BetaKDTrainer
+from betakd.trainer import BetaKDTrainer, is_complete
 
 logger = logging.getLogger(__name__)
 
@@ -206,13 +206,13 @@ def save_final(trainer: BetaKDTrainer, output_dir: Path) -> None:
 
 
 def _last_complete_checkpoint(output_dir: Path) -> str | None:
-    """Newest checkpoint whose trainer state was written (written last, so it is complete)."""
+    """Newest checkpoint that finished saving (its completion marker is written last)."""
     candidates = sorted(
         (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
         key=lambda p: int(p.name.split("-")[-1]),
     )
     for path in reversed(candidates):
-        if (path / "trainer_state.json").is_file():
+        if is_complete(path):
             return str(path)
         logger.warning("ignoring incomplete checkpoint %s", path)
     return None

@@ -15,6 +15,7 @@ checkpointing, ``report_to``, progress bars). What this subclass adds:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import defaultdict
@@ -50,7 +51,7 @@ class BetaKDTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.model, DistillationModule):
             raise TypeError("BetaKDTrainer trains a betakd.distill.DistillationModule")
-        self.teacher = teacher.to(self.args.device)
+        self.teacher = teacher.prepare(self.accelerator)
         self.head_learning_rate = head_learning_rate
         self.head_weight_decay = head_weight_decay
         self.include_prompt = include_prompt
@@ -173,6 +174,12 @@ class BetaKDTrainer(Trainer):
         # Training arguments as JSON, not the pickle Trainer writes by default.
         Path(output_dir, "training_args.json").write_text(self.args.to_json_string())
 
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+            mark_complete(folder)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         module = self._module
         student = module.student
@@ -186,3 +193,17 @@ class BetaKDTrainer(Trainer):
             student.load_state_dict(saved.state_dict(), strict=True)
         module.head.load(Path(resume_from_checkpoint) / HEAD_FILE)
         logger.info("resumed student and head from %s", resume_from_checkpoint)
+
+
+COMPLETE_MARKER = "betakd_complete.json"
+
+
+def mark_complete(checkpoint: Path) -> None:
+    """Written last and atomically: a checkpoint without it was interrupted while saving."""
+    tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
+    tmp.write_text(json.dumps({"complete": True}))
+    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+
+
+def is_complete(checkpoint: Path) -> bool:
+    return (checkpoint / COMPLETE_MARKER).is_file()
