@@ -74,6 +74,8 @@ class OnlineTeacher:
     def __call__(
         self, batch: dict, aligned: AlignedPositions, image_counts: Sequence[int]
     ) -> TeacherTargets:
+        if not (self.need_logits or self.need_visual or self.representation):
+            return TeacherTargets(None, None, None)  # CE only: the teacher has nothing to add
         wants_hidden = self.representation == "teacher_answer_hidden"
         out = self.model(**forward_inputs(batch, self.adapter), output_hidden_states=wants_hidden)
         logits = slice_vocab(aligned.teacher(out.logits), self.vocab_rows)

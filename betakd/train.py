@@ -17,6 +17,7 @@ from transformers import TrainingArguments, set_seed
 from betakd import config as cfg
 from betakd import models
 from betakd.align import representation_dim
+from betakd.cache import CachedTeacher, build_cached_teacher
 from betakd.data import KDCollator, SampleEncoder, SkipReport, build_dataset
 from betakd.distill import DistillationHead, DistillationModule
 from betakd.teachers import OnlineTeacher
@@ -86,23 +87,88 @@ def check_model_paths(config: cfg.TrainConfig) -> None:
             )
 
 
-def build_trainer(config: cfg.TrainConfig, args: TrainingArguments) -> BetaKDTrainer:
-    """Load models and data and assemble the trainer (no training yet)."""
-    if config.teacher.source != "online":
-        raise NotImplementedError("teacher.source: cache is handled by betakd cache-teacher")
+@dataclass
+class TeacherSide:
+    """What the trainer needs from the teacher, whichever its source."""
+
+    source: OnlineTeacher | CachedTeacher
+    encoder: SampleEncoder | None  # None for a cache: no teacher batch is built
+    visual_dim: int | None
+    representation_dim: int
+
+
+def build_trainer(
+    config: cfg.TrainConfig, args: TrainingArguments, **trainer_options
+) -> BetaKDTrainer:
+    """Load models and data and assemble the trainer (no training yet).
+
+    ``trainer_options`` go to :class:`BetaKDTrainer` (e.g. ``record_sample_betas=True``).
+    """
     check_model_paths(config)
     student_processor = models.load_processor(
         config.student.path, trust_remote_code=config.student.trust_remote_code
     )
-    teacher_processor = models.load_processor(
-        config.teacher.path, trust_remote_code=config.teacher.trust_remote_code
-    )
-    models.check_same_vocabulary(student_processor, teacher_processor)
     student = models.load_model(
         config.student.path,
         dtype=config.student.dtype,
         trust_remote_code=config.student.trust_remote_code,
     )
+    student_adapter = models.get_adapter(student, student_processor)
+    student_encoder = SampleEncoder(student_processor, student_adapter, config.data.max_length)
+    representation = (
+        config.weighting.representation if config.weighting.needs_representation else None
+    )
+    if config.teacher.source == "cache":
+        vocab = models.vocab_rows(student_processor, student)
+        teacher = _cached_teacher(config, student_processor, student_adapter, vocab, representation)
+    else:
+        teacher, vocab = _online_teacher(config, student_processor, student, representation)
+    encoders = {"student": student_encoder}
+    if teacher.encoder is not None:
+        encoders["teacher"] = teacher.encoder
+    dataset = build_dataset(
+        config.data.train_file,
+        config.data.image_folder,
+        encoders,
+        max_skip_fraction=config.data.max_skip_fraction,
+        limit=config.data.limit,
+    )
+    logger.info("training samples: %d (%s)", len(dataset), dataset.report.summary())
+    if isinstance(teacher.source, CachedTeacher):
+        teacher.source.check_covers(dataset)
+    # The head (adapters, weighting network) initialises from the global RNG: seed it so
+    # that a run is reproducible and equal configs start from equal heads.
+    set_seed(args.seed)
+    head = DistillationHead.from_config(
+        config,
+        teacher_dim=teacher.visual_dim,
+        student_dim=_visual_dim(student) if student_adapter.multimodal else None,
+        rep_dim=teacher.representation_dim,
+    )
+    if config.weighting.init_from:
+        head.load(config.weighting.init_from)
+    if config.student.lora is not None:
+        student = _with_lora(student, config.student.lora)
+    return BetaKDTrainer(
+        model=DistillationModule(student, head, student_adapter, vocab),
+        args=args,
+        train_dataset=dataset,
+        data_collator=KDCollator(student_encoder, teacher.encoder),
+        processing_class=student_processor,
+        teacher=teacher.source,
+        head_learning_rate=config.weighting.learning_rate,
+        head_weight_decay=config.weighting.weight_decay,
+        include_prompt=any(c.positions != "answer" for c in config.channels.logits),
+        non_finite=config.non_finite.action,
+        **trainer_options,
+    )
+
+
+def _online_teacher(config, student_processor, student, representation) -> tuple[TeacherSide, int]:
+    teacher_processor = models.load_processor(
+        config.teacher.path, trust_remote_code=config.teacher.trust_remote_code
+    )
+    models.check_same_vocabulary(student_processor, teacher_processor)
     teacher = models.load_model(
         config.teacher.path,
         dtype=config.teacher.dtype,
@@ -110,53 +176,34 @@ def build_trainer(config: cfg.TrainConfig, args: TrainingArguments) -> BetaKDTra
         frozen=True,
     )
     vocab = models.vocab_rows(student_processor, student, teacher)
-    student_adapter = models.get_adapter(student, student_processor)
-    teacher_adapter = models.get_adapter(teacher, teacher_processor)
-    student_encoder = SampleEncoder(student_processor, student_adapter, config.data.max_length)
-    teacher_encoder = SampleEncoder(teacher_processor, teacher_adapter, config.data.max_length)
-    dataset = build_dataset(
-        config.data.train_file,
-        config.data.image_folder,
-        {"student": student_encoder, "teacher": teacher_encoder},
-        max_skip_fraction=config.data.max_skip_fraction,
-        limit=config.data.limit,
-    )
-    logger.info("training samples: %d (%s)", len(dataset), dataset.report.summary())
-    # The head (adapters, weighting network) initialises from the global RNG: seed it so
-    # that a run is reproducible and equal configs start from equal heads.
-    set_seed(args.seed)
-    head = DistillationHead.from_config(
-        config,
-        teacher_dim=_visual_dim(teacher) if teacher_adapter.multimodal else None,
-        student_dim=_visual_dim(student) if student_adapter.multimodal else None,
-        rep_dim=representation_dim(config.weighting.representation, teacher.config),
-    )
-    if config.weighting.init_from:
-        head.load(config.weighting.init_from)
-    if config.student.lora is not None:
-        student = _with_lora(student, config.student.lora)
-    module = DistillationModule(student, head, student_adapter, vocab)
-    online = OnlineTeacher(
+    adapter = models.get_adapter(teacher, teacher_processor)
+    source = OnlineTeacher(
         teacher,
-        teacher_adapter,
+        adapter,
         vocab_rows=vocab,
         need_logits=bool(config.channels.logits),
         need_visual=bool(config.channels.features),
-        representation=(
-            config.weighting.representation if config.weighting.needs_representation else None
-        ),
+        representation=representation,
     )
-    return BetaKDTrainer(
-        model=module,
-        args=args,
-        train_dataset=dataset,
-        data_collator=KDCollator(student_encoder, teacher_encoder),
-        processing_class=student_processor,
-        teacher=online,
-        head_learning_rate=config.weighting.learning_rate,
-        head_weight_decay=config.weighting.weight_decay,
-        include_prompt=any(c.positions != "answer" for c in config.channels.logits),
-        non_finite=config.non_finite.action,
+    side = TeacherSide(
+        source=source,
+        encoder=SampleEncoder(teacher_processor, adapter, config.data.max_length),
+        visual_dim=_visual_dim(teacher) if adapter.multimodal else None,
+        representation_dim=representation_dim(config.weighting.representation, teacher.config),
+    )
+    return side, vocab
+
+
+def _cached_teacher(config, student_processor, student_adapter, vocab, representation):
+    """teacher.source: cache -- no teacher model is loaded."""
+    cached = build_cached_teacher(
+        config, student_adapter, vocab, representation, tokenizer=student_processor
+    )
+    return TeacherSide(
+        source=cached,
+        encoder=None,
+        visual_dim=cached.teacher_visual_dim,
+        representation_dim=cached.representation_dim or 1,
     )
 
 
@@ -178,12 +225,14 @@ def _with_lora(student, lora: cfg.LoraSettings):
     return get_peft_model(student, peft_config)
 
 
-def run_training(config: cfg.TrainConfig, *, resume: bool = False) -> TrainResult:
+def run_training(
+    config: cfg.TrainConfig, *, resume: bool = False, **trainer_options
+) -> TrainResult:
     """Train, save the student (standard format) and the head, return the log history."""
     args = training_arguments(config)
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, config, resume)
-    trainer = build_trainer(config, args)
+    trainer = build_trainer(config, args, **trainer_options)
     output_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_world_process_zero():
         cfg.dump(config, output_dir / RESOLVED_CONFIG)

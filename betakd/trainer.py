@@ -46,6 +46,7 @@ class BetaKDTrainer(Trainer):
         head_weight_decay: float = 0.0,
         include_prompt: bool = False,
         non_finite: str = "stop",
+        record_sample_betas: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -57,6 +58,11 @@ class BetaKDTrainer(Trainer):
         self.include_prompt = include_prompt
         self.non_finite = non_finite
         self.skipped_steps = 0
+        # (global step, sample ids, betas [B, C]) of every training micro-batch, for
+        # analyses such as "are noisy samples given smaller betas?".
+        self.sample_betas: list[tuple[int, list[str], torch.Tensor]] | None = (
+            [] if record_sample_betas else None
+        )
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_count = 0
         # compute_loss divides by the item count of the whole accumulated batch itself.
@@ -77,20 +83,24 @@ class BetaKDTrainer(Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        teacher_batch = inputs.pop("teacher")
+        teacher_batch = inputs.pop("teacher", None)
         sample_ids = inputs.pop("sample_ids")
-        inputs.pop("sample_index", None)
+        sample_index = inputs.pop("sample_index", None)
         image_counts = inputs.pop("image_counts").tolist()
-        module = self._module
-        aligned = align_positions(
-            inputs,
-            teacher_batch,
-            student_adapter=module.adapter,
-            teacher_adapter=self.teacher.adapter,
-            include_prompt=self.include_prompt,
-            sample_ids=sample_ids,
-        )
-        targets = self.teacher(teacher_batch, aligned, image_counts)
+        if teacher_batch is None:
+            # Offline cache (betakd.cache.CachedTeacher): positions from the student batch.
+            aligned = self.teacher.align(inputs, sample_index, sample_ids)
+            targets = self.teacher(None, aligned, image_counts, sample_index)
+        else:
+            aligned = align_positions(
+                inputs,
+                teacher_batch,
+                student_adapter=self._module.adapter,
+                teacher_adapter=self.teacher.adapter,
+                include_prompt=self.include_prompt,
+                sample_ids=sample_ids,
+            )
+            targets = self.teacher(teacher_batch, aligned, image_counts)
         out = model(inputs, aligned, targets, image_counts, num_items_in_batch)
         loss = out.loss
         if self.args.world_size > 1:
@@ -101,6 +111,9 @@ class BetaKDTrainer(Trainer):
             loss = self._handle_non_finite(loss, sample_ids)
         elif model.training:
             self._accumulate_metrics(out.metrics)
+            if self.sample_betas is not None:
+                record = (self.state.global_step, list(sample_ids), out.betas.detach().cpu())
+                self.sample_betas.append(record)
         return (loss, out) if return_outputs else loss
 
     def _handle_non_finite(self, loss: torch.Tensor, sample_ids) -> torch.Tensor:
