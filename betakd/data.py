@@ -13,6 +13,8 @@ everywhere except on assistant answers (and the template's end-of-turn token).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,7 @@ import datasets
 import jinja2
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from betakd.models import FamilyAdapter, tokenizer_of
 
@@ -275,6 +278,19 @@ class SampleEncoder:
         if adapter.multimodal and self.image_token is None:
             raise ValueError(f"the processor of {adapter.name} has no image_token")
 
+    def fingerprint(self) -> str:
+        """A digest of everything that decides how a sample is encoded."""
+        image_processor = getattr(self.processor, "image_processor", None)
+        parts = [
+            type(self.processor).__name__,
+            self.adapter.name,
+            str(self.max_length),
+            json.dumps(sorted(self.tokenizer.get_vocab().items())),
+            str(getattr(self.processor, "chat_template", None)),
+            image_processor.to_json_string() if image_processor is not None else "",
+        ]
+        return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
     @property
     def pad_token_id(self) -> int:
         pad = self.tokenizer.pad_token_id
@@ -410,14 +426,38 @@ def build_dataset(
     """Read, validate and count skips; every encoder (student, teacher) must accept a sample.
 
     Raises DataError when more than `max_skip_fraction` of the records were skipped.
+    The validation pass is remembered within a process for the same file contents and
+    encoders, so repeated runs on one data set (sweeps, the demo) validate it once.
     """
-    records = load_records(data_path, cache_dir=cache_dir)
-    if limit is not None:
-        records = records.select(range(min(limit, len(records))))
     encoder_list = list(encoders.values()) if isinstance(encoders, Mapping) else list(encoders)
+    key = _validation_key(data_path, image_folder, encoder_list, limit)
+    if key not in _VALIDATED:
+        records = load_records(data_path, cache_dir=cache_dir)
+        if limit is not None:
+            records = records.select(range(min(limit, len(records))))
+        if len(_VALIDATED) >= 4:  # keep memory bounded: forget the oldest data set
+            _VALIDATED.pop(next(iter(_VALIDATED)))
+        _VALIDATED[key] = _validate(records, image_folder, encoder_list)
+    kept, report = _VALIDATED[key]
+    if report.count:
+        logger.warning("%s", report.summary())
+    report.enforce(max_skip_fraction)
+    return ConversationDataset(kept, report)
+
+
+_VALIDATED: dict[tuple, tuple[list[Conversation], SkipReport]] = {}
+
+
+def _validate(records, image_folder, encoder_list) -> tuple[list[Conversation], SkipReport]:
     report = SkipReport(total=len(records))
     kept = []
-    for index, record in enumerate(records):
+    rows = tqdm(
+        enumerate(records),
+        total=len(records),
+        desc="validating samples",
+        disable=len(records) < 2000,
+    )
+    for index, record in rows:
         try:
             conversation = parse_record(record, index, image_folder)
             images = open_images(conversation)
@@ -428,10 +468,20 @@ def build_dataset(
             report.add(skip.reason, str(sample_id), skip.detail)
             continue
         kept.append(conversation)
-    if report.count:
-        logger.warning("%s", report.summary())
-    report.enforce(max_skip_fraction)
-    return ConversationDataset(kept, report)
+    return kept, report
+
+
+def _validation_key(data_path, image_folder, encoders, limit) -> tuple:
+    """Same file contents (path, size, mtime) and same encoding -> same validation result."""
+    stat = Path(data_path).stat()
+    return (
+        str(Path(data_path).resolve()),
+        stat.st_size,
+        stat.st_mtime_ns,
+        str(image_folder),
+        limit,
+        tuple(encoder.fingerprint() for encoder in encoders),
+    )
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,485 @@
+"""Logit channels (CE and token energies) from final hidden states, a chunk at a time.
+
+The dense path builds student and teacher logits ``[N, V]`` for every supervised token
+and calls an energy of :mod:`betakd.energies` on them. With V = 150k and a few thousand
+answer tokens those logits, and the float32 intermediates of the energy, take tens of
+GB. This module computes the same per-token values from the student's hidden states
+``[N, H]`` and ``lm_head`` weight (and bias), and from a teacher source, ``chunk_size``
+tokens at a time, so only chunk-sized logits ever exist.
+
+Design (one :class:`torch.autograd.Function`, recomputation in backward):
+
+* forward: for each chunk, student logits ``h @ W.T (+ b)`` and teacher logits, then the
+  per-token CE and every requested energy, without building a graph. Output: per-token
+  values ``[N, C]`` (CE first, when labels are given, then the energies in order).
+* backward: the incoming per-token gradient ``g [N, C]`` is only known here, and the
+  ``lm_head`` gradient ``sum_n g_n * dE_n/dz_n h_n^T`` cannot be formed without it
+  (storing ``dE/dz`` would be ``[N, V]`` again). So each chunk's logits are recomputed
+  (one student and one teacher matmul), the vector-Jacobian product with ``g`` is taken
+  through the registry's own energy functions, and the resulting logit gradient is
+  multiplied into the hidden-state, weight and bias gradients.
+
+Because the backward multiplies by the exact upstream gradient, any per-token or
+per-sample weighting applied afterwards (``per_sample_mean``, learned or instance-level
+betas) receives exact gradients: this is the gradient of ``sum_n g_n e_n``. Values and
+gradients equal the dense path up to float32 rounding. Double backward is not
+supported.
+
+Cost: six lm_head-sized matmuls instead of the dense path's four, and one extra energy
+forward. In eager mode that makes the chunked path about 1.6-2x slower than dense on a
+GPU (at under 1/10 of its peak memory). With ``compile=True`` each chunk's CE and
+energies run as fused ``torch.compile`` kernels, which more than pays for the
+recomputation in bfloat16 (0.4-0.9x of dense time, under 1/13 of its memory, on an
+H200; float32 without TF32 stays matmul-bound at 1.0-1.2x). Compilation builds two graphs
+(forward without grad, and the recomputation with grad) per set of energies, chunk
+size, vocabulary and dtype; beyond Dynamo's recompile limit (8 by default) it runs
+eagerly. Use it on GPUs; on CPU the first compilation takes about a minute.
+
+The energies are never re-implemented here: every chunk calls the registry functions
+(:func:`betakd.energies.get`), which are row-wise, so every registered energy works
+chunked. Temperature and other options are bound when the energy is built::
+
+    fns = {"fkl": energies.get("fkl", temperature=2.0)}
+
+Typical use (see :func:`chunked_channels`)::
+
+    mask, targets = next_token_targets(labels)                 # [B, T] bool, [B, T]
+    packed = pack(student_hidden, mask)                        # [N, H], sample_index [N]
+    teacher = LinearTeacher(pack(teacher_hidden, t_mask).hidden, t_head.weight)
+    out = chunked_channels(packed.hidden, head.weight, teacher,
+                           energies={"fkl": energies.get("fkl")},
+                           labels=targets[mask])
+    ce, kd = out.per_sample(packed.sample_index, num_samples=B)   # [B], {"fkl": [B]}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from betakd import energies as energy_registry
+from betakd.objective import per_sample_mean
+
+EnergyFn = energy_registry.EnergyFn
+
+# Default chunk: about ``elements`` logits, at least ``min_tokens`` tokens, rounded down
+# to a multiple of ``multiple`` tokens. Peak memory grows with the chunk (eager energies
+# keep about ten chunk-sized float32 tensors alive, compiled ones far fewer). On CPU
+# small chunks stay in cache. On GPUs every chunk's matmuls re-read the whole lm_head,
+# and token counts that are not a multiple of 64 slow bfloat16 matmuls. Measured on an
+# H200 (N = 4096, H = 1024; benchmarks/README.md): eager 256 tokens and compiled 512
+# tokens stay under 1/10 and 1/13 of the dense peak at V = 32000 and 151936.
+DEFAULT_CHUNK = {
+    "cpu": {"elements": 1 << 22, "min_tokens": 16, "multiple": 8},
+    "cuda": {"elements": 1 << 23, "min_tokens": 256, "multiple": 64},
+    "cuda-compiled": {"elements": 1 << 24, "min_tokens": 512, "multiple": 64},
+}
+IGNORE_INDEX = -100
+
+
+# --------------------------------------------------------------------------- packing
+
+
+@dataclass
+class Packed:
+    """Supervised positions packed to rows: ``hidden [N, ...]`` and ``sample_index [N]``."""
+
+    hidden: Tensor
+    sample_index: Tensor
+    num_samples: int
+
+
+def pack(values: Tensor, mask: Tensor) -> Packed:
+    """Keep the positions of ``values [B, T, ...]`` where ``mask [B, T]`` is true.
+
+    Rows come out in batch-major order (sample 0's tokens first), so the student's and
+    the teacher's packed rows line up whenever both masks select the same number of
+    tokens per sample in the same order.
+    """
+    if mask.dtype != torch.bool or mask.shape != values.shape[:2]:
+        raise ValueError(
+            f"mask must be a bool tensor of shape {tuple(values.shape[:2])}, "
+            f"got {mask.dtype} {tuple(mask.shape)}"
+        )
+    batch_index, position_index = mask.nonzero(as_tuple=True)
+    return pack_positions(values, batch_index, position_index)
+
+
+def pack_positions(values: Tensor, batch_index: Tensor, position_index: Tensor) -> Packed:
+    """Rows ``values[batch_index[n], position_index[n]]`` for index tensors ``[N]``."""
+    if batch_index.shape != position_index.shape or batch_index.dim() != 1:
+        raise ValueError("batch_index and position_index must be 1-D tensors of equal length")
+    return Packed(values[batch_index, position_index], batch_index, values.shape[0])
+
+
+def next_token_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[Tensor, Tensor]:
+    """Causal-LM shift: position t predicts label t+1.
+
+    Returns ``mask [B, T]`` (true where the *next* label is supervised) and
+    ``targets [B, T]`` (the next label, ``ignore_index`` at the last position), so that
+    ``pack(hidden, mask)`` and ``targets[mask]`` are aligned.
+    """
+    targets = torch.full_like(labels, ignore_index)
+    targets[:, :-1] = labels[:, 1:]
+    return targets != ignore_index, targets
+
+
+# --------------------------------------------------------------------------- teachers
+
+
+class TeacherSource(Protocol):
+    """Produces teacher logits (or log-probabilities) for packed rows ``[start, stop)``."""
+
+    num_tokens: int
+
+    def logits(self, start: int, stop: int, vocab_size: int) -> Tensor: ...
+
+
+@dataclass
+class LinearTeacher:
+    """A teacher given by its packed final hidden states ``[N, H_t]`` and ``lm_head``.
+
+    The teacher gets no gradient. A teacher ``lm_head`` with more rows than the student's
+    vocabulary (padding rows, e.g. a vocabulary rounded up to a multiple of 64) is
+    sliced to the student's vocabulary; fewer rows is an error.
+    """
+
+    hidden: Tensor
+    weight: Tensor
+    bias: Tensor | None = None
+
+    @property
+    def num_tokens(self) -> int:
+        return self.hidden.shape[0]
+
+    def logits(self, start: int, stop: int, vocab_size: int) -> Tensor:
+        if self.weight.shape[0] < vocab_size:
+            raise ValueError(
+                f"teacher lm_head has {self.weight.shape[0]} rows, fewer than the "
+                f"student's vocabulary of {vocab_size}"
+            )
+        weight = self.weight[:vocab_size].detach()
+        bias = None if self.bias is None else self.bias[:vocab_size].detach()
+        with torch.no_grad():
+            return F.linear(self.hidden[start:stop].detach(), weight, bias)
+
+
+@dataclass
+class TopKTeacher:
+    """A sparse (cached) teacher: top-k log-probabilities ``[N, k]`` and token ids ``[N, k]``.
+
+    Each chunk is expanded to dense log-probabilities by :func:`topk_to_log_probs`; the
+    energies take logits, and normalised log-probabilities are valid logits (log-softmax
+    leaves them unchanged). An energy's temperature T then gives ``p ** (1/T)``
+    renormalised: for a cache of T = 1 log-probabilities that is exactly the teacher's
+    ``softmax(z / T)`` on a full cache, and an approximation with a top-k summary (the
+    uniform tail is tempered as a block).
+    """
+
+    log_probs: Tensor
+    ids: Tensor
+    vocab_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.log_probs.shape[0]
+
+    def logits(self, start: int, stop: int, vocab_size: int) -> Tensor:
+        if vocab_size != self.vocab_size:
+            raise ValueError(
+                f"top-k teacher was cached for a vocabulary of {self.vocab_size}, "
+                f"the student has {vocab_size}"
+            )
+        return topk_to_log_probs(self.log_probs[start:stop], self.ids[start:stop], self.vocab_size)
+
+
+def topk_to_log_probs(topk_log_probs: Tensor, topk_ids: Tensor, vocab_size: int) -> Tensor:
+    """Dense float32 log-probabilities ``[n, V]`` from a top-k summary ``[n, k]``.
+
+    The k listed tokens keep their log-probabilities. The tail mass
+    ``1 - sum(exp(topk))`` (clamped at 0) is spread uniformly over the other ``V - k``
+    tokens, so each row sums to 1. With no tail mass (or k = V) the other entries are
+    ``-inf``, which every energy treats as probability zero; energies that divide by the
+    teacher's probability (``rkl``, the reverse part of ``akl``) are then infinite
+    wherever the student puts mass there.
+    """
+    n, k = topk_log_probs.shape
+    if topk_ids.shape != (n, k):
+        raise ValueError(f"topk_ids must have shape {(n, k)}, got {tuple(topk_ids.shape)}")
+    if k > vocab_size:
+        raise ValueError(f"k = {k} exceeds the vocabulary size {vocab_size}")
+    if n and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab_size):
+        raise ValueError(f"top-k ids must lie in [0, {vocab_size})")
+    head = topk_log_probs.float()
+    tail_mass = (1.0 - head.exp().sum(dim=-1, keepdim=True)).clamp_min(0.0)
+    others = max(vocab_size - k, 1)
+    # log(0) = -inf marks "no tail mass": the energies then ignore those entries.
+    tail_log_prob = torch.log(tail_mass) - math.log(others)
+    dense = tail_log_prob.expand(n, vocab_size).clone()
+    return dense.scatter_(1, topk_ids.long(), head)
+
+
+# --------------------------------------------------------------------------- channels
+
+
+@dataclass
+class ChunkedOutput:
+    """Per-token channel values: ``ce [N]`` (None without labels) and ``energies[name] [N]``."""
+
+    ce: Tensor | None
+    energies: dict[str, Tensor] = field(default_factory=dict)
+
+    def per_sample(
+        self, sample_index: Tensor, num_samples: int
+    ) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """Mean over each sample's tokens (``objective.per_sample_mean``): ``[B]`` each."""
+        ce = None if self.ce is None else per_sample_mean(self.ce, sample_index, num_samples)
+        kd = {
+            name: per_sample_mean(values, sample_index, num_samples)
+            for name, values in self.energies.items()
+        }
+        return ce, kd
+
+
+def chunk_columns(
+    student_logits: Tensor,
+    teacher_logits: Tensor | None,
+    labels: Tensor | None,
+    energy_fns: tuple[EnergyFn, ...],
+) -> Tensor:
+    """Per-token values ``[n, C]`` (float32) of one chunk: CE (if labels) then energies."""
+    values = []
+    if labels is not None:
+        values.append(
+            F.cross_entropy(
+                student_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+        )
+    values.extend(fn(student_logits, teacher_logits) for fn in energy_fns)
+    return torch.stack([v.float() for v in values], dim=1)
+
+
+@dataclass
+class _Plan:
+    """Everything the autograd function needs besides the differentiable tensors."""
+
+    teacher: TeacherSource | None
+    labels: Tensor | None
+    energy_fns: tuple[EnergyFn, ...]
+    chunk_size: int
+    compiled: bool = False
+
+    def __post_init__(self) -> None:
+        # Static shapes: every chunk is padded to chunk_size, so one graph serves all.
+        self._values = (
+            torch.compile(chunk_columns, dynamic=False) if self.compiled else chunk_columns
+        )
+
+    @property
+    def num_columns(self) -> int:
+        return int(self.labels is not None) + len(self.energy_fns)
+
+    def spans(self, num_tokens: int) -> Iterator[tuple[int, int]]:
+        for start in range(0, num_tokens, self.chunk_size):
+            yield start, min(start + self.chunk_size, num_tokens)
+
+    def columns(self, student_logits: Tensor, start: int, stop: int) -> Tensor:
+        """Per-token values ``[n, C]`` of rows ``[start, stop)`` from their student logits."""
+        vocab_size = student_logits.shape[-1]
+        teacher_logits = self.teacher.logits(start, stop, vocab_size) if self.energy_fns else None
+        labels = None if self.labels is None else self.labels[start:stop]
+        if not self.compiled:
+            return chunk_columns(student_logits, teacher_logits, labels, self.energy_fns)
+        pad = self.chunk_size - (stop - start)
+        values = self._values(
+            _pad_rows(student_logits, pad, 0.0),
+            None if teacher_logits is None else _pad_rows(teacher_logits, pad, 0.0),
+            None if labels is None else _pad_rows(labels, pad, IGNORE_INDEX),
+            self.energy_fns,
+        )
+        return values[: stop - start]
+
+
+def _pad_rows(x: Tensor, pad: int, value: float) -> Tensor:
+    # Padding rows carry zero upstream gradient, so they add nothing to any gradient.
+    return F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad), value=value) if pad else x
+
+
+class _ChunkedChannels(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
+        out = torch.empty(
+            hidden.shape[0], plan.num_columns, dtype=torch.float32, device=hidden.device
+        )
+        for start, stop in plan.spans(hidden.shape[0]):
+            logits = F.linear(hidden[start:stop], weight, bias)
+            out[start:stop] = plan.columns(logits, start, stop)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.plan = plan
+        ctx.autocast = _autocast_state(hidden.device.type)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        hidden, weight, bias = ctx.saved_tensors
+        plan: _Plan = ctx.plan
+        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        weight_acc = _Accumulator(weight) if need_weight else None
+        bias_acc = _Accumulator(bias) if need_bias else None
+        for start, stop in plan.spans(hidden.shape[0]):
+            h = hidden[start:stop]
+            with _autocast(ctx.autocast):
+                grad_logits = _logit_gradient(plan, h, weight, bias, grad_out[start:stop], start)
+            # Under autocast the logits (and their gradient) are in the autocast dtype.
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = grad_logits @ weight.to(grad_logits.dtype)
+            if weight_acc is not None:
+                weight_acc.add_product(grad_logits.t(), h.to(grad_logits.dtype))
+            if bias_acc is not None:
+                bias_acc.add(grad_logits.sum(dim=0))
+        grad_weight = weight_acc.result() if weight_acc is not None else None
+        grad_bias = bias_acc.result() if bias_acc is not None else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def _logit_gradient(
+    plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor, start: int
+) -> Tensor:
+    """d(sum_n,c grad_out[n, c] * value[n, c]) / d(student logits) for one chunk."""
+    with torch.no_grad():
+        logits = F.linear(hidden, weight, bias)
+    logits.requires_grad_(True)
+    with torch.enable_grad():
+        values = plan.columns(logits, start, start + hidden.shape[0])
+        (grad_logits,) = torch.autograd.grad(values, logits, grad_out)
+    return grad_logits
+
+
+def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
+    """The caller's autocast setting, to recompute the logits in backward exactly as in
+    forward (autograd runs backward without the caller's autocast)."""
+    if torch.is_autocast_enabled(device_type):
+        return device_type, torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _autocast(state: tuple[str, torch.dtype] | None):
+    if state is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=state[0], dtype=state[1])
+
+
+class _Accumulator:
+    """Sums per-chunk gradients; half-precision parameters are summed in float32.
+
+    A bfloat16 running sum would round at every chunk, an error that grows with the
+    number of chunks; the dense path rounds once.
+    """
+
+    def __init__(self, like: Tensor) -> None:
+        self.dtype = like.dtype
+        wide = like.dtype in (torch.float32, torch.float64)
+        self.total = torch.zeros_like(like, dtype=like.dtype if wide else torch.float32)
+
+    def add_product(self, a: Tensor, b: Tensor) -> None:
+        if a.dtype == self.total.dtype:
+            self.total.addmm_(a, b)
+        else:
+            self.total.add_(a @ b)
+
+    def add(self, value: Tensor) -> None:
+        self.total.add_(value)
+
+    def result(self) -> Tensor:
+        return self.total.to(self.dtype)
+
+
+def default_chunk_size(
+    vocab_size: int, device: torch.device | str = "cpu", compiled: bool = False
+) -> int:
+    """Tokens per chunk for a vocabulary, device and mode (see ``DEFAULT_CHUNK``)."""
+    kind = torch.device(device).type
+    key = f"{kind}-compiled" if compiled and f"{kind}-compiled" in DEFAULT_CHUNK else kind
+    rule = DEFAULT_CHUNK.get(key, DEFAULT_CHUNK["cuda"])
+    tokens = max(rule["min_tokens"], rule["elements"] // vocab_size)
+    return tokens - tokens % rule["multiple"]
+
+
+def chunked_channels(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher: TeacherSource | None = None,
+    *,
+    energies: Mapping[str, EnergyFn] | None = None,
+    labels: Tensor | None = None,
+    bias: Tensor | None = None,
+    chunk_size: int | None = None,
+    compile: bool = False,
+) -> ChunkedOutput:
+    """Per-token CE and energies for packed student rows, without full ``[N, V]`` logits.
+
+    Args:
+        hidden: packed student final hidden states ``[N, H]`` (see :func:`pack`).
+        weight: the student's ``lm_head`` weight ``[V, H]``; ``bias`` its bias ``[V]``.
+        teacher: teacher source for the same N rows (:class:`LinearTeacher`,
+            :class:`TopKTeacher`); required when ``energies`` is not empty.
+        energies: name -> energy built with :func:`betakd.energies.get` (options such as
+            temperature bound there). All are evaluated on the same chunk logits.
+        labels: target ids ``[N]`` for the CE channel (``-100`` rows give 0); None
+            skips CE.
+        chunk_size: tokens per chunk; default :func:`default_chunk_size` for the device
+            and mode (GPU: 256 eager, 512 compiled, at V >= 32k).
+        compile: run each chunk's CE and energies through ``torch.compile`` (fused
+            kernels; the last chunk is padded so one static-shape graph serves all).
+            Build the energies once and reuse them: the compiled graphs are keyed on
+            the energy objects, and new ones would recompile.
+
+    Returns per-token float32 values; gradients flow to ``hidden``, ``weight`` and
+    ``bias`` (whichever require grad) and are exact for any upstream weighting.
+    """
+    energies = dict(energies or {})
+    _check_inputs(hidden, weight, teacher, energies, labels)
+    size = chunk_size or default_chunk_size(weight.shape[0], hidden.device, compile)
+    if size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    plan = _Plan(teacher, labels, tuple(energies.values()), size, compile)
+    values = _ChunkedChannels.apply(hidden, weight, bias, plan)
+    columns = values.unbind(dim=1)
+    ce = columns[0] if labels is not None else None
+    offset = int(labels is not None)
+    return ChunkedOutput(ce, dict(zip(energies, columns[offset:])))
+
+
+def _check_inputs(
+    hidden: Tensor,
+    weight: Tensor,
+    teacher: TeacherSource | None,
+    energies: Mapping[str, EnergyFn],
+    labels: Tensor | None,
+) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} "
+            f"and {tuple(weight.shape)}"
+        )
+    if labels is None and not energies:
+        raise ValueError("nothing to compute: give labels (CE) and/or energies")
+    if labels is not None and labels.shape != hidden.shape[:1]:
+        raise ValueError(f"labels must have shape [{hidden.shape[0]}], got {tuple(labels.shape)}")
+    if energies and teacher is None:
+        raise ValueError("energies need a teacher source")
+    if teacher is not None and teacher.num_tokens != hidden.shape[0]:
+        raise ValueError(
+            f"teacher has {teacher.num_tokens} packed tokens, the student {hidden.shape[0]}; "
+            "align the answer tokens before packing"
+        )
