@@ -97,13 +97,8 @@ class TeacherSide:
     representation_dim: int
 
 
-def build_trainer(
-    config: cfg.TrainConfig, args: TrainingArguments, **trainer_options
-) -> BetaKDTrainer:
-    """Load models and data and assemble the trainer (no training yet).
-
-    ``trainer_options`` go to :class:`BetaKDTrainer` (e.g. ``record_sample_betas=True``).
-    """
+def build_trainer(config: cfg.TrainConfig, args: TrainingArguments) -> BetaKDTrainer:
+    """Load models and data and assemble the trainer (no training yet)."""
     check_model_paths(config)
     student_processor = models.load_processor(
         config.student.path, trust_remote_code=config.student.trust_remote_code
@@ -160,7 +155,6 @@ def build_trainer(
         head_weight_decay=config.weighting.weight_decay,
         include_prompt=any(c.positions != "answer" for c in config.channels.logits),
         non_finite=config.non_finite.action,
-        **trainer_options,
     )
 
 
@@ -225,14 +219,12 @@ def _with_lora(student, lora: cfg.LoraSettings):
     return get_peft_model(student, peft_config)
 
 
-def run_training(
-    config: cfg.TrainConfig, *, resume: bool = False, **trainer_options
-) -> TrainResult:
+def run_training(config: cfg.TrainConfig, *, resume: bool = False) -> TrainResult:
     """Train, save the student (standard format) and the head, return the log history."""
     args = training_arguments(config)
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, config, resume)
-    trainer = build_trainer(config, args, **trainer_options)
+    trainer = build_trainer(config, args)
     output_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_world_process_zero():
         cfg.dump(config, output_dir / RESOLVED_CONFIG)

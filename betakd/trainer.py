@@ -46,7 +46,6 @@ class BetaKDTrainer(Trainer):
         head_weight_decay: float = 0.0,
         include_prompt: bool = False,
         non_finite: str = "stop",
-        record_sample_betas: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -58,11 +57,6 @@ class BetaKDTrainer(Trainer):
         self.include_prompt = include_prompt
         self.non_finite = non_finite
         self.skipped_steps = 0
-        # (global step, sample ids, betas [B, C]) of every training micro-batch, for
-        # analyses such as "are noisy samples given smaller betas?".
-        self.sample_betas: list[tuple[int, list[str], torch.Tensor]] | None = (
-            [] if record_sample_betas else None
-        )
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_count = 0
         # compute_loss divides by the item count of the whole accumulated batch itself.
@@ -111,9 +105,6 @@ class BetaKDTrainer(Trainer):
             loss = self._handle_non_finite(loss, sample_ids)
         elif model.training:
             self._accumulate_metrics(out.metrics)
-            if self.sample_betas is not None:
-                record = (self.state.global_step, list(sample_ids), out.betas.detach().cpu())
-                self.sample_betas.append(record)
         return (loss, out) if return_outputs else loss
 
     def _handle_non_finite(self, loss: torch.Tensor, sample_ids) -> torch.Tensor:

@@ -215,7 +215,9 @@ def _plot_instance(runs: list[dict], path: Path) -> dict:
         ax.set_xlabel(f"predicted beta, channel {channel}")
         ax.set_title(f"{title}: AUC(lower beta) = {table[auc_key]}")
         ax.legend()
-    fig.suptitle(f"instance Beta-KD, seed {instance[0]['seed']}, last half of training")
+    fig.suptitle(
+        f"instance Beta-KD (seed {instance[0]['seed']}): final network on every training sample"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -248,7 +250,8 @@ def write_report(results: dict, out: Path) -> Path:
         + (" **Quick smoke run: numbers are not meaningful.**" if results["quick"] else ""),
         "",
         "## Setup",
-        f"- Student training data: {manifest['counts']['train_student']} colour/shape questions, "
+        f"- Student training data: {manifest['counts']['train_student']} colour/shape questions "
+        f"(runs use the first {results['settings']['train_limit'] or 'all'}), "
         f"{manifest['noisy']} of them with a wrong (noisy) answer of the same type.",
         f"- Teacher blind slice: {manifest['config']['blind_attribute']} = "
         f"{manifest['config']['blind_value']}; the teacher never saw it, the student's data "

@@ -54,6 +54,17 @@ class DemoSettings:
     train_limit: int | None = None  # first N student training questions (None: all)
 
 
+def settings_from(config: DemoConfig) -> DemoSettings:
+    """The student runs as ``defaults.yaml`` (``student_training``) describes them."""
+    student = config.student_training
+    return DemoSettings(
+        seeds=tuple(student.seeds),
+        steps=student.steps,
+        batch_size=student.batch_size,
+        learning_rate=student.learning_rate,
+    )
+
+
 QUICK = DemoSettings(seeds=(0,), steps=12, test_questions=64, logging_steps=4, train_limit=384)
 QUICK_TEACHER_STEPS = 40
 
@@ -214,40 +225,32 @@ def beta_history(history: list[dict]) -> dict[str, list[list[float]]]:
     return result
 
 
-def sample_beta_table(trainer, meta: dict[str, dict], last_fraction: float = 0.5) -> dict:
-    """Mean instance beta per training sample over the last part of training."""
-    records = trainer.sample_betas or []
-    if not records:
-        return {}
-    cutoff = max(step for step, _, _ in records) * (1 - last_fraction)
-    channels = trainer._module.head.objective.channels
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    for step, ids, betas in records:
-        if step < cutoff:
-            continue
-        for sample_id, row in zip(ids, betas):
-            sums[sample_id] = sums.get(sample_id, 0) + row
-            counts[sample_id] = counts.get(sample_id, 0) + 1
+def final_instance_betas(trainer, cache_dir: Path, train_file: Path, limit: int | None) -> dict:
+    """Betas the trained instance network predicts for every training sample.
+
+    Reads each sample's representation h(x) from the teacher cache, so no teacher runs.
+    """
+    from betakd.cache import TeacherCache
+
+    cache = TeacherCache(cache_dir)
+    records = [json.loads(line) for line in train_file.read_text().splitlines() if line.strip()]
+    records = records[:limit] if limit else records
+    rows = [cache.sample(i).representation.float() for i in range(len(records))]
+    weighting = trainer._module.head.objective.weighting
+    with torch.no_grad():
+        log_beta = weighting.positive.log_beta(weighting.net(torch.stack(rows)))
     table = {}
-    for k, channel in enumerate(channels):
-        if channel not in KD_CHANNELS:
-            continue
-        values = {sid: float(sums[sid][k] / counts[sid]) for sid in sums}
-        noisy = [v for sid, v in values.items() if meta[sid]["noisy"]]
-        clean = [v for sid, v in values.items() if not meta[sid]["noisy"]]
-        blind = [v for sid, v in values.items() if meta[sid]["blind"]]
-        rest = [v for sid, v in values.items() if not meta[sid]["blind"]]
-        table[channel] = {
-            "noisy": noisy,
-            "clean": clean,
-            "blind": blind,
-            "rest": rest,
-            # Beta-KD should trust the teacher less where it is wrong: AUC of "lower beta"
-            # for the blind slice (and for noisy labels) against the rest.
-            "auc_blind_lower": report.roc_auc(rest, blind),
-            "auc_noisy_lower": report.roc_auc(clean, noisy),
-        }
+    for k, channel in enumerate(weighting.weighted_channels):
+        betas = log_beta[:, k].exp().tolist()
+        groups = {"noisy": [], "clean": [], "blind": [], "rest": []}
+        for record, beta in zip(records, betas):
+            groups["noisy" if record["meta"]["noisy"] else "clean"].append(beta)
+            groups["blind" if record["meta"]["blind"] else "rest"].append(beta)
+        # Beta-KD should trust the teacher less where it is wrong: AUC of "lower beta"
+        # for the blind slice (and for noisy labels) against the rest.
+        groups["auc_blind_lower"] = report.roc_auc(groups["rest"], groups["blind"])
+        groups["auc_noisy_lower"] = report.roc_auc(groups["clean"], groups["noisy"])
+        table[channel] = groups
     return table
 
 
@@ -281,7 +284,7 @@ def ensure_teacher_cache(config: DemoConfig, teacher: Path, student_init: Path, 
 
 
 def run_one(
-    strategy, seed, *, student_init, teacher, data, out, settings, fixed, meta, tests, cache_dir
+    strategy, seed, *, student_init, teacher, data, out, settings, fixed, tests, cache_dir
 ) -> tuple[RunRecord, list[dict]]:
     run_dir = out / "runs" / f"{strategy}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own scratch from an earlier demo
@@ -297,7 +300,7 @@ def run_one(
         cache_dir=cache_dir,
     )
     start = time.time()
-    result = run_training(config, record_sample_betas=strategy == "instance")
+    result = run_training(config)
     seconds = time.time() - start
     accuracy = evaluate(run_dir, tests, data.image_folder, settings.eval_batch_size)
     record = RunRecord(
@@ -309,7 +312,9 @@ def run_one(
         weights=fixed or {},
     )
     if strategy == "instance":
-        record.separation = sample_beta_table(result.trainer, meta)
+        record.separation = final_instance_betas(
+            result.trainer, cache_dir, data.train_student, settings.train_limit
+        )
     return record, result.log_history
 
 
@@ -319,10 +324,10 @@ def run_demo(output_dir: str | Path = "betakd-demo", *, quick: bool = False, see
 
     torch.set_num_threads(1)  # tiny models: one thread is as fast and leaves a core free
     started = time.time()
-    settings = QUICK if quick else DemoSettings()
+    config = demo_config(quick)
+    settings = QUICK if quick else settings_from(config)
     if seeds:
         settings = replace(settings, seeds=tuple(seeds))
-    config = demo_config(quick)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -330,7 +335,6 @@ def run_demo(output_dir: str | Path = "betakd-demo", *, quick: bool = False, see
     teacher_start = time.time()
     teacher = ensure_teacher(config, progress=True)
     teacher_seconds = time.time() - teacher_start
-    meta = _meta_by_id(data.train_student)
     tests = test_samples(data.test, data.image_folder, settings.test_questions)
     teacher_accuracy = evaluate(teacher, tests, data.image_folder, settings.eval_batch_size)
     first_init = _student_init(config, out, settings.seeds[0])
@@ -356,7 +360,6 @@ def run_demo(output_dir: str | Path = "betakd-demo", *, quick: bool = False, see
             out=out,
             settings=settings,
             fixed=fixed.get(seed) if strategy == "fixed" else None,
-            meta=meta,
             tests=tests,
             cache_dir=cache_dir,
         )
@@ -408,10 +411,3 @@ def _fixed_from_probe(seed, student_init, teacher, data, out, settings, cache_di
         cache_dir=cache_dir,
     )
     return initial_scale_weights(run_training(config).log_history)
-
-
-def _meta_by_id(path: Path) -> dict[str, dict]:
-    return {
-        r["id"]: r["meta"]
-        for r in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-    }
