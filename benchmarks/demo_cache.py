@@ -1,0 +1,112 @@
+"""easy-VQA student accuracy distilled from the top-32 teacher cache vs the online teacher.
+
+Uses the demo's data, teacher (trained once and cached, as `betakd demo` does) and
+student; for each seed it trains the same strategy twice, once with
+`teacher.source: online` and once with `teacher.source: cache` (top-32 log-probs +
+tail mass, pooled visual tokens), and evaluates both by greedy generation on the same
+test questions. Target: accuracy from the cache within 1 point of the online teacher.
+
+    python benchmarks/demo_cache.py                           # ~10 min on 2 CPU cores
+    python benchmarks/demo_cache.py --steps 200 --seeds 0 1 --strategy task
+
+The last printed line is a JSON object with every measurement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from betakd.demo import run as demo
+from betakd.demo.teacher import ensure_teacher, prepare_data
+from betakd.train import run_training
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--strategy", default="task", choices=demo.STRATEGIES[1:])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--steps", type=int, default=None, help="default: the demo's")
+    parser.add_argument("--test-questions", type=int, default=1000)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    config = demo.demo_config(quick=False)
+    settings = demo.settings_from(config)
+    settings = replace(settings, test_questions=args.test_questions)
+    if args.steps:
+        settings = replace(settings, steps=args.steps)
+    data = prepare_data(config)
+    teacher = ensure_teacher(config)
+    tests = demo.test_samples(data.test, data.image_folder, settings.test_questions)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        cache_dir = demo.ensure_teacher_cache(
+            config, teacher, demo._student_init(config, out, args.seeds[0]), data, settings
+        )
+        for seed in args.seeds:
+            student = demo._student_init(config, out, seed)
+            fixed = None
+            if args.strategy == "fixed":
+                fixed = demo._fixed_from_probe(seed, student, teacher, data, out, settings, None)
+            for source, source_cache in (("online", None), ("cache", cache_dir)):
+                run_dir = out / f"{source}-{seed}"
+                shutil.rmtree(run_dir, ignore_errors=True)
+                train = demo.train_config(
+                    args.strategy,
+                    seed,
+                    student=student,
+                    teacher=teacher,
+                    data=data,
+                    out=run_dir,
+                    settings=settings,
+                    fixed_weights=fixed,
+                    cache_dir=source_cache,
+                )
+                start = time.time()
+                run_training(train)
+                seconds = time.time() - start
+                accuracy = demo.evaluate(run_dir, tests, data.image_folder, 128)
+                rows.append({"seed": seed, "source": source, "seconds": seconds, **accuracy})
+                print(
+                    f"seed {seed} {source:<6} acc {accuracy['all']:6.2f}%  train {seconds:6.1f} s"
+                )
+    mean = {
+        source: statistics.fmean(r["all"] for r in rows if r["source"] == source)
+        for source in ("online", "cache")
+    }
+    time_ratio = statistics.fmean(r["seconds"] for r in rows if r["source"] == "online") / (
+        statistics.fmean(r["seconds"] for r in rows if r["source"] == "cache")
+    )
+    diff = mean["cache"] - mean["online"]
+    print(
+        f"mean accuracy: online {mean['online']:.2f}%, cache {mean['cache']:.2f}% "
+        f"({diff:+.2f} points); online/cache training time {time_ratio:.2f}x"
+    )
+    print(
+        json.dumps(
+            {
+                "benchmark": "demo_cache",
+                "strategy": args.strategy,
+                "steps": settings.steps,
+                "runs": rows,
+                "mean_accuracy": mean,
+                "cache_minus_online": diff,
+                "online_over_cache_time": time_ratio,
+                "target_abs_diff": 1.0,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
