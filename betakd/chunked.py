@@ -173,6 +173,21 @@ class LinearTeacher:
 
 
 @dataclass
+class DenseTeacher:
+    """Teacher logits (or log-probabilities) already at hand for every packed row ``[N, V]``,
+    e.g. rebuilt from the offline cache; only the student side is chunked then."""
+
+    values: Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return self.values.shape[0]
+
+    def logits(self, start: int, stop: int, vocab_size: int) -> Tensor:
+        return self.values[start:stop, :vocab_size].detach()
+
+
+@dataclass
 class TopKTeacher:
     """A sparse (cached) teacher: top-k log-probabilities ``[N, k]`` and token ids ``[N, k]``.
 

@@ -111,6 +111,12 @@ class FeatureChannelSettings(Strict):
 class ChannelSettings(Strict):
     logits: list[LogitChannel] = Field(default_factory=list)
     features: list[FeatureChannelSettings] = Field(default_factory=list)
+    chunk_size: int | None = Field(
+        None,
+        ge=1,
+        description="compute CE and logit energies from hidden states this many tokens at a "
+        "time, never building full [N, V] logits (null: dense)",
+    )
 
     def names(self) -> list[str]:
         return [c.channel for c in self.logits] + [f.name for f in self.features]
@@ -123,6 +129,11 @@ class ChannelSettings(Strict):
             raise ValueError(f"channel names must be unique; repeated: {duplicated} (set `name`)")
         if weighting.CE in seen:
             raise ValueError(f"{weighting.CE!r} is reserved for the cross-entropy channel")
+        prompt = [c.channel for c in self.logits if c.positions != "answer"]
+        if self.chunk_size is not None and prompt:
+            raise ValueError(
+                f"chunk_size covers answer positions only; channels {prompt} ask for more"
+            )
         return self
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from betakd import align, energies, weighting
+from betakd import align, chunked, energies, weighting
 from betakd.align import AlignedPositions
 from betakd.config import TrainConfig
 from betakd.features import FeatureChannel
@@ -104,13 +104,19 @@ class DistillationModule(nn.Module):
     """Student + head; ``forward`` returns the objective's output for one micro-batch."""
 
     def __init__(
-        self, student: nn.Module, head: DistillationHead, adapter: FamilyAdapter, vocab_rows: int
+        self,
+        student: nn.Module,
+        head: DistillationHead,
+        adapter: FamilyAdapter,
+        vocab_rows: int,
+        chunk_size: int | None = None,
     ) -> None:
         super().__init__()
         self.student = student
         self.head = head
         self.adapter = adapter
         self.vocab_rows = vocab_rows
+        self.chunk_size = chunk_size
 
     def forward(
         self,
@@ -120,25 +126,53 @@ class DistillationModule(nn.Module):
         image_counts: Sequence[int],
         num_items: Tensor | int | None = None,
     ) -> ObjectiveOutput:
-        out = self.student(**forward_inputs(batch, self.adapter))
-        student_logits = slice_vocab(aligned.student(out.logits), self.vocab_rows)
-        answer = aligned.is_answer
-        b = aligned.batch_size
-        answer_index = aligned.batch_index[answer]
-        ce_tokens = F.cross_entropy(
-            student_logits[answer].float(), aligned.token_ids[answer], reduction="none"
-        )
-        ce = per_sample_mean(ce_tokens, answer_index, b)
-        channel_energies = self._logit_energies(student_logits, teacher.logits, aligned)
+        if self.chunk_size is not None:
+            out = self.student(
+                **forward_inputs(batch, self.adapter), output_hidden_states=True, logits_to_keep=1
+            )
+            ce, channel_energies = self._chunked_channels(out, teacher, aligned)
+        else:
+            out = self.student(**forward_inputs(batch, self.adapter))
+            student_logits = slice_vocab(aligned.student(out.logits), self.vocab_rows)
+            answer = aligned.is_answer
+            ce_tokens = F.cross_entropy(
+                student_logits[answer].float(), aligned.token_ids[answer], reduction="none"
+            )
+            ce = per_sample_mean(ce_tokens, aligned.batch_index[answer], aligned.batch_size)
+            channel_energies = self._logit_energies(student_logits, teacher.logits, aligned)
         if self.head.features:
             channel_energies.update(self._feature_energies(out, teacher, image_counts))
+        answer_index = aligned.batch_index[aligned.is_answer]
         return self.head.objective(
             ce,
             channel_energies,
             teacher.representation,
-            counts=token_counts(answer_index, b),
+            counts=token_counts(answer_index, aligned.batch_size),
             num_items=num_items,
         )
+
+    def _chunked_channels(
+        self, out, teacher: TeacherTargets, aligned: AlignedPositions
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """CE and logit energies from hidden states, never building [N, V] logits."""
+        answer = aligned.is_answer
+        if not bool(answer.all()):
+            raise ValueError("chunked energies cover answer tokens only")
+        source = teacher.logit_source
+        if source is None and teacher.logits is not None:
+            source = chunked.DenseTeacher(teacher.logits)  # the offline cache
+        head = self.student.get_output_embeddings()
+        fns = {c.name: self.head.energy_fns[c.name] for c in self.head.logit_channels}
+        result = chunked.chunked_channels(
+            aligned.student(out.hidden_states[-1]),
+            head.weight[: self.vocab_rows],
+            source if fns else None,
+            energies=fns,
+            labels=aligned.token_ids,
+            bias=None if head.bias is None else head.bias[: self.vocab_rows],
+            chunk_size=self.chunk_size,
+        )
+        return result.per_sample(aligned.batch_index, aligned.batch_size)
 
     def _logit_energies(
         self, student: Tensor, teacher: Tensor | None, aligned: AlignedPositions

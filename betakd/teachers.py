@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from betakd import align
 from betakd.align import AlignedPositions
+from betakd.chunked import LinearTeacher
 from betakd.models import FamilyAdapter, forward_inputs, slice_vocab
 
 
@@ -26,6 +27,9 @@ class TeacherTargets:
     logits: Tensor | None  # [N, V] at the aligned teacher positions
     visual: list[Tensor] | None  # per sample [n_i, d_teacher]
     representation: Tensor | None  # [B, D], detached float32
+    # Chunked mode: the teacher's final hidden states at the aligned positions and its
+    # lm_head, so that logits are only ever built a chunk at a time.
+    logit_source: LinearTeacher | None = None
 
 
 class OnlineTeacher:
@@ -44,6 +48,7 @@ class OnlineTeacher:
         need_logits: bool,
         need_visual: bool,
         representation: str | None,
+        chunked: bool = False,
     ) -> None:
         model.eval()
         model.requires_grad_(False)
@@ -53,6 +58,7 @@ class OnlineTeacher:
         self.need_logits = need_logits
         self.need_visual = need_visual
         self.representation = representation
+        self.chunked = chunked
 
     def prepare(self, accelerator) -> OnlineTeacher:
         """Place the frozen teacher for the engine in use, without making it trainable.
@@ -76,6 +82,8 @@ class OnlineTeacher:
     ) -> TeacherTargets:
         if not (self.need_logits or self.need_visual or self.representation):
             return TeacherTargets(None, None, None)  # CE only: the teacher has nothing to add
+        if self.chunked:
+            return self._chunked_targets(batch, aligned, image_counts)
         wants_hidden = self.representation == "teacher_answer_hidden"
         out = self.model(**forward_inputs(batch, self.adapter), output_hidden_states=wants_hidden)
         logits = slice_vocab(aligned.teacher(out.logits), self.vocab_rows)
@@ -87,6 +95,33 @@ class OnlineTeacher:
             visual=visual if self.need_visual else None,
             representation=self._representation(out, logits, visual, aligned),
         )
+
+    def _chunked_targets(self, batch, aligned, image_counts) -> TeacherTargets:
+        # Only the last position's logits are built by the model; the energies get the
+        # hidden states and lm_head and build logits a chunk at a time.
+        out = self.model(
+            **forward_inputs(batch, self.adapter), output_hidden_states=True, logits_to_keep=1
+        )
+        hidden = aligned.teacher(out.hidden_states[-1]).detach()
+        head = self.model.get_output_embeddings()
+        source = LinearTeacher(hidden, head.weight, head.bias)
+        visual = None
+        if self.need_visual or self.representation == "teacher_visual":
+            visual = [v.detach() for v in self.adapter.visual_tokens(out, image_counts)]
+        representation = None
+        if self.representation is not None:
+            representation = align.instance_representation(
+                self.representation,
+                aligned=aligned,
+                teacher_visual=visual,
+                teacher_hidden=out.hidden_states[-1],
+                teacher_logits=(
+                    source.logits(0, source.num_tokens, self.vocab_rows)
+                    if self.representation == "teacher_confidence"
+                    else None
+                ),
+            )
+        return TeacherTargets(None, visual if self.need_visual else None, representation, source)
 
     def _representation(
         self, out, logits: Tensor, visual: list[Tensor] | None, aligned: AlignedPositions

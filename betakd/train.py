@@ -145,7 +145,9 @@ def build_trainer(config: cfg.TrainConfig, args: TrainingArguments) -> BetaKDTra
     if config.student.lora is not None:
         student = _with_lora(student, config.student.lora)
     return BetaKDTrainer(
-        model=DistillationModule(student, head, student_adapter, vocab),
+        model=DistillationModule(
+            student, head, student_adapter, vocab, chunk_size=config.channels.chunk_size
+        ),
         args=args,
         train_dataset=dataset,
         data_collator=KDCollator(student_encoder, teacher.encoder),
@@ -178,6 +180,7 @@ def _online_teacher(config, student_processor, student, representation) -> tuple
         need_logits=bool(config.channels.logits),
         need_visual=bool(config.channels.features),
         representation=representation,
+        chunked=config.channels.chunk_size is not None,
     )
     side = TeacherSide(
         source=source,

@@ -233,3 +233,29 @@ def test_missing_model_path_and_used_output_dir(tmp_path, vqa_data, llava_pair):
     config = make_config(*llava_pair, data, images, tmp_path / "busy")
     with pytest.raises(OutputDirError, match="not empty"):
         run_training(config)
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+def test_chunked_channels_match_the_dense_path(family, tiny_model_dir, vqa_data, tmp_path):
+    """channels.chunk_size gives the dense loss and gradients without [N, V] logits."""
+    data, images = vqa_data
+    pair = tiny_model_dir(family, "student"), tiny_model_dir(family, "teacher")
+    results = []
+    for chunk_size in (None, 3):
+        raw = make_config(*pair, data, images, tmp_path / f"c{chunk_size}", "instance").model_dump()
+        raw["channels"]["logits"].append({"energy": "fkl", "options": {"temperature": 2.0}})
+        raw["channels"]["chunk_size"] = chunk_size
+        config = cfg.validate(raw)
+        trainer = build_trainer(config, training_arguments(config))
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=4)
+        loss.backward()
+        grads = {
+            n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+        }
+        results.append((loss.detach(), grads))
+    (dense_loss, dense_grads), (chunk_loss, chunk_grads) = results
+    torch.testing.assert_close(chunk_loss, dense_loss, rtol=1e-5, atol=1e-6)
+    assert dense_grads.keys() == chunk_grads.keys()
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(chunk_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
