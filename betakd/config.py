@@ -117,6 +117,9 @@ class ChannelSettings(Strict):
         description="compute CE and logit energies from hidden states this many tokens at a "
         "time, never building full [N, V] logits (null: dense)",
     )
+    chunk_compile: bool = Field(
+        False, description="torch.compile each chunk (GPU; the first step compiles)"
+    )
 
     def names(self) -> list[str]:
         return [c.channel for c in self.logits] + [f.name for f in self.features]

@@ -110,6 +110,7 @@ class DistillationModule(nn.Module):
         adapter: FamilyAdapter,
         vocab_rows: int,
         chunk_size: int | None = None,
+        chunk_compile: bool = False,
     ) -> None:
         super().__init__()
         self.student = student
@@ -117,6 +118,7 @@ class DistillationModule(nn.Module):
         self.adapter = adapter
         self.vocab_rows = vocab_rows
         self.chunk_size = chunk_size
+        self.chunk_compile = chunk_compile
 
     def forward(
         self,
@@ -171,6 +173,7 @@ class DistillationModule(nn.Module):
             labels=aligned.token_ids,
             bias=None if head.bias is None else head.bias[: self.vocab_rows],
             chunk_size=self.chunk_size,
+            compile=self.chunk_compile,
         )
         return result.per_sample(aligned.batch_index, aligned.batch_size)
 

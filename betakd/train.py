@@ -146,7 +146,12 @@ def build_trainer(config: cfg.TrainConfig, args: TrainingArguments) -> BetaKDTra
         student = _with_lora(student, config.student.lora)
     return BetaKDTrainer(
         model=DistillationModule(
-            student, head, student_adapter, vocab, chunk_size=config.channels.chunk_size
+            student,
+            head,
+            student_adapter,
+            vocab,
+            chunk_size=config.channels.chunk_size,
+            chunk_compile=config.channels.chunk_compile,
         ),
         args=args,
         train_dataset=dataset,
