@@ -259,3 +259,20 @@ def test_chunked_channels_match_the_dense_path(family, tiny_model_dir, vqa_data,
     assert dense_grads.keys() == chunk_grads.keys()
     for name, grad in dense_grads.items():
         torch.testing.assert_close(chunk_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_lora_student_trains_and_is_saved_merged(llava_pair, vqa_data, tmp_path):
+    data, images = vqa_data
+    raw = make_config(*llava_pair, data, images, tmp_path / "out", "instance").model_dump()
+    raw["student"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}
+    config = cfg.validate(raw)
+    trainer = build_trainer(config, training_arguments(config))
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in trainable)
+    assert all(n.startswith("head.") or "lora_" in n for n in trainable), trainable
+    assert any(n.startswith("head.objective.weighting.net") for n in trainable)
+    result = run_training(config)
+    saved = load_file(result.output_dir / "model.safetensors")
+    assert not any("lora" in k for k in saved)
+    student = AutoModelForImageTextToText.from_pretrained(result.output_dir)
+    assert student.config.model_type == "llava"
