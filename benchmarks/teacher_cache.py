@@ -10,7 +10,7 @@ One step = collation from raw conversations (the cached path encodes no teacher
 batch), teacher targets (online: teacher forward; cached: shard reads and the dense
 rebuild from top-k + tail), student forward/backward and the optimizer step, i.e.
 what ``BetaKDTrainer`` does per step. The online step is ``BetaKDTrainer.compute_loss``
-itself; the cached step is the branch proposed for it (``cached_loss`` below).
+itself for both, with the cached teacher swapped in for the cached steps.
 
 Bytes per cached token are read from the shard files: the file bytes (headers and
 per-sample offsets included) minus the per-sample feature tensors (``visual``,
@@ -129,24 +129,18 @@ def parameters(path: Path) -> int:
     return sum(t.numel() for t in load_file(path / "model.safetensors").values())
 
 
-def cached_loss(trainer, teacher, inputs, num_items):
-    """The proposed ``compute_loss`` branch for a batch without a teacher batch."""
-    sample_ids = inputs.pop("sample_ids")
-    sample_index = inputs.pop("sample_index")
-    image_counts = inputs.pop("image_counts").tolist()
-    aligned = teacher.align(inputs, sample_index, sample_ids)
-    targets = teacher(None, aligned, image_counts, sample_index)
-    return trainer.model(inputs, aligned, targets, image_counts, num_items).loss
-
-
 def step(trainer, optimizer, collator, conversations, teacher=None) -> float:
     start = time.perf_counter()
     batch = collator(conversations)
     num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
-    if teacher is None:
+    online = trainer.teacher
+    # The same trainer serves both: with a cached teacher (and a batch without a teacher
+    # part), compute_loss takes its cache branch.
+    trainer.teacher = teacher or online
+    try:
         loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
-    else:
-        loss = cached_loss(trainer, teacher, batch, num_items)
+    finally:
+        trainer.teacher = online
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()

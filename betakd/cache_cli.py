@@ -1,7 +1,6 @@
 """``betakd cache-teacher CONFIG``: write the offline teacher cache for a training config.
 
-The lead registers :data:`cache_teacher_command` on the ``betakd`` group
-(``main.add_command(cache_teacher_command)``); options mirror ``betakd train``.
+Registered on the ``betakd`` group in ``betakd.cli``; options mirror ``betakd train``.
 """
 
 from __future__ import annotations
