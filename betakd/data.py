@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -274,20 +276,40 @@ class SampleEncoder:
         self.tokenizer = tokenizer_of(processor)
         self.adapter = adapter
         self.max_length = max_length
+        self._fingerprint: str | None = None
         self.image_token = getattr(processor, "image_token", None)
         if adapter.multimodal and self.image_token is None:
             raise ValueError(f"the processor of {adapter.name} has no image_token")
 
     def fingerprint(self) -> str:
-        """A digest of everything that decides how a sample is encoded."""
-        image_processor = getattr(self.processor, "image_processor", None)
+        """A digest of everything that decides how a sample is encoded (computed once)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._digest()
+        return self._fingerprint
+
+    def encode_cached(self, conversation: Conversation, images=None) -> Encoded:
+        """``encode`` through the process-wide encoding cache; images load only on a miss."""
+        key = (self.fingerprint(), conversation_key(conversation))
+        encoded = ENCODINGS.get(key)
+        if encoded is None:
+            encoded = self.encode(
+                conversation, open_images(conversation) if images is None else images
+            )
+            ENCODINGS.put(key, encoded)
+        return encoded
+
+    def _digest(self) -> str:
+        # The processor's own config holds what decides the image tokens (patch size,
+        # image processor); the tokenizer and chat template are not in it.
+        processor_config = self.processor.to_json_string() if self.adapter.multimodal else ""
         parts = [
             type(self.processor).__name__,
             self.adapter.name,
             str(self.max_length),
             json.dumps(sorted(self.tokenizer.get_vocab().items())),
             str(getattr(self.processor, "chat_template", None)),
-            image_processor.to_json_string() if image_processor is not None else "",
+            str(getattr(self.tokenizer, "chat_template", None)),
+            processor_config,
         ]
         return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
 
@@ -462,7 +484,7 @@ def _validate(records, image_folder, encoder_list) -> tuple[list[Conversation], 
             conversation = parse_record(record, index, image_folder)
             images = open_images(conversation)
             for encoder in encoder_list:
-                encoder.encode(conversation, images)
+                encoder.encode_cached(conversation, images)
         except SkipSample as skip:
             sample_id = record.get("id") if record.get("id") is not None else index
             report.add(skip.reason, str(sample_id), skip.detail)
@@ -482,6 +504,59 @@ def _validation_key(data_path, image_folder, encoders, limit) -> tuple:
         limit,
         tuple(encoder.fingerprint() for encoder in encoders),
     )
+
+
+# ---------------------------------------------------------------------------
+# Encoding cache
+
+
+def conversation_key(conversation: Conversation) -> tuple:
+    messages = json.dumps(conversation.messages, sort_keys=True, default=str)
+    return (conversation.index, conversation.id, conversation.image_paths, messages)
+
+
+class EncodingCache:
+    """Encoded samples, least recently used first out, bounded by tensor bytes.
+
+    Encoding (chat template, tokenizer, image processor) costs milliseconds per sample
+    and model, more than a tiny model's training step; the validation pass, every epoch
+    and repeated runs in one process (sweeps, the demo) reuse the result. Encodings are
+    never mutated after creation, so sharing them is safe.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._items: OrderedDict[tuple, tuple[Encoded, int]] = OrderedDict()
+
+    def get(self, key: tuple) -> Encoded | None:
+        item = self._items.get(key)
+        if item is None:
+            return None
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: tuple, encoded: Encoded) -> None:
+        size = _nbytes(encoded)
+        if size > self.max_bytes or key in self._items:
+            return
+        self._items[key] = (encoded, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, freed) = self._items.popitem(last=False)
+            self.bytes -= freed
+
+    def clear(self) -> None:
+        self._items.clear()
+        self.bytes = 0
+
+
+def _nbytes(encoded: Encoded) -> int:
+    tensors = [encoded.input_ids, encoded.labels, *encoded.vision.values()]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+ENCODINGS = EncodingCache(int(os.environ.get("BETAKD_ENCODING_CACHE_MB", "2048")) * 2**20)
 
 
 # ---------------------------------------------------------------------------
@@ -531,11 +606,11 @@ class KDCollator:
         self.student_padding_side = student_padding_side
         self.teacher_padding_side = teacher_padding_side
 
-    def _encode_all(self, encoder: SampleEncoder, conversations, images) -> list[Encoded]:
+    def _encode_all(self, encoder: SampleEncoder, conversations) -> list[Encoded]:
         encoded = []
-        for conversation, sample_images in zip(conversations, images):
+        for conversation in conversations:
             try:
-                encoded.append(encoder.encode(conversation, sample_images))
+                encoded.append(encoder.encode_cached(conversation))
             except SkipSample as skip:
                 # Validation accepted this sample, so this is a changed file or a misconfiguration.
                 raise DataError(
@@ -543,20 +618,13 @@ class KDCollator:
                 ) from skip
         return encoded
 
-    def _open(self, conversation: Conversation) -> list[Image.Image]:
-        try:
-            return open_images(conversation)
-        except SkipSample as skip:
-            raise DataError(f"sample {conversation.id}: {skip}") from skip
-
     def __call__(self, conversations: Sequence[Conversation]) -> dict:
-        images = [self._open(c) for c in conversations]
-        encoded = self._encode_all(self.student, conversations, images)
+        encoded = self._encode_all(self.student, conversations)
         batch = pad_encoded(encoded, self.student, self.student_padding_side)
         if self.teacher is not None:
-            teacher_encoded = self._encode_all(self.teacher, conversations, images)
+            teacher_encoded = self._encode_all(self.teacher, conversations)
             batch["teacher"] = pad_encoded(teacher_encoded, self.teacher, self.teacher_padding_side)
         batch["sample_index"] = torch.tensor([c.index for c in conversations], dtype=torch.long)
         batch["sample_ids"] = [c.id for c in conversations]
-        batch["image_counts"] = torch.tensor([len(i) for i in images], dtype=torch.long)
+        batch["image_counts"] = torch.tensor([e.image_count for e in encoded], dtype=torch.long)
         return batch
