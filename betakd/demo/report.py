@@ -97,8 +97,8 @@ def verdict(summary: dict[str, dict]) -> str:
         diff = summary[best_beta]["mean"] - summary[best_base]["mean"]
         word = "beats" if diff > 0 else "does not beat"
         lines.append(
-            f"Beta-KD ({NAMES[best_beta]}) {word} the best fixed-weight baseline "
-            f"({NAMES[best_base]}) by {diff:+.2f} points."
+            f"The best Beta-KD weighting ({NAMES[best_beta]}) {word} the best fixed-weight "
+            f"baseline ({NAMES[best_base]}): {diff:+.2f} points."
         )
     return " ".join(lines)
 
@@ -250,9 +250,14 @@ def write_report(results: dict, out: Path) -> Path:
         + (" **Quick smoke run: numbers are not meaningful.**" if results["quick"] else ""),
         "",
         "## Setup",
-        f"- Student training data: {manifest['counts']['train_student']} colour/shape questions "
-        f"(runs use the first {results['settings']['train_limit'] or 'all'}), "
-        f"{manifest['noisy']} of them with a wrong (noisy) answer of the same type.",
+        f"- Student training data: {manifest['counts']['train_student']} "
+        f"{'/'.join(manifest['config']['qtypes'])} questions"
+        + (
+            f" (runs use the first {results['settings']['train_limit']})"
+            if results["settings"]["train_limit"]
+            else ""
+        )
+        + f", {manifest['noisy']} of them with a wrong (noisy) answer of the same type.",
         f"- Teacher blind slice: {manifest['config']['blind_attribute']} = "
         f"{manifest['config']['blind_value']}; the teacher never saw it, the student's data "
         "keeps it.",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import shutil
 import time
@@ -36,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 STRATEGIES = ("ce_only", "equal", "fixed", "task", "instance", "closed_form")
 KD_CHANNELS = ("cosine_probs", "visual")
+BETA_BOUNDS = (math.exp(-5), math.exp(5))
 
 
 @dataclass(frozen=True)
@@ -167,9 +169,20 @@ def train_config(
         weighting = {"name": strategy, "learning_rate": settings.weighting_learning_rate}
     if strategy == "fixed":
         weighting["options"] = {"weights": fixed_weights}
+    # Learned and closed-form betas are kept in the reference code's range [e^-5, e^5],
+    # smoothly (no dead zone): unbounded, the visual channel's beta follows its energy
+    # towards zero and grows past 10^4 within 250 steps, which destabilised runs.
+    if strategy == "task":
+        weighting["options"] = {"bounds": list(BETA_BOUNDS)}
     if strategy == "instance":
         weighting["representation"] = "teacher_visual"
-        weighting["options"] = {"hidden": 32, "normalize_input": True}
+        weighting["options"] = {
+            "hidden": 32,
+            "normalize_input": True,
+            "bounds": list(BETA_BOUNDS),
+        }
+    if strategy == "closed_form":
+        weighting["options"] = {"min_energy": 1 / (2 * BETA_BOUNDS[1])}
     raw = {
         "student": {"path": str(student)},
         "teacher": (
