@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from kd_configs import write_kd_config
 from safetensors.torch import load_file
 
 from betakd import config as cfg
@@ -33,27 +34,10 @@ def free_port() -> int:
 
 
 def write_config(path: Path, pair, data, images, out: Path, weighting: str, batch: int) -> Path:
-    raw = {
-        "student": {"path": str(pair[0])},
-        "teacher": {"path": str(pair[1])},
-        "data": {"train_file": str(data), "image_folder": str(images)},
-        "channels": {"logits": [{"energy": "cosine_probs"}], "features": [{"name": "visual"}]},
-        "weighting": {"name": weighting, "options": WEIGHTINGS[weighting]},
-        "training": {
-            "output_dir": str(out),
-            "per_device_train_batch_size": batch,
-            "max_steps": 3,
-            "learning_rate": 1e-2,
-            "logging_steps": 1,
-            "use_cpu": True,
-            "seed": 0,
-            "save_strategy": "no",
-            "disable_tqdm": True,
-            "report_to": "none",
-        },
-    }
-    path.write_text(cfg.yaml.safe_dump(raw))
-    return path
+    return write_kd_config(
+        path, pair, data, images, out, weighting, WEIGHTINGS[weighting],
+        per_device_train_batch_size=batch, max_steps=3, learning_rate=1e-2,
+    )  # fmt: skip
 
 
 def test_ddp_two_processes_equal_one_process_with_double_batch(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kd_configs import kd_config
 
 from betakd import config as cfg
 from betakd.train import build_trainer, run_training, training_arguments
@@ -16,28 +17,11 @@ def config_for(pair, data, out, weighting, batch, accumulation, **extra):
         "instance": {"hidden": 8},
         "closed_form": {"per": "sample"},
     }.get(weighting, {})
-    raw = {
-        "student": {"path": str(pair[0])},
-        "teacher": {"path": str(pair[1])},
-        "data": {"train_file": str(data[0]), "image_folder": str(data[1])},
-        "channels": {"logits": [{"energy": "cosine_probs"}], "features": [{"name": "visual"}]},
-        "weighting": {"name": weighting, "options": options},
-        "training": {
-            "output_dir": str(out),
-            "per_device_train_batch_size": batch,
-            "gradient_accumulation_steps": accumulation,
-            "max_steps": 2,
-            "learning_rate": 1e-2,
-            "logging_steps": 1,
-            "use_cpu": True,
-            "seed": 0,
-            "save_strategy": "no",
-            "disable_tqdm": True,
-            "report_to": "none",
-            **extra,
-        },
-    }
-    return cfg.validate(raw)
+    training = {"max_steps": 2, "learning_rate": 1e-2, **extra}
+    return kd_config(
+        pair, data[0], data[1], out, weighting, options,
+        per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation, **training,
+    )  # fmt: skip
 
 
 def loss_trajectory(result):

@@ -7,40 +7,26 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
+from kd_configs import write_kd_config
 from transformers import AutoModelForImageTextToText
 
-from betakd import config as cfg
 from betakd.trainer import COMPLETE_MARKER
-
-
-def write_config(path: Path, pair, data, images, out: Path, max_steps: int) -> Path:
-    raw = {
-        "student": {"path": str(pair[0])},
-        "teacher": {"path": str(pair[1])},
-        "data": {"train_file": str(data), "image_folder": str(images)},
-        "channels": {"logits": [{"energy": "cosine_probs"}], "features": [{"name": "visual"}]},
-        "weighting": {"name": "task"},
-        "training": {
-            "output_dir": str(out),
-            "per_device_train_batch_size": 2,
-            "max_steps": max_steps,
-            "save_steps": 1,
-            "use_cpu": True,
-            "seed": 0,
-            "report_to": "none",
-            "disable_tqdm": True,
-        },
-    }
-    path.write_text(cfg.yaml.safe_dump(raw))
-    return path
 
 
 def test_sigkill_then_resume_uses_the_last_complete_checkpoint(llava_pair, vqa_data, tmp_path):
     data, images = vqa_data
     out = tmp_path / "run"
-    config = write_config(tmp_path / "c.yaml", llava_pair, data, images, out, max_steps=8)
+    config = write_kd_config(
+        tmp_path / "c.yaml",
+        llava_pair,
+        data,
+        images,
+        out,
+        max_steps=8,
+        save_strategy="steps",
+        save_steps=1,
+    )
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     train = [sys.executable, "-m", "betakd.cli", "train", str(config)]
     process = subprocess.Popen(train, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)

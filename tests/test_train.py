@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from kd_configs import kd_raw
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, TrainerCallback
 
@@ -27,26 +28,8 @@ WEIGHTINGS = {
 
 
 def make_config(student, teacher, data, image_folder, out, weighting="task", **training):
-    features = [{"name": "visual", "energy": "mse"}] if image_folder is not None else []
-    raw = {
-        "student": {"path": str(student)},
-        "teacher": {"path": str(teacher)},
-        "data": {"train_file": str(data), "image_folder": image_folder and str(image_folder)},
-        "channels": {"logits": [{"energy": "cosine_probs"}], "features": features},
-        "weighting": {"name": weighting, **WEIGHTINGS.get(weighting, {})},
-        "training": {
-            "output_dir": str(out),
-            "per_device_train_batch_size": 2,
-            "max_steps": 4,
-            "learning_rate": 5e-3,
-            "use_cpu": True,
-            "seed": 0,
-            "save_strategy": "no",
-            "disable_tqdm": True,
-            "logging_steps": 1,
-            **training,
-        },
-    }
+    raw = kd_raw((student, teacher), data, image_folder, out, weighting, **training)
+    raw["weighting"].update(WEIGHTINGS.get(weighting, {}))
     if image_folder is None and weighting == "fixed":
         raw["weighting"]["options"] = {"weights": {"cosine_probs": 2.0}}
     return cfg.validate(raw)

@@ -1,0 +1,42 @@
+"""Training configs for tests: tiny student and teacher, cosine_probs + visual feature KD."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from betakd import config as cfg
+
+
+def kd_raw(pair, data, images, out, weighting="task", options=None, **training) -> dict:
+    """A raw config dict; ``images=None`` means text-only data (no feature channel)."""
+    features = [{"name": "visual", "energy": "mse"}] if images is not None else []
+    return {
+        "student": {"path": str(pair[0])},
+        "teacher": {"path": str(pair[1])},
+        "data": {"train_file": str(data), "image_folder": images and str(images)},
+        "channels": {"logits": [{"energy": "cosine_probs"}], "features": features},
+        "weighting": {"name": weighting, "options": dict(options or {})},
+        "training": {
+            "output_dir": str(out),
+            "per_device_train_batch_size": 2,
+            "max_steps": 4,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "use_cpu": True,
+            "seed": 0,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "report_to": "none",
+            **training,
+        },
+    }
+
+
+def kd_config(pair, data, images, out, weighting="task", options=None, **training):
+    return cfg.validate(kd_raw(pair, data, images, out, weighting, options, **training))
+
+
+def write_kd_config(path: Path, *args, **kwargs) -> Path:
+    """The same config as YAML, for the command line."""
+    path.write_text(cfg.yaml.safe_dump(kd_raw(*args, **kwargs)))
+    return path
