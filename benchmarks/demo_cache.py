@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -27,7 +25,6 @@ import torch
 
 from betakd.demo import run as demo
 from betakd.demo.teacher import ensure_teacher, prepare_data
-from betakd.train import run_training
 
 
 def main() -> None:
@@ -59,23 +56,19 @@ def main() -> None:
             if args.strategy == "fixed":
                 fixed = demo._fixed_from_probe(seed, student, teacher, data, out, settings, None)
             for source, source_cache in (("online", None), ("cache", cache_dir)):
-                run_dir = out / f"{source}-{seed}"
-                shutil.rmtree(run_dir, ignore_errors=True)
-                train = demo.train_config(
+                record, _ = demo.run_one(
                     args.strategy,
                     seed,
-                    student=student,
+                    student_init=student,
                     teacher=teacher,
                     data=data,
-                    out=run_dir,
+                    out=out / source,
                     settings=settings,
-                    fixed_weights=fixed,
+                    fixed=fixed,
+                    tests=tests,
                     cache_dir=source_cache,
                 )
-                start = time.time()
-                run_training(train)
-                seconds = time.time() - start
-                accuracy = demo.evaluate(run_dir, tests, data.image_folder, 128)
+                seconds, accuracy = record.train_seconds, record.accuracy
                 rows.append({"seed": seed, "source": source, "seconds": seconds, **accuracy})
                 print(
                     f"seed {seed} {source:<6} acc {accuracy['all']:6.2f}%  train {seconds:6.1f} s"

@@ -324,7 +324,7 @@ def run_one(
         beta_history=beta_history(result.log_history),
         weights=fixed or {},
     )
-    if strategy == "instance":
+    if strategy == "instance" and cache_dir is not None:
         record.separation = final_instance_betas(
             result.trainer, cache_dir, data.train_student, settings.train_limit
         )
