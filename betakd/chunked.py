@@ -216,6 +216,23 @@ class TopKTeacher:
         return topk_to_log_probs(self.log_probs[start:stop], self.ids[start:stop], self.vocab_size)
 
 
+def teacher_token_nll(
+    source: TeacherSource, token_ids: Tensor, vocab_size: int, chunk_size: int = 1024
+) -> Tensor:
+    """The teacher's negative log-likelihood of each packed row's token ``[N]`` (float32,
+    no gradient), built ``chunk_size`` rows at a time from any teacher source."""
+    values = []
+    with torch.no_grad():
+        for start in range(0, source.num_tokens, chunk_size):
+            stop = min(start + chunk_size, source.num_tokens)
+            log_probs = torch.log_softmax(source.logits(start, stop, vocab_size).float(), dim=-1)
+            rows = token_ids[start:stop].to(log_probs.device)
+            values.append(-log_probs.gather(1, rows[:, None]).squeeze(1))
+    if not values:
+        return torch.zeros(0, device=token_ids.device)
+    return torch.cat(values)
+
+
 def topk_to_log_probs(topk_log_probs: Tensor, topk_ids: Tensor, vocab_size: int) -> Tensor:
     """Dense float32 log-probabilities ``[n, V]`` from a top-k summary ``[n, k]``.
 

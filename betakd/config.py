@@ -97,6 +97,14 @@ class FeatureChannelSettings(Strict):
     name: str = "visual"
     energy: str = "mse"
     source: Literal["visual_tokens"] = "visual_tokens"
+    adapter: Literal["student", "teacher"] = Field(
+        "student",
+        description="which side the linear adapter maps: student (the teacher's features "
+        "stay a fixed target; FitNets) or teacher (the reference code; its target moves)",
+    )
+    normalize: bool = Field(
+        False, description="standardise every token of both sides before the energy"
+    )
 
     @field_validator("energy")
     @classmethod
@@ -147,7 +155,16 @@ class WeightingSettings(Strict):
     name: str = "task"
     options: dict[str, Any] = Field(default_factory=dict)
     learning_rate: float = Field(0.02, gt=0, description="Adam step on log-betas and adapters")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(
+        0.0, ge=0, description="decoupled weight decay of the weighting's own parameters"
+    )
+    adapter_weight_decay: float = Field(0.0, ge=0, description="weight decay of feature adapters")
+    calibration_samples: int = Field(
+        256,
+        ge=1,
+        description="first training samples whose mean energies set each channel's energy "
+        "scale before training (used by prior_rate_scale, trust and scale_momentum)",
+    )
     representation: Representation = "teacher_visual"
     reduction: Literal["sample", "token"] = "sample"
     init_from: str | None = Field(

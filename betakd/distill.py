@@ -28,6 +28,17 @@ from betakd.teachers import TeacherTargets
 HEAD_FILE = "betakd_head.safetensors"
 
 
+@dataclass
+class ChannelValues:
+    """One micro-batch's unweighted channels: what the objective weighs."""
+
+    ce: Tensor  # [B]
+    energies: dict[str, Tensor]  # teacher channel -> [B]
+    representation: Tensor | None  # [B, D] for an instance weighting
+    counts: Tensor  # [B] supervised answer tokens per sample
+    teacher_nll: Tensor | None = None  # [B] teacher's NLL of the answers, for data trust
+
+
 @dataclass(frozen=True)
 class LogitChannelSpec:
     name: str
@@ -67,7 +78,9 @@ class DistillationHead(nn.Module):
                     f"feature channel {f.name!r} needs visual tokens, but a model has none "
                     "(text-only student or teacher)"
                 )
-            feats[f.name] = FeatureChannel(teacher_dim, student_dim, f.energy)
+            feats[f.name] = FeatureChannel(
+                teacher_dim, student_dim, f.energy, adapter=f.adapter, normalize=f.normalize
+            )
         options = dict(config.weighting.options)
         if config.weighting.needs_representation:
             options.setdefault("input_dim", rep_dim)
@@ -128,6 +141,24 @@ class DistillationModule(nn.Module):
         image_counts: Sequence[int],
         num_items: Tensor | int | None = None,
     ) -> ObjectiveOutput:
+        values = self.channel_values(batch, aligned, teacher, image_counts)
+        return self.head.objective(
+            values.ce,
+            values.energies,
+            values.representation,
+            counts=values.counts,
+            num_items=num_items,
+            teacher_nll=values.teacher_nll,
+        )
+
+    def channel_values(
+        self,
+        batch: dict,
+        aligned: AlignedPositions,
+        teacher: TeacherTargets,
+        image_counts: Sequence[int],
+    ) -> ChannelValues:
+        """The student's forward pass and every channel's per-sample value, unweighted."""
         if self.chunk_size is not None:
             out = self.student(
                 **forward_inputs(batch, self.adapter), output_hidden_states=True, logits_to_keep=1
@@ -145,13 +176,26 @@ class DistillationModule(nn.Module):
         if self.head.features:
             channel_energies.update(self._feature_energies(out, teacher, image_counts))
         answer_index = aligned.batch_index[aligned.is_answer]
-        return self.head.objective(
+        return ChannelValues(
             ce,
             channel_energies,
             teacher.representation,
-            counts=token_counts(answer_index, aligned.batch_size),
-            num_items=num_items,
+            token_counts(answer_index, aligned.batch_size),
+            self._teacher_nll(teacher, aligned)
+            if self.head.objective.weighting.needs_teacher_nll
+            else None,
         )
+
+    def _teacher_nll(self, teacher: TeacherTargets, aligned: AlignedPositions) -> Tensor:
+        """The teacher's mean NLL of each sample's answer tokens ``[B]``."""
+        source = teacher.logit_source
+        if source is None and teacher.logits is not None:
+            source = chunked.DenseTeacher(teacher.logits)
+        if source is None:
+            raise ValueError("a trust measured against the data needs the teacher's logits")
+        nll = chunked.teacher_token_nll(source, aligned.token_ids, self.vocab_rows)
+        answer = aligned.is_answer
+        return per_sample_mean(nll[answer], aligned.batch_index[answer], aligned.batch_size)
 
     def _chunked_channels(
         self, out, teacher: TeacherTargets, aligned: AlignedPositions

@@ -1,20 +1,39 @@
 """Feature energies: student features against teacher features through a learned adapter.
 
-The teacher's features live in another width; a linear adapter maps them to the
-student's width (teacher dim -> student dim) and trains with the weighting
-parameters. The energy is per sample (``[B]``), the mean over that sample's tokens,
-so that instance-level betas can weigh samples against each other.
+The two models' features live in different widths, so a linear adapter maps one onto
+the other and trains with the weighting parameters. Where the adapter sits decides
+whether the target of the energy can move:
+
+* ``adapter="student"`` (default, FitNets' regressor): the adapter maps the *student's*
+  features into the teacher's width and the teacher's features are the target,
+  untouched. The target is fixed, so the energy is low only if the student's features
+  carry what the teacher's do: a student whose features are constant cannot get below
+  the teacher features' variance, whatever the adapter does.
+* ``adapter="teacher"`` (the authors' reference code): the adapter maps the *teacher's*
+  features into the student's width. The target moves with the adapter: shrinking the
+  adapter's output and the student's features towards one constant drives the energy
+  to zero without transferring anything, and a learned or closed-form beta rewards
+  exactly that (measured on the demo: docs/weighting.md).
+
+``normalize=True`` standardises every token of both sides over the feature dimension
+(a layer norm without parameters) before the energy, so the energy compares feature
+*patterns*, not scales, and no side can lower it by shrinking.
+
+The energy is per sample (``[B]``), the mean over that sample's tokens, so that
+instance-level betas can weigh samples against each other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from betakd.energies import cosine_distance
 
 FeatureEnergyFn = Callable[[Tensor, Tensor, Tensor | None], Tensor]
+ADAPTER_SIDES = ("student", "teacher")
 
 
 def masked_token_mean(per_token: Tensor, mask: Tensor | None) -> Tensor:
@@ -54,23 +73,53 @@ def get(name: str) -> FeatureEnergyFn:
 def _check_shapes(student: Tensor, teacher: Tensor) -> None:
     if student.shape != teacher.shape:
         raise ValueError(
-            f"student features {tuple(student.shape)} and adapted teacher features "
+            f"adapted student features {tuple(student.shape)} and teacher features "
             f"{tuple(teacher.shape)} differ in shape; pool the token grids and adapt the width first"
         )
 
 
-class FeatureChannel(nn.Module):
-    """A feature-KD channel: a linear adapter (teacher width -> student width) and an energy.
+def standardize(tokens: Tensor, eps: float = 1e-5) -> Tensor:
+    """Every token to zero mean and unit variance over the feature dimension."""
+    return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=eps)
 
-    The teacher side is detached: the teacher is frozen, only the adapter learns.
+
+class FeatureChannel(nn.Module):
+    """A feature-KD channel: a linear adapter between the two widths and an energy.
+
+    The teacher side is always detached: the teacher is frozen. See the module
+    docstring for ``adapter`` (which side the adapter maps) and ``normalize``.
     """
 
-    def __init__(self, teacher_dim: int, student_dim: int, energy: str = "mse") -> None:
+    def __init__(
+        self,
+        teacher_dim: int,
+        student_dim: int,
+        energy: str = "mse",
+        *,
+        adapter: str = "student",
+        normalize: bool = False,
+    ) -> None:
         super().__init__()
+        if adapter not in ADAPTER_SIDES:
+            raise ValueError(f"adapter must be one of {ADAPTER_SIDES}, got {adapter!r}")
         self.energy_name = energy
         self.energy = get(energy)
-        self.adapter = nn.Linear(teacher_dim, student_dim)
+        self.adapter_side = adapter
+        self.normalize = normalize
+        if adapter == "student":
+            self.adapter = nn.Linear(student_dim, teacher_dim)
+        else:
+            self.adapter = nn.Linear(teacher_dim, student_dim)
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-        adapted = self.adapter(teacher.detach().to(self.adapter.weight.dtype))
-        return self.energy(student, adapted, mask)
+        teacher = teacher.detach().to(self.adapter.weight.dtype)
+        if self.adapter_side == "student":
+            student = self.adapter(student.to(self.adapter.weight.dtype))
+        else:
+            teacher = self.adapter(teacher)
+        if self.normalize:
+            student, teacher = standardize(student), standardize(teacher)
+        return self.energy(student, teacher, mask)
+
+    def extra_repr(self) -> str:
+        return f"energy={self.energy_name!r}, adapter={self.adapter_side!r}, normalize={self.normalize}"

@@ -53,6 +53,13 @@ class ObjectiveOutput:
     per_sample_loss: Tensor
     betas: Tensor
     metrics: dict[str, float] = field(default_factory=dict)
+    # Per-sample channel energies [B, C] (detached) and which rows count ([B] bool):
+    # what energy scales and per-group metrics are computed from.
+    energies: Tensor | None = None
+    valid: Tensor | None = None
+    # Per-sample, per-channel terms (beta * energy + regulariser) [B, C], with gradients:
+    # what diagnostics take per-channel gradients of.
+    terms: Tensor | None = None
 
 
 class DistillationObjective(nn.Module):
@@ -84,6 +91,7 @@ class DistillationObjective(nn.Module):
         *,
         counts: Tensor | None = None,
         num_items: int | Tensor | None = None,
+        teacher_nll: Tensor | None = None,
     ) -> ObjectiveOutput:
         """Args:
         ce: per-sample CE ``[B]``.
@@ -92,14 +100,11 @@ class DistillationObjective(nn.Module):
         counts: supervised tokens per sample ``[B]``; samples with 0 are left out.
         num_items: samples (``reduction="sample"``) or tokens (``"token"``) in the whole
             accumulated batch; defaults to this micro-batch's.
+        teacher_nll: the teacher's per-sample NLL of the answers ``[B]``, for a trust
+            measured against the data.
         """
-        losses = self._stack_channels(ce, energies)
-        if counts is None:
-            counts = torch.ones(losses.shape[0], device=losses.device)
-        valid = counts > 0
-        # Zero the left-out rows *before* weighting: a NaN there would leak into gradients.
-        losses = torch.where(valid[:, None], losses, torch.zeros_like(losses))
-        out = self.weighting(losses, representation)
+        losses, valid = self.channel_energies(ce, energies, counts)
+        out = self.weighting(losses, representation, teacher_nll)
         item_weights = self._item_weights(counts, valid)
         if num_items is None:
             num_items = item_weights.sum()
@@ -107,7 +112,34 @@ class DistillationObjective(nn.Module):
         loss = (out.per_sample_loss * item_weights).sum() / num_items.clamp_min(1.0)
         metrics = summarize(self.channels, losses, out, valid)
         metrics["loss"] = float(loss.detach())
-        return ObjectiveOutput(loss, out.per_sample_loss, out.betas, metrics)
+        return ObjectiveOutput(
+            loss,
+            out.per_sample_loss,
+            out.betas,
+            metrics,
+            energies=losses.detach(),
+            valid=valid,
+            terms=out.weighted + out.regulariser,
+        )
+
+    def channel_energies(
+        self, ce: Tensor, energies: Mapping[str, Tensor], counts: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The ``[B, C]`` per-sample channel values in the weighting's column order, and
+        the ``[B]`` mask of samples with supervised tokens (their rows; others are 0)."""
+        losses = self._stack_channels(ce, energies)
+        if counts is None:
+            counts = torch.ones(losses.shape[0], device=losses.device)
+        valid = counts > 0
+        # Zero the left-out rows *before* weighting: a NaN there would leak into gradients.
+        return torch.where(valid[:, None], losses, torch.zeros_like(losses)), valid
+
+    def weighted_energy_sums(self, energies: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+        """Sums over valid samples of each weighted channel's energy ``[K]``, and their
+        count: what an energy scale is measured from (sum, then divide, so that
+        micro-batches and processes can be added up first)."""
+        rows = energies[valid][:, self.weighting.weighted_mask]
+        return rows.sum(dim=0), valid.sum()
 
     def _stack_channels(self, ce: Tensor, energies: Mapping[str, Tensor]) -> Tensor:
         teacher_channels = self.channels[1:]

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from betakd import config as cfg
 from betakd import models
@@ -97,8 +98,19 @@ class TeacherSide:
     representation_dim: int
 
 
-def build_trainer(config: cfg.TrainConfig, args: TrainingArguments) -> BetaKDTrainer:
-    """Load models and data and assemble the trainer (no training yet)."""
+def build_trainer(
+    config: cfg.TrainConfig,
+    args: TrainingArguments,
+    *,
+    sample_groups: Mapping[str, str] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> BetaKDTrainer:
+    """Load models and data and assemble the trainer (no training yet).
+
+    ``sample_groups`` maps sample ids to group names; the trainer then logs every
+    channel's energy, beta and weighted term per group as well. ``callbacks`` are
+    ``transformers`` trainer callbacks.
+    """
     check_model_paths(config)
     student_processor = models.load_processor(
         config.student.path, trust_remote_code=config.student.trust_remote_code
@@ -160,8 +172,12 @@ def build_trainer(config: cfg.TrainConfig, args: TrainingArguments) -> BetaKDTra
         teacher=teacher.source,
         head_learning_rate=config.weighting.learning_rate,
         head_weight_decay=config.weighting.weight_decay,
+        adapter_weight_decay=config.weighting.adapter_weight_decay,
+        calibration_samples=config.weighting.calibration_samples,
+        sample_groups=sample_groups,
         include_prompt=any(c.positions != "answer" for c in config.channels.logits),
         non_finite=config.non_finite.action,
+        callbacks=list(callbacks),
     )
 
 
@@ -227,12 +243,18 @@ def _with_lora(student, lora: cfg.LoraSettings):
     return get_peft_model(student, peft_config)
 
 
-def run_training(config: cfg.TrainConfig, *, resume: bool = False) -> TrainResult:
+def run_training(
+    config: cfg.TrainConfig,
+    *,
+    resume: bool = False,
+    sample_groups: Mapping[str, str] | None = None,
+    callbacks: Sequence[TrainerCallback] = (),
+) -> TrainResult:
     """Train, save the student (standard format) and the head, return the log history."""
     args = training_arguments(config)
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, config, resume)
-    trainer = build_trainer(config, args)
+    trainer = build_trainer(config, args, sample_groups=sample_groups, callbacks=callbacks)
     output_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_world_process_zero():
         cfg.dump(config, output_dir / RESOLVED_CONFIG)

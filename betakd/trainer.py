@@ -7,7 +7,11 @@ checkpointing, ``report_to``, progress bars). What this subclass adds:
 * batch normalisation by the sample (or token) count of the whole accumulated batch
   across processes, so accumulation and DDP equal one large batch;
 * the weighting and feature adapters in their own optimizer group and learning rate;
-* the weighting's metrics (energies, betas, bounds) averaged into every log line;
+* the weighting's metrics (energies, betas, bounds) averaged into every log line, and,
+  given ``sample_groups``, the same per group of samples (e.g. data sources or slices);
+* the channels' energy scales, when the weighting uses them: measured on the first
+  training samples before training, and folded into a running mean after every
+  optimizer step from the whole accumulated batch of every process;
 * checkpoints that hold a standard student (``save_pretrained``) plus
   ``betakd_head.safetensors``; resuming restores both;
 * a policy for non-finite losses: stop with the step and sample ids, or skip the step.
@@ -19,10 +23,11 @@ import json
 import logging
 import os
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from betakd.align import align_positions
 from betakd.distill import HEAD_FILE, DistillationModule
@@ -44,8 +49,11 @@ class BetaKDTrainer(Trainer):
         teacher: OnlineTeacher,
         head_learning_rate: float,
         head_weight_decay: float = 0.0,
+        adapter_weight_decay: float = 0.0,
         include_prompt: bool = False,
         non_finite: str = "stop",
+        sample_groups: Mapping[str, str] | None = None,
+        calibration_samples: int = 256,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -54,11 +62,21 @@ class BetaKDTrainer(Trainer):
         self.teacher = teacher.prepare(self.accelerator)
         self.head_learning_rate = head_learning_rate
         self.head_weight_decay = head_weight_decay
+        self.adapter_weight_decay = adapter_weight_decay
         self.include_prompt = include_prompt
         self.non_finite = non_finite
+        self.sample_groups = dict(sample_groups or {})
+        self.calibration_samples = calibration_samples
         self.skipped_steps = 0
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_count = 0
+        self._group_sums: dict[str, float] = defaultdict(float)
+        self._group_counts: dict[str, int] = defaultdict(int)
+        self._step_energy: list[torch.Tensor] | None = None
+        self.add_callback(_EnergyScaleCallback(self))
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TrainerAwareCallback):
+                callback.trainer = self
         # compute_loss divides by the item count of the whole accumulated batch itself.
         self.loss_is_scaled_for_ga = True
 
@@ -77,6 +95,25 @@ class BetaKDTrainer(Trainer):
         return total
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        sample_ids = inputs["sample_ids"]
+        out = model(*self.loss_inputs(inputs), num_items_in_batch)
+        loss = out.loss
+        if self.args.world_size > 1:
+            # DDP averages gradients over processes; the loss is normalised by the global
+            # item count, so undo the average.
+            loss = loss * self.args.world_size
+        if not torch.isfinite(loss):
+            loss = self._handle_non_finite(loss, sample_ids)
+        elif model.training:
+            self._accumulate_metrics(out.metrics)
+            self._accumulate_groups(out, sample_ids)
+            self._accumulate_step_energy(out)
+        return (loss, out) if return_outputs else loss
+
+    def loss_inputs(self, inputs: dict) -> tuple:
+        """The model's inputs (student batch, aligned positions, teacher targets, image
+        counts) for a collated batch: the teacher runs (or the cache is read) here."""
+        inputs = dict(self._prepare_inputs(inputs))
         teacher_batch = inputs.pop("teacher", None)
         sample_ids = inputs.pop("sample_ids")
         sample_index = inputs.pop("sample_index", None)
@@ -95,17 +132,68 @@ class BetaKDTrainer(Trainer):
                 sample_ids=sample_ids,
             )
             targets = self.teacher(teacher_batch, aligned, image_counts)
-        out = model(inputs, aligned, targets, image_counts, num_items_in_batch)
-        loss = out.loss
+        return inputs, aligned, targets, image_counts
+
+    # ----------------------------------------------------------------- energy scales
+
+    @property
+    def _weighting(self):
+        return self._module.head.objective.weighting
+
+    def calibrate_energy_scale(self) -> torch.Tensor:
+        """Each weighted channel's mean energy over the first ``calibration_samples``
+        training samples (in data-file order, so it does not depend on shuffling, batch
+        size or accumulation), measured with the initial models, without gradients."""
+        weighting = self._weighting
+        objective = self._module.head.objective
+        n = min(self.calibration_samples, len(self.train_dataset))
+        size = self.args.per_device_train_batch_size
+        # The energies are read before weighting; a placeholder scale lets the forward run.
+        weighting.set_energy_scale(torch.ones(len(weighting.weighted_channels)))
+        was_training = self.model.training
+        self.model.eval()
+        sums, count = None, 0
+        with torch.no_grad():
+            for start in range(0, n, size):
+                rows = [self.train_dataset[i] for i in range(start, min(n, start + size))]
+                out = self.model(*self.loss_inputs(self.data_collator(rows)))
+                batch_sums, batch_count = objective.weighted_energy_sums(out.energies, out.valid)
+                sums = batch_sums if sums is None else sums + batch_sums
+                count += int(batch_count)
+        self.model.train(was_training)
+        if not count:
+            raise RuntimeError("no calibration sample has a supervised answer token")
+        scale = sums / count
+        weighting.set_energy_scale(scale)
+        logger.info(
+            "energy scales from %d samples: %s",
+            count,
+            {c: round(float(v), 6) for c, v in zip(weighting.weighted_channels, scale)},
+        )
+        return scale
+
+    def _accumulate_step_energy(self, out) -> None:
+        if self._weighting.scale_momentum is None:
+            return
+        sums, count = self._module.head.objective.weighted_energy_sums(out.energies, out.valid)
+        if self._step_energy is None:
+            self._step_energy = [sums.detach(), count.detach().to(sums.dtype)]
+        else:
+            self._step_energy[0] += sums.detach()
+            self._step_energy[1] += count.to(sums.dtype)
+
+    def _commit_step_energy(self) -> None:
+        """After an optimizer step: the step's mean energies, over every micro-batch and
+        process, go into the running energy scale."""
+        if self._step_energy is None:
+            return
+        sums, count = self._step_energy
+        self._step_energy = None
         if self.args.world_size > 1:
-            # DDP averages gradients over processes; the loss is normalised by the global
-            # item count, so undo the average.
-            loss = loss * self.args.world_size
-        if not torch.isfinite(loss):
-            loss = self._handle_non_finite(loss, sample_ids)
-        elif model.training:
-            self._accumulate_metrics(out.metrics)
-        return (loss, out) if return_outputs else loss
+            sums = self.accelerator.reduce(sums, reduction="sum")
+            count = self.accelerator.reduce(count, reduction="sum")
+        if float(count) > 0:
+            self._weighting.observe_energy(sums / count)
 
     def _handle_non_finite(self, loss: torch.Tensor, sample_ids) -> torch.Tensor:
         where = f"step {self.state.global_step}, samples {list(sample_ids)}"
@@ -133,12 +221,33 @@ class BetaKDTrainer(Trainer):
                 self._metric_sums[key] += value
         self._metric_count += 1
 
+    def _accumulate_groups(self, out, sample_ids) -> None:
+        """Per group of samples: sums of each channel's energy, beta and weighted term."""
+        if not self.sample_groups:
+            return
+        channels = self._module.head.objective.channels
+        energies, betas, valid = out.energies, out.betas, out.valid
+        for row, sample_id in enumerate(sample_ids):
+            group = self.sample_groups.get(str(sample_id))
+            if group is None or not bool(valid[row]):
+                continue
+            self._group_counts[group] += 1
+            for k, channel in enumerate(channels):
+                energy, beta = float(energies[row, k]), float(betas[row, k])
+                self._group_sums[f"{group}/{channel}/energy"] += energy
+                self._group_sums[f"{group}/{channel}/beta_mean"] += beta
+                self._group_sums[f"{group}/{channel}/weighted"] += beta * energy
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._metric_count and "loss" in logs:
             for key, value in self._metric_sums.items():
                 logs[key] = value / self._metric_count
             self._metric_sums.clear()
             self._metric_count = 0
+            for key, value in self._group_sums.items():
+                logs[f"group/{key}"] = value / self._group_counts[key.split("/")[0]]
+            self._group_sums.clear()
+            self._group_counts.clear()
         if self.skipped_steps:
             logs["skipped_non_finite_steps"] = self.skipped_steps
         super().log(logs, *args, **kwargs)
@@ -146,17 +255,21 @@ class BetaKDTrainer(Trainer):
     # ----------------------------------------------------------------- optimizer
 
     def create_optimizer(self, model=None):
+        """The student's groups as Trainer builds them, then the weighting's parameters
+        (betas or the instance network, with ``head_weight_decay``) and the feature
+        adapters (``adapter_weight_decay``) at the head learning rate."""
         if self.optimizer is None:
             super().create_optimizer(model=self._module.student)
-            head_params = [p for p in self._module.head.parameters() if p.requires_grad]
-            if head_params:
-                self.optimizer.add_param_group(
-                    {
-                        "params": head_params,
-                        "lr": self.head_learning_rate,
-                        "weight_decay": self.head_weight_decay,
-                    }
-                )
+            head = self._module.head
+            for params, decay in (
+                (head.objective.parameters(), self.head_weight_decay),
+                (head.features.parameters(), self.adapter_weight_decay),
+            ):
+                params = [p for p in params if p.requires_grad]
+                if params:
+                    self.optimizer.add_param_group(
+                        {"params": params, "lr": self.head_learning_rate, "weight_decay": decay}
+                    )
         return self.optimizer
 
     # ----------------------------------------------------------------- saving
@@ -197,6 +310,29 @@ class BetaKDTrainer(Trainer):
             student.load_state_dict(saved.state_dict(), strict=True)
         module.head.load(Path(resume_from_checkpoint) / HEAD_FILE)
         logger.info("resumed student and head from %s", resume_from_checkpoint)
+
+
+class TrainerAwareCallback(TrainerCallback):
+    """A callback that needs the trainer itself (set when the trainer is built), e.g.
+    to run extra diagnostic forward passes through :meth:`BetaKDTrainer.loss_inputs`."""
+
+    trainer: BetaKDTrainer | None = None
+
+
+class _EnergyScaleCallback(TrainerCallback):
+    """Measures the energy scales before the first step (unless a resumed or
+    ``init_from`` head brought them) and updates them after every optimizer step."""
+
+    def __init__(self, trainer: BetaKDTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        weighting = self.trainer._weighting
+        if weighting.needs_energy_scale and not weighting.has_energy_scale:
+            self.trainer.calibrate_energy_scale()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._commit_step_energy()
 
 
 COMPLETE_MARKER = "betakd_complete.json"

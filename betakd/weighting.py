@@ -16,6 +16,23 @@ beta by the same large factor.
 
 Unweighted channels (CE, by default, as in the paper) enter with weight 1 and no
 regulariser. All weighting math runs in float32, also under autocast.
+
+Two additions bound the per-sample forms (analysis and measurements: docs/weighting.md):
+
+* a conjugate **Gamma(a, b) hyperprior** on every beta (``prior_shape`` a,
+  ``prior_rate`` b or ``prior_rate_scale`` rho with b = rho * the channel's energy
+  scale): the surrogate becomes ``beta * (l + b) - (d/2 + a - 1) * log(beta)``, its
+  optimum ``(d/2 + a - 1) / (l + b)`` is bounded by its value at ``l = 0``, and its
+  profile ``(d/2 + a - 1) * log(l + b)`` is bounded below (a Student-t-like robust loss);
+* a **shared per-sample trust** (``trust``): a factor in (0, tau_max] computed from the
+  relative energy of some channels (by default the logit channels) that multiplies the
+  betas of the channels that cannot tell by themselves where the teacher is unreliable
+  (feature channels, whose energy is no higher where the teacher is wrong).
+
+The **energy scale** of a channel (a buffer) is its mean energy over the first
+training samples, measured before training (``calibrate_energy_scale``), optionally
+followed by a running mean over earlier optimizer steps (``scale_momentum``). It never
+comes from the current micro-batch, so the weights do not depend on how a batch is split.
 """
 
 from __future__ import annotations
@@ -104,11 +121,162 @@ class PositiveMap(nn.Module):
         return f"parameterization={self.parameterization!r}, bounds={self.bounds}"
 
 
+# --------------------------------------------------------------------------- robust pieces
+
+
+@dataclass(frozen=True)
+class GammaPrior:
+    """A conjugate Gamma(shape a, rate b) hyperprior on beta.
+
+    ``rate`` is absolute; ``rate_scale`` (rho) makes it relative: b = rho * the
+    channel's energy scale. ``shape=1, rate=0`` is the flat prior (plain Beta-KD).
+    """
+
+    shape: float = 1.0
+    rate: float = 0.0
+    rate_scale: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.rate < 0:
+            raise ValueError(f"prior_rate must be >= 0, got {self.rate}")
+        if self.rate_scale is not None and self.rate_scale <= 0:
+            raise ValueError(f"prior_rate_scale must be > 0, got {self.rate_scale}")
+        if self.rate_scale is not None and self.rate > 0:
+            raise ValueError("give prior_rate or prior_rate_scale, not both")
+
+    @property
+    def active(self) -> bool:
+        return self.shape != 1.0 or self.rate > 0 or self.rate_scale is not None
+
+    def concentration(self, d: Tensor) -> Tensor:
+        """c = d/2 + a - 1: the weight of -log(beta) in the surrogate."""
+        c = d / 2 + self.shape - 1
+        if not bool((c > 0).all()):
+            raise ValueError(f"d/2 + prior_shape - 1 must be > 0, got {c.tolist()}")
+        return c
+
+    def rates(self, energy_scale: Tensor | None, like: Tensor) -> Tensor:
+        if self.rate_scale is None:
+            return torch.full_like(like, self.rate)
+        return self.rate_scale * energy_scale
+
+
+TRUST_KINDS = ("mixture", "gamma", "superloss")
+TRUST_REFERENCES = ("student", "data")
+
+
+@dataclass(frozen=True)
+class SharedTrust:
+    """A per-sample trust in the teacher in (0, 1], shared by the teacher's channels.
+
+    It is a function of how much the teacher disagrees on a sample, measured against
+    ``reference``:
+
+    * ``"data"``: the teacher's mean negative log-likelihood of the sample's answer
+      tokens, in nats. Available from the first step and independent of the student:
+      where the teacher cannot explain the data (its blind spots, and wrong labels) it is
+      trusted less. Applies to every teacher channel.
+    * ``"student"``: the relative student-teacher energy
+      ``r_i = mean_{k in channels} l_ik / s_k`` (``s_k`` the channel's energy scale).
+      Applies to the channels whose beta is not already per sample from its own energy
+      (closed-form and instance betas of the trust channels keep theirs).
+
+    and a shape (the disagreement ``x`` is detached):
+
+    * ``kind="mixture"``: ``tau = 1 / (1 + exp(x - threshold))``. For ``reference="data"``
+      this is the posterior probability that the answer came from the teacher rather
+      than from an alternative that explains it no matter what (a wrong label, or a
+      sample the teacher does not know), in a two-component mixture whose prior odds and
+      alternative likelihood set ``threshold`` (nats): full trust while the teacher gives
+      the answer a fair probability, then an exponential fall-off;
+    * ``kind="gamma"``: ``tau = rho / (x + rho)``, the Gamma posterior's precision relative
+      to its bound (1 where the teacher agrees, fading like ``rho / x``);
+    * ``kind="superloss"`` (Castells et al., NeurIPS 2020): SuperLoss's closed-form
+      confidence ``exp(-W(max(-2/e, (x - threshold) / lam) / 2))``, divided by its
+      maximum ``e`` so it lies in (0, 1].
+
+    The CE channel never takes it.
+    """
+
+    channels: tuple[str, ...] = ()
+    reference: str = "student"
+    kind: str = "mixture"
+    rho: float = 1.0
+    lam: float = 1.0
+    threshold: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.reference not in TRUST_REFERENCES:
+            raise ValueError(
+                f"trust reference must be one of {TRUST_REFERENCES}, got {self.reference!r}"
+            )
+        if self.reference == "student" and not self.channels:
+            raise ValueError("trust with reference 'student' needs channels to infer it from")
+        if self.reference == "data" and self.channels:
+            raise ValueError(
+                "trust with reference 'data' is inferred from the answers: no channels"
+            )
+        if self.kind not in TRUST_KINDS:
+            raise ValueError(f"trust kind must be one of {TRUST_KINDS}, got {self.kind!r}")
+        if self.rho <= 0 or self.lam <= 0:
+            raise ValueError(f"trust rho and lam must be > 0, got {self.rho}, {self.lam}")
+
+    def factor(self, disagreement: Tensor) -> Tensor:
+        x = disagreement.detach()
+        if self.kind == "mixture":
+            return torch.sigmoid(self.threshold - x)
+        if self.kind == "gamma":
+            return self.rho / (x + self.rho)
+        clamped = torch.clamp((x - self.threshold) / self.lam, min=-2 / math.e) / 2
+        return torch.exp(-lambert_w(clamped) - 1)
+
+
+def lambert_w(x: Tensor, iterations: int = 12) -> Tensor:
+    """Principal branch W0 of the Lambert W function (w e^w = x) for x >= -1/e.
+
+    Halley's iteration from a start that is exact to second order at the branch point.
+    """
+    x64 = x.double()
+    branch = torch.sqrt((2 * (math.e * x64 + 1)).clamp_min(0))
+    w = torch.where(x64 < 0.25, -1 + branch - branch**2 / 3, torch.log1p(x64))
+    w = torch.where(x64 > 3, torch.log(x64) - torch.log(torch.log(x64.clamp_min(3))), w)
+    for _ in range(iterations):
+        ew = torch.exp(w)
+        f = w * ew - x64
+        denom = ew * (w + 1) - (w + 2) * f / (2 * w + 2).where(w != -1, torch.ones_like(w))
+        step = torch.where(denom.abs() > 1e-300, f / denom, torch.zeros_like(f))
+        w = w - step
+    return w.to(x.dtype)
+
+
+def build_trust(trust: Mapping | SharedTrust | None) -> SharedTrust | None:
+    if trust is None or isinstance(trust, SharedTrust):
+        return trust
+    if not isinstance(trust, Mapping):
+        raise ValueError(f"trust must be a mapping {{channels, kind, rho, lam}}, got {trust!r}")
+    keys = {"channels", "reference", "kind", "rho", "lam", "threshold"}
+    unknown = sorted(set(trust) - keys)
+    if unknown:
+        raise ValueError(f"trust: unknown keys {unknown}; expected some of {sorted(keys)}")
+    options = dict(trust)
+    channels = options.pop("channels", None)
+    if isinstance(channels, str):
+        channels = [channels]
+    return SharedTrust(tuple(channels or ()), **options)
+
+
 # --------------------------------------------------------------------------- base class
 
 
 class Weighting(nn.Module):
-    """Base class: knows the channels, which of them carry a beta, and their ``d``."""
+    """Base class: knows the channels, which of them carry a beta, and their ``d``.
+
+    It also holds what the robust options need: the per-channel energy scale (a buffer,
+    present only when an option uses it) and the shared trust.
+    """
+
+    # True where a weighting's betas already depend on each sample's own energy or input.
+    per_sample = False
 
     def __init__(
         self,
@@ -116,8 +284,13 @@ class Weighting(nn.Module):
         *,
         weight_ce: bool = False,
         d: float | Mapping[str, float] = 1.0,
+        prior: GammaPrior | None = None,
+        trust: Mapping | SharedTrust | None = None,
+        scale_momentum: float | None = None,
+        uses_energy_scale: bool = False,
     ) -> None:
         super().__init__()
+        self._uses_energy_scale = uses_energy_scale
         channels = list(channels)
         if len(set(channels)) != len(channels):
             raise ValueError(f"channel names must be unique, got {channels}")
@@ -137,19 +310,126 @@ class Weighting(nn.Module):
             torch.tensor([c in self.weighted_channels for c in channels]),
             persistent=False,
         )
+        self.prior = prior or GammaPrior()
+        self.register_buffer("concentration", self.prior.concentration(self.d), persistent=False)
+        self.trust = build_trust(trust)
+        if self.trust is not None:
+            unknown = sorted(set(self.trust.channels) - set(self.weighted_channels))
+            if unknown:
+                raise ValueError(
+                    f"trust channels {unknown} are not weighted channels {self.weighted_channels}"
+                )
+        if scale_momentum is not None and not 0 <= scale_momentum < 1:
+            raise ValueError(f"scale_momentum must be in [0, 1), got {scale_momentum}")
+        self.scale_momentum = scale_momentum
+        if self.needs_energy_scale:
+            # Persistent: checkpoints and init_from carry it, so a resumed run continues
+            # with the same scale instead of measuring it again.
+            self.register_buffer(
+                "energy_scale", torch.full((len(self.weighted_channels),), math.nan)
+            )
 
-    def forward(self, losses: Tensor, representation: Tensor | None = None) -> WeightingOutput:
+    # ----------------------------------------------------------------- energy scale
+
+    @property
+    def needs_energy_scale(self) -> bool:
+        return (
+            self._uses_energy_scale
+            or self.prior.rate_scale is not None
+            or (self.trust is not None and self.trust.reference == "student")
+            or self.scale_momentum is not None
+        )
+
+    @property
+    def has_energy_scale(self) -> bool:
+        return self.needs_energy_scale and bool(torch.isfinite(self.energy_scale).all())
+
+    def set_energy_scale(self, mean_energy: Tensor) -> None:
+        """Set the scale from each weighted channel's mean energy ``[K]`` (calibration)."""
+        values = self._positive_means(mean_energy)
+        self.energy_scale.copy_(values)
+
+    def observe_energy(self, mean_energy: Tensor) -> None:
+        """Fold one optimizer step's mean energies ``[K]`` into the running scale."""
+        if self.scale_momentum is None:
+            return
+        values = self._positive_means(mean_energy)
+        if not self.has_energy_scale:
+            self.energy_scale.copy_(values)
+            return
+        m = self.scale_momentum
+        self.energy_scale.mul_(m).add_((1 - m) * values)
+
+    def _positive_means(self, mean_energy: Tensor) -> Tensor:
+        if not self.needs_energy_scale:
+            raise RuntimeError("this weighting uses no energy scale")
+        values = mean_energy.detach().to(self.energy_scale)
+        if values.shape != self.energy_scale.shape:
+            raise ValueError(
+                f"expected {len(self.weighted_channels)} mean energies for "
+                f"{self.weighted_channels}, got shape {tuple(values.shape)}"
+            )
+        # A channel whose energy is exactly zero would make every relative energy infinite.
+        return values.clamp_min(1e-8)
+
+    def _scale(self) -> Tensor | None:
+        if not self.needs_energy_scale:
+            return None
+        if not self.has_energy_scale:
+            raise RuntimeError(
+                "this weighting needs each channel's energy scale (prior_rate_scale, trust "
+                "or scale_momentum): call set_energy_scale() first (betakd train measures it "
+                "on the first training samples before training)"
+            )
+        return self.energy_scale
+
+    # ----------------------------------------------------------------- forward
+
+    @property
+    def needs_teacher_nll(self) -> bool:
+        """Whether ``forward`` needs the teacher's per-sample NLL of the data answers."""
+        return self.trust is not None and self.trust.reference == "data"
+
+    def forward(
+        self,
+        losses: Tensor,
+        representation: Tensor | None = None,
+        teacher_nll: Tensor | None = None,
+    ) -> WeightingOutput:
         if losses.dim() != 2 or losses.shape[1] != len(self.channels):
             raise ValueError(
                 f"expected losses of shape [B, {len(self.channels)}] for channels "
                 f"{self.channels}, got {tuple(losses.shape)}"
             )
+        if self.needs_teacher_nll and (
+            teacher_nll is None or teacher_nll.shape != losses[:, 0].shape
+        ):
+            raise ValueError(
+                "trust with reference 'data' needs the teacher's per-sample NLL of the answers "
+                f"(shape [{losses.shape[0]}]), got "
+                f"{None if teacher_nll is None else tuple(teacher_nll.shape)}"
+            )
         with torch.autocast(device_type=losses.device.type, enabled=False):
             if representation is not None:
                 representation = at_least_float32(representation)
-            return self.combine(at_least_float32(losses), representation)
+            losses = at_least_float32(losses)
+            return self.combine(losses, representation, self.trust_factors(losses, teacher_nll))
 
-    def combine(self, losses: Tensor, representation: Tensor | None) -> WeightingOutput:
+    def combine(
+        self, losses: Tensor, representation: Tensor | None, trust: Tensor
+    ) -> WeightingOutput:
+        """Weigh ``losses [B, C]``; ``trust [B, K]`` multiplies the weighted channels' betas.
+
+        The trust (a detached factor) is applied after the regulariser is computed: it
+        re-weights samples, it is not a learned precision.
+        """
+        betas, regulariser, at_bound = self.precisions(losses, representation)
+        return self.assemble(losses, betas * trust.to(betas.dtype), regulariser, at_bound)
+
+    def precisions(
+        self, losses: Tensor, representation: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``[B, K]`` betas, regularisers and at-bound flags of the weighted channels."""
         raise NotImplementedError
 
     def assemble(
@@ -173,12 +453,48 @@ class Weighting(nn.Module):
             at_bound=full_bound,
         )
 
+    def trust_factors(self, losses: Tensor, teacher_nll: Tensor | None = None) -> Tensor:
+        """``[B, K]`` multipliers of the weighted channels' betas (ones without trust)."""
+        ones = losses.new_ones(losses.shape[0], len(self.weighted_channels))
+        if self.trust is None:
+            return ones
+        if self.trust.reference == "data":
+            disagreement = teacher_nll.detach().to(losses)
+        else:
+            scale = self._scale()
+            weighted = self.weighted_losses(losses).detach()
+            columns = [self.weighted_channels.index(c) for c in self.trust.channels]
+            disagreement = (weighted[:, columns] / scale[columns]).mean(dim=1)
+        tau = self.trust.factor(disagreement).to(losses.dtype)
+        applies = torch.tensor(
+            [
+                c != CE and not (self.per_sample and c in self.trust.channels)
+                for c in self.weighted_channels
+            ],
+            device=losses.device,
+        )
+        return torch.where(applies, tau[:, None], ones)
+
     def weighted_losses(self, losses: Tensor) -> Tensor:
         return losses[:, self.weighted_mask]
 
-    def laplace_terms(self, log_beta: Tensor) -> tuple[Tensor, Tensor]:
-        """beta and the Laplace regulariser -(d/2) log beta for ``[B, K]`` log-betas."""
-        return log_beta.exp(), -0.5 * self.d * log_beta
+    def laplace_terms(
+        self, log_beta: Tensor, losses: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """beta and the regulariser ``b * beta - c * log beta`` for ``[B, K]`` log-betas.
+
+        Without a hyperprior, ``b = 0`` and ``c = d/2``: the Laplace term -(d/2) log beta.
+        """
+        beta = log_beta.exp()
+        regulariser = -self.concentration * log_beta
+        if self.prior.active:
+            rates = self.prior.rates(self._scale(), self.concentration)
+            regulariser = regulariser + rates * beta
+        return beta, regulariser
+
+    def prior_rates(self) -> Tensor:
+        """b per weighted channel ``[K]`` (zeros without a hyperprior)."""
+        return self.prior.rates(self._scale(), self.concentration)
 
 
 def _per_channel(
@@ -192,6 +508,12 @@ def _per_channel(
     return {c: float(value) for c in channels}
 
 
+def prior_from_options(
+    prior_shape: float = 1.0, prior_rate: float = 0.0, prior_rate_scale: float | None = None
+) -> GammaPrior:
+    return GammaPrior(prior_shape, prior_rate, prior_rate_scale)
+
+
 # --------------------------------------------------------------------------- fixed weightings
 
 
@@ -201,16 +523,41 @@ class EqualWeighting(Weighting):
     def __init__(self, channels: Sequence[str]) -> None:
         super().__init__(channels, weight_ce=True)
 
-    def combine(self, losses: Tensor, representation: Tensor | None) -> WeightingOutput:
+    def precisions(self, losses: Tensor, representation: Tensor | None):
         zeros = torch.zeros_like(losses)
-        return self.assemble(losses, torch.ones_like(losses), zeros, zeros.bool())
+        return torch.ones_like(losses), zeros, zeros.bool()
 
 
 class FixedWeighting(Weighting):
-    """User-given constant weights per channel (CE defaults to 1), no regulariser."""
+    """User-given constant weights per channel (CE defaults to 1), no regulariser.
 
-    def __init__(self, channels: Sequence[str], weights: Mapping[str, float]) -> None:
-        super().__init__(channels, weight_ce=True)
+    ``scale_relative=True`` gives the weights in units of the initial loss scales: the
+    weight of teacher channel k is ``weights[k] * s_ce / s_k`` (``s`` the energy scales
+    measured before training), so all-ones weights are the paper's manual baseline,
+    every channel starting at the CE's scale. With ``trust``, the teacher channels'
+    weights are multiplied per sample by the shared trust (the robust re-weighting
+    alone, without learned precisions).
+    """
+
+    def __init__(
+        self,
+        channels: Sequence[str],
+        weights: Mapping[str, float],
+        *,
+        scale_relative: bool = False,
+        trust: Mapping | SharedTrust | None = None,
+        scale_momentum: float | None = None,
+    ) -> None:
+        super().__init__(
+            channels,
+            weight_ce=True,
+            trust=trust,
+            scale_momentum=scale_momentum,
+            uses_energy_scale=scale_relative,
+        )
+        if scale_relative and CE not in channels:
+            raise ValueError(f"scale_relative weights are relative to the {CE!r} channel")
+        self.scale_relative = scale_relative
         missing = sorted(set(channels) - set(weights) - {CE})
         if missing:
             raise ValueError(f"fixed weighting needs a weight for channel(s) {missing}")
@@ -219,17 +566,23 @@ class FixedWeighting(Weighting):
             raise ValueError(f"fixed weights must be >= 0, got {values}")
         self.register_buffer("weights", torch.tensor([values[c] for c in channels]))
 
-    def combine(self, losses: Tensor, representation: Tensor | None) -> WeightingOutput:
+    def precisions(self, losses: Tensor, representation: Tensor | None):
         betas = self.weights.expand_as(losses)
+        if self.scale_relative:
+            scale = self._scale()
+            betas = betas * (scale[self.channels.index(CE)] / scale)
         zeros = torch.zeros_like(losses)
-        return self.assemble(losses, betas, zeros, zeros.bool())
+        return betas, zeros, zeros.bool()
 
 
 # --------------------------------------------------------------------------- Beta-KD weightings
 
 
 class TaskWeighting(Weighting):
-    """Task-level Beta-KD: one learned positive beta per weighted channel, shared by all samples."""
+    """Task-level Beta-KD: one learned positive beta per weighted channel, shared by all samples.
+
+    With a Gamma hyperprior the learned beta tends to ``(d/2 + a - 1) / (mean l + b)``.
+    """
 
     def __init__(
         self,
@@ -240,16 +593,28 @@ class TaskWeighting(Weighting):
         parameterization: str = "exp",
         bounds: tuple[float, float] | None = None,
         init_beta: float = 1.0,
+        prior_shape: float = 1.0,
+        prior_rate: float = 0.0,
+        prior_rate_scale: float | None = None,
+        trust: Mapping | SharedTrust | None = None,
+        scale_momentum: float | None = None,
     ) -> None:
-        super().__init__(channels, weight_ce=weight_ce, d=d)
+        super().__init__(
+            channels,
+            weight_ce=weight_ce,
+            d=d,
+            prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
+            trust=trust,
+            scale_momentum=scale_momentum,
+        )
         self.positive = PositiveMap(parameterization, bounds)
         k = len(self.weighted_channels)
         self.raw = nn.Parameter(torch.full((k,), self.positive.inverse(init_beta)))
 
-    def combine(self, losses: Tensor, representation: Tensor | None) -> WeightingOutput:
+    def precisions(self, losses: Tensor, representation: Tensor | None):
         log_beta = self.positive.log_beta(self.raw).expand(losses.shape[0], -1)
         beta, reg = self.laplace_terms(log_beta)
-        return self.assemble(losses, beta, reg, self.positive.at_bound(log_beta))
+        return beta, reg, self.positive.at_bound(log_beta)
 
 
 class InstanceWeighting(Weighting):
@@ -257,11 +622,15 @@ class InstanceWeighting(Weighting):
 
     ``g_phi``: Linear(D, hidden) -> ReLU -> Linear(hidden, K), mapped to positive values;
     ``normalize_input`` puts a LayerNorm in front (useful for wide inputs such as pooled
-    visual tokens, harmful for a handful of statistics, whose relative scale it erases). The representation is whatever the caller feeds (pooled teacher
-    visual tokens, pooled answer hidden states, teacher confidence statistics); it is
-    detached by default so the weighting cannot steer the student's features.
-    The last layer starts at zero, so every beta starts at ``init_beta``.
+    visual tokens, harmful for a handful of statistics, whose relative scale it erases).
+    The representation is whatever the caller feeds (pooled teacher visual tokens,
+    pooled answer hidden states, teacher confidence statistics); it is detached by
+    default so the weighting cannot steer the student's features. The last layer starts
+    at zero, so every beta starts at ``init_beta``. With a Gamma hyperprior the network
+    learns ``(d/2 + a - 1) / (E[l | h(x)] + b)``: an amortised, bounded, robust beta.
     """
+
+    per_sample = True
 
     def __init__(
         self,
@@ -276,8 +645,20 @@ class InstanceWeighting(Weighting):
         init_beta: float = 1.0,
         detach_representation: bool = True,
         normalize_input: bool = False,
+        prior_shape: float = 1.0,
+        prior_rate: float = 0.0,
+        prior_rate_scale: float | None = None,
+        trust: Mapping | SharedTrust | None = None,
+        scale_momentum: float | None = None,
     ) -> None:
-        super().__init__(channels, weight_ce=weight_ce, d=d)
+        super().__init__(
+            channels,
+            weight_ce=weight_ce,
+            d=d,
+            prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
+            trust=trust,
+            scale_momentum=scale_momentum,
+        )
         if input_dim < 1:
             raise ValueError(f"input_dim must be >= 1, got {input_dim}")
         self.positive = PositiveMap(parameterization, bounds)
@@ -294,20 +675,28 @@ class InstanceWeighting(Weighting):
             self.net[-1].weight.zero_()
             self.net[-1].bias.fill_(self.positive.inverse(init_beta))
 
-    def combine(self, losses: Tensor, representation: Tensor | None) -> WeightingOutput:
-        h = _require_representation(representation, losses.shape[0], self.input_dim)
+    def log_betas(self, representation: Tensor) -> Tensor:
+        """The network's log-betas ``[B, K]`` for representations ``[B, D]`` (no trust)."""
+        h = _require_representation(representation, representation.shape[0], self.input_dim)
         if self.detach_representation:
             h = h.detach()
-        log_beta = self.positive.log_beta(self.net(h))
+        return self.positive.log_beta(self.net(at_least_float32(h)))
+
+    def precisions(self, losses: Tensor, representation: Tensor | None):
+        h = _require_representation(representation, losses.shape[0], self.input_dim)
+        log_beta = self.log_betas(h)
         beta, reg = self.laplace_terms(log_beta)
-        return self.assemble(losses, beta, reg, self.positive.at_bound(log_beta))
+        return beta, reg, self.positive.at_bound(log_beta)
 
 
 class ClosedFormWeighting(Weighting):
-    """No parameters: beta = d / (2 * stopgrad(l)), the optimum of the surrogate for fixed l.
+    """No parameters: beta = c / (stopgrad(l) + b), the optimum of the surrogate for fixed l.
 
-    ``per="sample"`` uses each sample's energy; ``per="channel"`` the (micro-)batch mean.
-    ``min_energy`` keeps beta finite when an energy reaches zero.
+    ``c = d/2 + a - 1`` and ``b`` come from the Gamma hyperprior (without one: ``d / (2 l)``,
+    unbounded as ``l -> 0``). ``per="sample"`` uses each sample's energy; ``per="channel"``
+    the channel's energy scale when the weighting keeps one, else the micro-batch mean
+    (which depends on how a batch is split). ``min_energy`` keeps beta finite when an
+    energy reaches zero and no hyperprior rate bounds it.
     """
 
     def __init__(
@@ -318,23 +707,43 @@ class ClosedFormWeighting(Weighting):
         weight_ce: bool = False,
         d: float | Mapping[str, float] = 1.0,
         min_energy: float = 1e-6,
+        prior_shape: float = 1.0,
+        prior_rate: float = 0.0,
+        prior_rate_scale: float | None = None,
+        trust: Mapping | SharedTrust | None = None,
+        scale_momentum: float | None = None,
     ) -> None:
-        super().__init__(channels, weight_ce=weight_ce, d=d)
+        super().__init__(
+            channels,
+            weight_ce=weight_ce,
+            d=d,
+            prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
+            trust=trust,
+            scale_momentum=scale_momentum,
+        )
         if per not in ("sample", "channel"):
             raise ValueError(f"per must be 'sample' or 'channel', got {per!r}")
         if not min_energy > 0:
             raise ValueError(f"min_energy must be > 0, got {min_energy}")
         self.per = per
+        self.per_sample = per == "sample"
         self.min_energy = min_energy
 
-    def combine(self, losses: Tensor, representation: Tensor | None) -> WeightingOutput:
+    def precisions(self, losses: Tensor, representation: Tensor | None):
         energy = self.weighted_losses(losses).detach()
         if self.per == "channel":
-            energy = energy.mean(dim=0, keepdim=True).expand_as(energy)
-        floored = energy <= self.min_energy
-        log_beta = torch.log(self.d / 2) - torch.log(energy.clamp_min(self.min_energy))
+            scale = self.energy_scale if self.has_energy_scale else energy.mean(dim=0)
+            energy = scale.reshape(1, -1).expand_as(energy)
+        rates = self.prior_rates()
+        floored = energy + rates <= self.min_energy
+        log_beta = torch.log(self.concentration) - torch.log(
+            (energy + rates).clamp_min(self.min_energy)
+        )
         beta, reg = self.laplace_terms(log_beta)
-        return self.assemble(losses, beta, reg, floored)
+        if self.prior.active:
+            # At the hyperprior's bound c / b: the sample's energy is under 1% of b.
+            floored = floored | (energy <= 0.01 * rates)
+        return beta, reg, floored
 
 
 class ReferenceWeighting(Weighting):
@@ -368,7 +777,9 @@ class ReferenceWeighting(Weighting):
             self.input_dim = input_dim
             self.net = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, k))
 
-    def combine(self, losses: Tensor, representation: Tensor | None) -> WeightingOutput:
+    def combine(
+        self, losses: Tensor, representation: Tensor | None, trust: Tensor
+    ) -> WeightingOutput:
         if self.level == "task":
             s = self.s.expand_as(losses)
             scale, used = 0.5, losses

@@ -137,21 +137,8 @@ def test_resume_matches_an_uninterrupted_run(llava_pair, vqa_data, tmp_path):
 
     broken = make_config(*llava_pair, data, images, tmp_path / "b", "instance", **extra)
     trainer_args = training_arguments(broken)
-    from betakd import train as train_module
-
-    original = train_module.build_trainer
-
-    def with_crash(config, args):
-        trainer = original(config, args)
-        trainer.add_callback(StopAfter(3))
-        return trainer
-
-    train_module.build_trainer = with_crash
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run_training(broken)
-    finally:
-        train_module.build_trainer = original
+    with pytest.raises(KeyboardInterrupt):
+        run_training(broken, callbacks=[StopAfter(3)])
     assert (Path(trainer_args.output_dir) / "checkpoint-2").is_dir()
     with pytest.raises(OutputDirError, match="--resume"):
         run_training(broken)
