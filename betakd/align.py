@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from betakd.models import FamilyAdapter
-
-IGNORE_INDEX = -100
+from betakd import chunked
+from betakd.labels import supervised
+from betakd.models import FamilyAdapter, text_width
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def _targets(
     """Positions (>= 1, real tokens) whose token is a KD target, and their answer flag."""
     input_ids = batch["input_ids"][row]
     real = batch["attention_mask"][row].bool()
-    answer = batch["labels"][row] != IGNORE_INDEX
+    answer = supervised(batch["labels"][row])
     if include_prompt:
         image = adapter.image_mask(input_ids) if adapter is not None else torch.zeros_like(real)
         chosen = real & ~image
@@ -87,7 +87,7 @@ def align_positions(
     """Match the student's and the teacher's predictions of the same tokens.
 
     Both batches hold the same samples in the same order (`input_ids`,
-    `attention_mask`, `labels`). By default only answer tokens (labels != -100)
+    `attention_mask`, `labels`). By default only answer tokens (labels != IGNORE_INDEX)
     are targets; `include_prompt=True` adds every text token that is not part
     of an image (the adapters say which tokens are). When one side was cut
     shorter (truncation), the common leading part is used. Differing token ids
@@ -231,22 +231,42 @@ def pooled_answer_hidden(hidden: torch.Tensor, aligned: AlignedPositions) -> tor
     return _segment_mean(rows, aligned.batch_index, aligned.batch_size)
 
 
+def token_confidence(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Per row of logits ``[n, V]``: [entropy, max-probability] -> ``[n, 2]`` (float32)."""
+    log_p = torch.log_softmax(logits.detach().float() / temperature, dim=-1)
+    p = log_p.exp()
+    entropy = -(p * log_p).sum(dim=-1)
+    return torch.stack([entropy, p.max(dim=-1).values], dim=-1)
+
+
 def confidence_stats(
-    teacher_logits: torch.Tensor, aligned: AlignedPositions, temperature: float = 1.0
+    teacher_logits: torch.Tensor | chunked.TeacherLogits,
+    aligned: AlignedPositions,
+    temperature: float = 1.0,
+    *,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Teacher's per-sample [mean entropy, mean max-probability] -> [B, 2].
 
-    `teacher_logits` is either the full [B, T, V] tensor or the [N, V] rows
-    already gathered at `aligned.teacher_pos`.
+    `teacher_logits` is the full [B, T, V] tensor, the [N, V] rows already gathered at
+    `aligned.teacher_pos`, or a source of those rows (e.g. hidden states and lm_head),
+    read `chunk_size` rows at a time so that no [N, V] tensor is built.
     """
-    logits = teacher_logits.detach()
-    if logits.dim() == 3:
-        logits = aligned.teacher(logits)
-    log_p = torch.log_softmax(logits.float() / temperature, dim=-1)
-    p = log_p.exp()
-    entropy = -(p * log_p).sum(dim=-1)
-    max_prob = p.max(dim=-1).values
-    stats = torch.stack([entropy, max_prob], dim=-1)
+    if isinstance(teacher_logits, torch.Tensor):
+        logits = teacher_logits.detach()
+        if logits.dim() == 3:
+            logits = aligned.teacher(logits)
+        stats = token_confidence(logits, temperature)
+    else:
+        if vocab_size is None:
+            raise ValueError("confidence_stats of a teacher source needs vocab_size")
+        stats = chunked.map_rows(
+            teacher_logits,
+            lambda logits, _start: token_confidence(logits, temperature),
+            vocab_size,
+            chunk_size,
+        )
     return _segment_mean(stats, aligned.batch_index, aligned.batch_size)
 
 
@@ -262,7 +282,7 @@ def representation_dim(kind: str, teacher_config) -> int:
     if kind == "teacher_confidence":
         return 2
     if kind in ("teacher_visual", "teacher_answer_hidden"):
-        return int(teacher_config.get_text_config().hidden_size)
+        return text_width(teacher_config)
     raise ValueError(f"unknown instance representation {kind!r}; expected one of {REPRESENTATIONS}")
 
 
@@ -272,10 +292,13 @@ def instance_representation(
     aligned: AlignedPositions | None = None,
     teacher_visual: torch.Tensor | Sequence[torch.Tensor] | None = None,
     teacher_hidden: torch.Tensor | None = None,
-    teacher_logits: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | chunked.TeacherLogits | None = None,
     temperature: float = 1.0,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
-    """The detached float32 [B, D] representation that `kind` names."""
+    """The detached float32 [B, D] representation that `kind` names (`vocab_size` and
+    `chunk_size`: see :func:`confidence_stats`)."""
     if kind == "teacher_visual":
         _require(kind, teacher_visual=teacher_visual)
         return pooled_visual(teacher_visual)
@@ -284,7 +307,9 @@ def instance_representation(
         return pooled_answer_hidden(teacher_hidden, aligned)
     if kind == "teacher_confidence":
         _require(kind, teacher_logits=teacher_logits, aligned=aligned)
-        return confidence_stats(teacher_logits, aligned, temperature)
+        return confidence_stats(
+            teacher_logits, aligned, temperature, vocab_size=vocab_size, chunk_size=chunk_size
+        )
     raise ValueError(f"unknown instance representation {kind!r}; expected one of {REPRESENTATIONS}")
 
 

@@ -1,24 +1,103 @@
 """``betakd cache-teacher CONFIG``: write the offline teacher cache for a training config.
 
-Registered on the ``betakd`` group in ``betakd.cli``; options mirror ``betakd train``.
+:func:`cache_teacher` is the recipe (config -> teacher, data, cache writer), the
+counterpart of :func:`betakd.train.run_training`; the command is registered on the
+``betakd`` group in ``betakd.cli``, with the same ``--set`` overrides as ``betakd train``.
 """
 
 from __future__ import annotations
 
-import click
+from pathlib import Path
 
-from betakd.cache import DEFAULT_BATCH_SIZE, DEFAULT_SHARD_SIZE, DEFAULT_VISUAL_TOKENS
+import click
+import torch
+
+from betakd import chunked, models
+from betakd import config as cfg
+from betakd.cli_options import config_overrides, load_config
+from betakd.data import DataCache, SampleEncoder, build_dataset
+from betakd.teachers import CacheError, OnlineTeacher, write_cache
+from betakd.teachers.cache_format import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_VISUAL_TOKENS,
+    teacher_identity,
+)
+from betakd.train import cache_contents, config_data_fingerprint
+
+
+def cache_teacher(
+    config: cfg.TrainConfig,
+    *,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    visual_tokens: int = DEFAULT_VISUAL_TOKENS,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    data_cache: DataCache | None = None,
+) -> Path:
+    """Run the config's teacher over its training data once and write ``teacher.cache_dir``
+    with what its channels and weighting need; returns the folder. Resumable (see
+    :func:`betakd.teachers.write_cache`)."""
+    teacher = config.teacher
+    if not teacher.cache_dir:
+        raise CacheError("teacher.cache_dir: set where the cache goes (--set teacher.cache_dir=)")
+    if not teacher.path:
+        raise CacheError("teacher.path: writing the cache needs the teacher model")
+    contents = cache_contents(config)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = models.load(
+        teacher.path,
+        dtype=teacher.dtype,
+        trust_remote_code=teacher.trust_remote_code,
+        frozen=True,
+        key="teacher.path",
+    )
+    loaded.model.to(device)
+    vocab = models.vocab_rows(loaded.processor, loaded.model)
+    encoder = SampleEncoder(loaded.processor, loaded.adapter, config.data.max_length, data_cache)
+    dataset = build_dataset(
+        config.data.train_file,
+        config.data.image_folder,
+        {"teacher": encoder},
+        max_skip_fraction=config.data.max_skip_fraction,
+        limit=config.data.limit,
+        cache=data_cache,
+    )
+    source = OnlineTeacher(
+        loaded.model,
+        loaded.adapter,
+        vocab_rows=vocab,
+        need_logits=contents.logits,
+        need_visual=contents.visual,
+        representation=contents.representation,
+        # The teacher's logits exist a chunk of answer tokens at a time, as in training.
+        chunk_size=chunked.default_chunk_size(vocab, device),
+    )
+    fingerprint = {
+        **config_data_fingerprint(config, loaded.processor),
+        "teacher": teacher_identity(teacher.path),
+        "teacher_dtype": teacher.dtype,
+        "data_limit": config.data.limit,
+    }
+    return write_cache(
+        teacher.cache_dir,
+        source,
+        encoder,
+        dataset,
+        fingerprint=fingerprint,
+        top_k=teacher.cache_top_k,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        visual_tokens=visual_tokens,
+        device=device,
+        progress=progress,
+    )
 
 
 @click.command("cache-teacher")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a config key, e.g. --set teacher.cache_dir=cache/teacher.",
-)
+@config_overrides
 @click.option(
     "--shard-size",
     type=click.IntRange(min=1),
@@ -61,16 +140,9 @@ def cache_teacher_command(
     Rerunning an interrupted command resumes it. Train from it with
     --set teacher.source=cache.
     """
-    from betakd.cache import CacheError, write_teacher_cache
-    from betakd.config import ConfigError, load_config
-
     try:
-        cfg = load_config(config, list(overrides))
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from err
-    try:
-        path = write_teacher_cache(
-            cfg,
+        path = cache_teacher(
+            load_config(config, overrides),
             shard_size=shard_size,
             batch_size=batch_size,
             visual_tokens=visual_tokens,

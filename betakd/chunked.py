@@ -4,36 +4,42 @@ The dense path builds student and teacher logits ``[N, V]`` for every supervised
 and calls an energy of :mod:`betakd.energies` on them. With V = 150k and a few thousand
 answer tokens those logits, and the float32 intermediates of the energy, take tens of
 GB. This module computes the same per-token values from the student's hidden states
-``[N, H]`` and ``lm_head`` weight (and bias), and from a teacher source, ``chunk_size``
-tokens at a time, so only chunk-sized logits ever exist.
+``[N, H]`` and ``lm_head`` weight (and bias), and from the teacher's per-token targets
+(:class:`TeacherLogits`: hidden states and ``lm_head``, a top-k summary, or logits at
+hand; see :mod:`betakd.teachers.targets`), ``chunk_size`` tokens at a time, so only
+chunk-sized logits ever exist.
 
-Design (one :class:`torch.autograd.Function`, recomputation in backward):
+One :class:`torch.autograd.Function`, two modes, chosen by the caller:
 
-* forward: for each chunk, student logits ``h @ W.T (+ b)`` and teacher logits, then the
-  per-token CE and every requested energy, without building a graph. Output: per-token
-  values ``[N, C]`` (CE first, when labels are given, then the energies in order).
-* backward: the incoming per-token gradient ``g [N, C]`` is only known here, and the
-  ``lm_head`` gradient ``sum_n g_n * dE_n/dz_n h_n^T`` cannot be formed without it
-  (storing ``dE/dz`` would be ``[N, V]`` again). So each chunk's logits are recomputed
-  (one student and one teacher matmul), the vector-Jacobian product with ``g`` is taken
-  through the registry's own energy functions, and the resulting logit gradient is
-  multiplied into the hidden-state, weight and bias gradients.
+* **single pass** (``upstream`` given): the gradient of the final loss with respect to
+  every per-token value, ``g [N, C]``, is known before the values are (the loss is
+  affine in them, e.g. betas that do not depend on the energies' values, see
+  :meth:`betakd.distill.DistillationModule.channel_values`). Each chunk's logits are
+  built once; its values and the logit gradient ``sum_c g[n, c] * dv_c/dz_n`` come from
+  one forward and one vector-Jacobian product through the registry's energy functions,
+  and are folded into the hidden-state, weight and bias gradients at once, as Liger's
+  chunked losses do: four lm_head-sized matmuls per chunk, like the dense path.
+  Backward checks that the upstream gradient it receives is ``g`` (or ``g`` times one
+  scalar, such as a loss scale or DDP's world size) and returns the stored gradients;
+  any other upstream gradient (a per-channel diagnostic, say) falls back to the
+  recomputation below, so gradients are exact in every case.
+* **recompute** (general case): the forward pass computes the values without a graph;
+  the backward pass, where ``g`` is first known, recomputes each chunk's logits (one
+  student and one teacher matmul) and takes the vector-Jacobian product with ``g``. Six
+  lm_head-sized matmuls per chunk instead of four, and one extra energy forward.
 
-Because the backward multiplies by the exact upstream gradient, any per-token or
-per-sample weighting applied afterwards (``per_sample_mean``, learned or instance-level
-betas) receives exact gradients: this is the gradient of ``sum_n g_n e_n``. Values and
-gradients equal the dense path up to float32 rounding. Double backward is not
-supported.
+Either way the gradient is the one of ``sum_n,c g[n, c] * value[n, c]``, so any
+per-token or per-sample weighting applied afterwards (``per_sample_mean``, learned or
+instance-level betas) receives exact gradients, and the betas get theirs from the
+values. Values and gradients equal the dense path up to float32 rounding. Double
+backward is not supported.
 
-Cost: six lm_head-sized matmuls instead of the dense path's four, and one extra energy
-forward. In eager mode that makes the chunked path about 1.6-2x slower than dense on a
-GPU (at under 1/10 of its peak memory). With ``compile=True`` each chunk's CE and
-energies run as fused ``torch.compile`` kernels, which more than pays for the
-recomputation in bfloat16 (0.4-0.9x of dense time, under 1/13 of its memory, on an
-H200; float32 without TF32 stays matmul-bound at 1.0-1.2x). Compilation builds two graphs
-(forward without grad, and the recomputation with grad) per set of energies, chunk
-size, vocabulary and dtype; beyond Dynamo's recompile limit (8 by default) it runs
-eagerly. Use it on GPUs; on CPU the first compilation takes about a minute.
+With ``compile=True`` each chunk's CE and energies run as fused ``torch.compile``
+kernels (GPUs; on an H200 in bfloat16 the recompute mode then takes 0.4-0.9x of the
+dense time at under 1/13 of its memory; float32 without TF32 stays matmul-bound).
+Compilation builds a graph per set of energies, chunk size, vocabulary and dtype;
+beyond Dynamo's recompile limit (8 by default) it runs eagerly. On CPU the first
+compilation takes about a minute.
 
 The energies are never re-implemented here: every chunk calls the registry functions
 (:func:`betakd.energies.get`), which are row-wise, so every registered energy works
@@ -45,7 +51,7 @@ Typical use (see :func:`chunked_channels`)::
 
     mask, targets = next_token_targets(labels)                 # [B, T] bool, [B, T]
     packed = pack(student_hidden, mask)                        # [N, H], sample_index [N]
-    teacher = LinearTeacher(pack(teacher_hidden, t_mask).hidden, t_head.weight)
+    teacher = HiddenStateLogits(pack(teacher_hidden, t_mask).hidden, t_head.weight)
     out = chunked_channels(packed.hidden, head.weight, teacher,
                            energies={"fkl": energies.get("fkl")},
                            labels=targets[mask])
@@ -55,8 +61,7 @@ Typical use (see :func:`chunked_channels`)::
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -66,6 +71,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from betakd import energies as energy_registry
+from betakd.labels import IGNORE_INDEX
 from betakd.objective import per_sample_mean
 
 EnergyFn = energy_registry.EnergyFn
@@ -82,7 +88,6 @@ DEFAULT_CHUNK = {
     "cuda": {"elements": 1 << 23, "min_tokens": 256, "multiple": 64},
     "cuda-compiled": {"elements": 1 << 24, "min_tokens": 512, "multiple": 64},
 }
-IGNORE_INDEX = -100
 
 
 # --------------------------------------------------------------------------- packing
@@ -132,131 +137,51 @@ def next_token_targets(labels: Tensor, ignore_index: int = IGNORE_INDEX) -> tupl
     return targets != ignore_index, targets
 
 
-# --------------------------------------------------------------------------- teachers
+# --------------------------------------------------------------------------- teacher side
 
 
-class TeacherSource(Protocol):
-    """Produces teacher logits (or log-probabilities) for packed rows ``[start, stop)``."""
+class TeacherLogits(Protocol):
+    """The teacher's logits (or log-probabilities) for packed rows ``[start, stop)``;
+    implementations in :mod:`betakd.teachers.targets`."""
 
-    num_tokens: int
+    @property
+    def num_tokens(self) -> int: ...
 
     def logits(self, start: int, stop: int, vocab_size: int) -> Tensor: ...
 
 
-@dataclass
-class LinearTeacher:
-    """A teacher given by its packed final hidden states ``[N, H_t]`` and ``lm_head``.
-
-    The teacher gets no gradient. A teacher ``lm_head`` with more rows than the student's
-    vocabulary (padding rows, e.g. a vocabulary rounded up to a multiple of 64) is
-    sliced to the student's vocabulary; fewer rows is an error.
-    """
-
-    hidden: Tensor
-    weight: Tensor
-    bias: Tensor | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.hidden.shape[0]
-
-    def logits(self, start: int, stop: int, vocab_size: int) -> Tensor:
-        if self.weight.shape[0] < vocab_size:
-            raise ValueError(
-                f"teacher lm_head has {self.weight.shape[0]} rows, fewer than the "
-                f"student's vocabulary of {vocab_size}"
-            )
-        weight = self.weight[:vocab_size].detach()
-        bias = None if self.bias is None else self.bias[:vocab_size].detach()
-        with torch.no_grad():
-            return F.linear(self.hidden[start:stop].detach(), weight, bias)
-
-
-@dataclass
-class DenseTeacher:
-    """Teacher logits (or log-probabilities) already at hand for every packed row ``[N, V]``,
-    e.g. rebuilt from the offline cache; only the student side is chunked then."""
-
-    values: Tensor
-
-    @property
-    def num_tokens(self) -> int:
-        return self.values.shape[0]
-
-    def logits(self, start: int, stop: int, vocab_size: int) -> Tensor:
-        return self.values[start:stop, :vocab_size].detach()
-
-
-@dataclass
-class TopKTeacher:
-    """A sparse (cached) teacher: top-k log-probabilities ``[N, k]`` and token ids ``[N, k]``.
-
-    Each chunk is expanded to dense log-probabilities by :func:`topk_to_log_probs`; the
-    energies take logits, and normalised log-probabilities are valid logits (log-softmax
-    leaves them unchanged). An energy's temperature T then gives ``p ** (1/T)``
-    renormalised: for a cache of T = 1 log-probabilities that is exactly the teacher's
-    ``softmax(z / T)`` on a full cache, and an approximation with a top-k summary (the
-    uniform tail is tempered as a block).
-    """
-
-    log_probs: Tensor
-    ids: Tensor
-    vocab_size: int
-
-    @property
-    def num_tokens(self) -> int:
-        return self.log_probs.shape[0]
-
-    def logits(self, start: int, stop: int, vocab_size: int) -> Tensor:
-        if vocab_size != self.vocab_size:
-            raise ValueError(
-                f"top-k teacher was cached for a vocabulary of {self.vocab_size}, "
-                f"the student has {vocab_size}"
-            )
-        return topk_to_log_probs(self.log_probs[start:stop], self.ids[start:stop], self.vocab_size)
+def map_rows(
+    source: TeacherLogits,
+    fn: Callable[[Tensor, int], Tensor],
+    vocab_size: int,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """``fn(logits [n, V], start) -> [n, ...]`` over a source's rows, ``chunk_size`` rows
+    at a time (default 1024), concatenated; no gradient."""
+    size = chunk_size or 1024
+    n = source.num_tokens
+    with torch.no_grad():
+        # An empty source still yields one empty chunk, so the result keeps fn's shape.
+        return torch.cat(
+            [
+                fn(source.logits(start, min(start + size, n), vocab_size), start)
+                for start in range(0, max(n, 1), size)
+            ]
+        )
 
 
 def teacher_token_nll(
-    source: TeacherSource, token_ids: Tensor, vocab_size: int, chunk_size: int = 1024
+    source: TeacherLogits, token_ids: Tensor, vocab_size: int, chunk_size: int | None = None
 ) -> Tensor:
     """The teacher's negative log-likelihood of each packed row's token ``[N]`` (float32,
     no gradient), built ``chunk_size`` rows at a time from any teacher source."""
-    values = []
-    with torch.no_grad():
-        for start in range(0, source.num_tokens, chunk_size):
-            stop = min(start + chunk_size, source.num_tokens)
-            log_probs = torch.log_softmax(source.logits(start, stop, vocab_size).float(), dim=-1)
-            rows = token_ids[start:stop].to(log_probs.device)
-            values.append(-log_probs.gather(1, rows[:, None]).squeeze(1))
-    if not values:
-        return torch.zeros(0, device=token_ids.device)
-    return torch.cat(values)
 
+    def nll(logits: Tensor, start: int) -> Tensor:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        rows = token_ids[start : start + logits.shape[0]].to(log_probs.device)
+        return -log_probs.gather(1, rows[:, None]).squeeze(1)
 
-def topk_to_log_probs(topk_log_probs: Tensor, topk_ids: Tensor, vocab_size: int) -> Tensor:
-    """Dense float32 log-probabilities ``[n, V]`` from a top-k summary ``[n, k]``.
-
-    The k listed tokens keep their log-probabilities. The tail mass
-    ``1 - sum(exp(topk))`` (clamped at 0) is spread uniformly over the other ``V - k``
-    tokens, so each row sums to 1. With no tail mass (or k = V) the other entries are
-    ``-inf``, which every energy treats as probability zero; energies that divide by the
-    teacher's probability (``rkl``, the reverse part of ``akl``) are then infinite
-    wherever the student puts mass there.
-    """
-    n, k = topk_log_probs.shape
-    if topk_ids.shape != (n, k):
-        raise ValueError(f"topk_ids must have shape {(n, k)}, got {tuple(topk_ids.shape)}")
-    if k > vocab_size:
-        raise ValueError(f"k = {k} exceeds the vocabulary size {vocab_size}")
-    if n and (int(topk_ids.min()) < 0 or int(topk_ids.max()) >= vocab_size):
-        raise ValueError(f"top-k ids must lie in [0, {vocab_size})")
-    head = topk_log_probs.float()
-    tail_mass = (1.0 - head.exp().sum(dim=-1, keepdim=True)).clamp_min(0.0)
-    others = max(vocab_size - k, 1)
-    # log(0) = -inf marks "no tail mass": the energies then ignore those entries.
-    tail_log_prob = torch.log(tail_mass) - math.log(others)
-    dense = tail_log_prob.expand(n, vocab_size).clone()
-    return dense.scatter_(1, topk_ids.long(), head)
+    return map_rows(source, nll, vocab_size, chunk_size).to(token_ids.device)
 
 
 # --------------------------------------------------------------------------- channels
@@ -303,11 +228,15 @@ def chunk_columns(
 class _Plan:
     """Everything the autograd function needs besides the differentiable tensors."""
 
-    teacher: TeacherSource | None
+    teacher: TeacherLogits | None
     labels: Tensor | None
     energy_fns: tuple[EnergyFn, ...]
     chunk_size: int
     compiled: bool = False
+    # Single pass: d(loss)/d(values) [N, C], known before the values; None: recompute.
+    upstream: Tensor | None = None
+    # Which of hidden, weight, bias need a gradient.
+    needs: tuple[bool, bool, bool] = (False, False, False)
 
     def __post_init__(self) -> None:
         # Static shapes: every chunk is padded to chunk_size, so one graph serves all.
@@ -345,18 +274,29 @@ def _pad_rows(x: Tensor, pad: int, value: float) -> Tensor:
     return F.pad(x, (0, 0) * (x.dim() - 1) + (0, pad), value=value) if pad else x
 
 
+# The profiler range around both passes (see betakd.profiling.peak_tensor_bytes).
+PROFILER_RANGE = "betakd.chunked"
+
+
 class _ChunkedChannels(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, plan: _Plan) -> Tensor:
-        out = torch.empty(
-            hidden.shape[0], plan.num_columns, dtype=torch.float32, device=hidden.device
-        )
-        for start, stop in plan.spans(hidden.shape[0]):
-            logits = F.linear(hidden[start:stop], weight, bias)
-            out[start:stop] = plan.columns(logits, start, stop)
-        ctx.save_for_backward(hidden, weight, bias)
         ctx.plan = plan
         ctx.autocast = _autocast_state(hidden.device.type)
+        ctx.save_for_backward(hidden, weight, bias)
+        ctx.gradients = None
+        with torch.profiler.record_function(PROFILER_RANGE):
+            out = torch.empty(
+                hidden.shape[0], plan.num_columns, dtype=torch.float32, device=hidden.device
+            )
+            if plan.upstream is None:
+                for start, stop in plan.spans(hidden.shape[0]):
+                    logits = F.linear(hidden[start:stop], weight, bias)
+                    out[start:stop] = plan.columns(logits, start, stop)
+            else:
+                ctx.gradients = _gradients(
+                    plan, hidden, weight, bias, plan.upstream, plan.needs, ctx.autocast, out
+                )
         return out
 
     @staticmethod
@@ -364,37 +304,83 @@ class _ChunkedChannels(torch.autograd.Function):
     def backward(ctx, grad_out: Tensor):
         hidden, weight, bias = ctx.saved_tensors
         plan: _Plan = ctx.plan
-        need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-        grad_hidden = torch.empty_like(hidden) if need_hidden else None
-        weight_acc = _Accumulator(weight) if need_weight else None
-        bias_acc = _Accumulator(bias) if need_bias else None
-        for start, stop in plan.spans(hidden.shape[0]):
-            h = hidden[start:stop]
-            with _autocast(ctx.autocast):
-                grad_logits = _logit_gradient(plan, h, weight, bias, grad_out[start:stop], start)
-            # Under autocast the logits (and their gradient) are in the autocast dtype.
-            if grad_hidden is not None:
-                grad_hidden[start:stop] = grad_logits @ weight.to(grad_logits.dtype)
-            if weight_acc is not None:
-                weight_acc.add_product(grad_logits.t(), h.to(grad_logits.dtype))
-            if bias_acc is not None:
-                bias_acc.add(grad_logits.sum(dim=0))
-        grad_weight = weight_acc.result() if weight_acc is not None else None
-        grad_bias = bias_acc.result() if bias_acc is not None else None
-        return grad_hidden, grad_weight, grad_bias, None
+        needs = tuple(ctx.needs_input_grad[:3])
+        with torch.profiler.record_function(PROFILER_RANGE):
+            if ctx.gradients is not None:
+                scale = _common_scale(grad_out, plan.upstream)
+                if scale is not None:
+                    return (*(_scaled(g, scale) for g in ctx.gradients), None)
+            grads = _gradients(plan, hidden, weight, bias, grad_out, needs, ctx.autocast)
+        return (*grads, None)
 
 
-def _logit_gradient(
-    plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, grad_out: Tensor, start: int
-) -> Tensor:
-    """d(sum_n,c grad_out[n, c] * value[n, c]) / d(student logits) for one chunk."""
+def _gradients(
+    plan: _Plan,
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    upstream: Tensor,
+    needs: tuple[bool, bool, bool],
+    autocast: tuple[str, torch.dtype] | None,
+    values: Tensor | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of ``sum(upstream * values)`` for hidden, weight and bias (those in
+    ``needs``), a chunk at a time; writes the values into ``values`` when given."""
+    need_hidden, need_weight, need_bias = needs
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None
+    weight_acc = _Accumulator(weight) if need_weight else None
+    bias_acc = _Accumulator(bias) if need_bias else None
+    for start, stop in plan.spans(hidden.shape[0]):
+        h = hidden[start:stop]
+        with _autocast(autocast):
+            chunk_values, grad_logits = _values_and_logit_gradient(
+                plan, h, weight, bias, upstream[start:stop], start
+            )
+        if values is not None:
+            values[start:stop] = chunk_values
+        # Under autocast the logits (and their gradient) are in the autocast dtype.
+        if grad_hidden is not None:
+            grad_hidden[start:stop] = grad_logits @ weight.to(grad_logits.dtype)
+        if weight_acc is not None:
+            weight_acc.add_product(grad_logits.t(), h.to(grad_logits.dtype))
+        if bias_acc is not None:
+            bias_acc.add(grad_logits.sum(dim=0))
+    grad_weight = weight_acc.result() if weight_acc is not None else None
+    grad_bias = bias_acc.result() if bias_acc is not None else None
+    return grad_hidden, grad_weight, grad_bias
+
+
+def _values_and_logit_gradient(
+    plan: _Plan, hidden: Tensor, weight: Tensor, bias: Tensor | None, upstream: Tensor, start: int
+) -> tuple[Tensor, Tensor]:
+    """One chunk's values ``[n, C]`` and d(sum(upstream * values)) / d(student logits)."""
     with torch.no_grad():
         logits = F.linear(hidden, weight, bias)
     logits.requires_grad_(True)
     with torch.enable_grad():
         values = plan.columns(logits, start, start + hidden.shape[0])
-        (grad_logits,) = torch.autograd.grad(values, logits, grad_out)
-    return grad_logits
+        (grad_logits,) = torch.autograd.grad(values, logits, upstream)
+    return values.detach(), grad_logits
+
+
+def _common_scale(got: Tensor, assumed: Tensor, rtol: float = 1e-6) -> float | None:
+    """``s`` with ``got == s * assumed`` (to ``rtol`` of the largest entry), else None.
+
+    The loss may be scaled after the objective (a gradient scaler, DDP's world size);
+    anything else means the upstream gradient is not the one the single pass assumed.
+    """
+    peak, at = assumed.abs().flatten().max(dim=0)
+    if float(peak) == 0.0:
+        return 0.0 if not bool(got.any()) else None
+    scale = got.flatten()[at] / assumed.flatten()[at]
+    error = (got - scale * assumed).abs().max()
+    return float(scale) if float(error) <= rtol * float(peak * scale.abs()) else None
+
+
+def _scaled(gradient: Tensor | None, scale: float) -> Tensor | None:
+    if gradient is None or scale == 1.0:
+        return gradient
+    return gradient * scale
 
 
 def _autocast_state(device_type: str) -> tuple[str, torch.dtype] | None:
@@ -450,21 +436,24 @@ def default_chunk_size(
 def chunked_channels(
     hidden: Tensor,
     weight: Tensor,
-    teacher: TeacherSource | None = None,
+    teacher: TeacherLogits | None = None,
     *,
     energies: Mapping[str, EnergyFn] | None = None,
     labels: Tensor | None = None,
     bias: Tensor | None = None,
     chunk_size: int | None = None,
     compile: bool = False,
+    upstream: Tensor | None = None,
 ) -> ChunkedOutput:
     """Per-token CE and energies for packed student rows, without full ``[N, V]`` logits.
 
     Args:
         hidden: packed student final hidden states ``[N, H]`` (see :func:`pack`).
         weight: the student's ``lm_head`` weight ``[V, H]``; ``bias`` its bias ``[V]``.
-        teacher: teacher source for the same N rows (:class:`LinearTeacher`,
-            :class:`TopKTeacher`); required when ``energies`` is not empty.
+        teacher: the teacher's logits for the same N rows (:class:`TeacherLogits`, e.g.
+            :class:`betakd.teachers.HiddenStateLogits` or
+            :class:`betakd.teachers.TopKLogits`); required when ``energies`` is not
+            empty.
         energies: name -> energy built with :func:`betakd.energies.get` (options such as
             temperature bound there). All are evaluated on the same chunk logits.
         labels: target ids ``[N]`` for the CE channel (``-100`` rows give 0); None
@@ -475,6 +464,11 @@ def chunked_channels(
             kernels; the last chunk is padded so one static-shape graph serves all).
             Build the energies once and reuse them: the compiled graphs are keyed on
             the energy objects, and new ones would recompile.
+        upstream: the gradient of the final loss with respect to the returned values,
+            ``[N, C]`` (columns: CE when labels are given, then the energies in order),
+            when it is known before they are computed: selects the single-pass mode
+            (module docstring). Without it, or when no gradient is needed, chunks are
+            recomputed in backward.
 
     Returns per-token float32 values; gradients flow to ``hidden``, ``weight`` and
     ``bias`` (whichever require grad) and are exact for any upstream weighting.
@@ -485,6 +479,19 @@ def chunked_channels(
     if size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     plan = _Plan(teacher, labels, tuple(energies.values()), size, compile)
+    needs = (
+        hidden.requires_grad,
+        weight.requires_grad,
+        bias is not None and bias.requires_grad,
+    )
+    if upstream is not None and torch.is_grad_enabled() and any(needs):
+        if upstream.shape != (hidden.shape[0], plan.num_columns):
+            raise ValueError(
+                f"upstream must have shape [{hidden.shape[0]}, {plan.num_columns}], got "
+                f"{tuple(upstream.shape)}"
+            )
+        plan.upstream = upstream.detach().float()
+        plan.needs = needs
     values = _ChunkedChannels.apply(hidden, weight, bias, plan)
     columns = values.unbind(dim=1)
     ce = columns[0] if labels is not None else None
@@ -495,7 +502,7 @@ def chunked_channels(
 def _check_inputs(
     hidden: Tensor,
     weight: Tensor,
-    teacher: TeacherSource | None,
+    teacher: TeacherLogits | None,
     energies: Mapping[str, EnergyFn],
     labels: Tensor | None,
 ) -> None:

@@ -8,6 +8,7 @@ import sys
 import click
 
 from betakd import __version__
+from betakd.cli_options import config_overrides, load_config
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -23,13 +24,7 @@ def main(verbose: bool) -> None:
 
 @main.command()
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override a config key, e.g. --set training.max_steps=10 --set weighting.name=task.",
-)
+@config_overrides
 @click.option("--resume", is_flag=True, help="Continue the run in training.output_dir.")
 @click.option("--check", is_flag=True, help="Validate the config and exit (loads no model).")
 def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) -> None:
@@ -48,12 +43,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
       non_finite: action (stop|skip)
       training:  any transformers.TrainingArguments field
     """
-    from betakd.config import ConfigError, load_config
-
-    try:
-        cfg = load_config(config, list(overrides))
-    except ConfigError as err:
-        raise click.ClickException(str(err)) from err
+    cfg = load_config(config, overrides)
     if check:
         click.echo(f"{config}: valid")
         return

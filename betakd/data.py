@@ -7,8 +7,14 @@ processor) so that skipped samples are counted before training starts; the
 collator then encodes the same raw sample once per model, so teacher and
 student may use different processors and image-token counts.
 
-Prompts are rendered by the model's own chat template. Labels are -100
+Prompts are rendered by the model's own chat template. Labels are ``IGNORE_INDEX``
 everywhere except on assistant answers (and the template's end-of-turn token).
+
+Encoding (chat template, tokenizer, image processor) costs milliseconds per sample and
+model, more than a tiny model's training step, so encodings are kept in an explicit
+:class:`DataCache` that the caller owns: one per training run by default, or one
+shared by several runs in a process (sweeps, the demo), which then also validate a
+data set once.
 """
 
 from __future__ import annotations
@@ -28,11 +34,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from betakd.files import file_sha256
+from betakd.labels import IGNORE_INDEX, supervised
 from betakd.models import FamilyAdapter, tokenizer_of
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 IMAGE_PLACEHOLDER = "<image>"
 ROLES = {
     "human": "user",
@@ -271,11 +277,20 @@ def _as_text_only(messages: Sequence[dict]) -> list[dict]:
 class SampleEncoder:
     """Encodes conversations for one model: chat template, answer-only labels, images."""
 
-    def __init__(self, processor, adapter: FamilyAdapter, max_length: int | None = None):
+    def __init__(
+        self,
+        processor,
+        adapter: FamilyAdapter,
+        max_length: int | None = None,
+        cache: DataCache | None = None,
+    ):
         self.processor = processor
         self.tokenizer = tokenizer_of(processor)
         self.adapter = adapter
         self.max_length = max_length
+        # Encodings are kept for the encoder's life (every epoch reuses them) unless a
+        # longer-lived cache is given.
+        self.cache = cache if cache is not None else DataCache()
         self._fingerprint: str | None = None
         self.image_token = getattr(processor, "image_token", None)
         if adapter.multimodal and self.image_token is None:
@@ -288,14 +303,14 @@ class SampleEncoder:
         return self._fingerprint
 
     def encode_cached(self, conversation: Conversation, images=None) -> Encoded:
-        """``encode`` through the process-wide encoding cache; images load only on a miss."""
+        """``encode`` through the encoder's :class:`DataCache`; images load only on a miss."""
         key = (self.fingerprint(), conversation_key(conversation))
-        encoded = ENCODINGS.get(key)
+        encoded = self.cache.encodings.get(key)
         if encoded is None:
             encoded = self.encode(
                 conversation, open_images(conversation) if images is None else images
             )
-            ENCODINGS.put(key, encoded)
+            self.cache.encodings.put(key, encoded)
         return encoded
 
     def _digest(self) -> str:
@@ -377,7 +392,9 @@ class SampleEncoder:
             else:
                 seg_ids = self._encode_text(segment.text)
             ids.append(seg_ids)
-            labels.append(seg_ids.clone() if segment.is_answer else torch.full_like(seg_ids, -100))
+            labels.append(
+                seg_ids.clone() if segment.is_answer else torch.full_like(seg_ids, IGNORE_INDEX)
+            )
         if remaining:
             raise SkipSample("bad_record", f"{len(remaining)} images without a placeholder")
         encoded = Encoded(torch.cat(ids), torch.cat(labels), vision, len(images))
@@ -409,7 +426,7 @@ class SampleEncoder:
             raise SkipSample(
                 "too_long", f"{length} tokens > max_length={limit} and the cut hits image tokens"
             )
-        if not (encoded.labels[:limit] != IGNORE_INDEX).any():
+        if not supervised(encoded.labels[:limit]).any():
             raise SkipSample(
                 "too_long", f"{length} tokens > max_length={limit} and no answer token fits"
             )
@@ -444,30 +461,33 @@ def build_dataset(
     max_skip_fraction: float = 0.05,
     limit: int | None = None,
     cache_dir: str | None = None,
+    cache: DataCache | None = None,
 ) -> ConversationDataset:
     """Read, validate and count skips; every encoder (student, teacher) must accept a sample.
 
     Raises DataError when more than `max_skip_fraction` of the records were skipped.
-    The validation pass is remembered within a process for the same file contents and
-    encoders, so repeated runs on one data set (sweeps, the demo) validate it once.
+    With a :class:`DataCache`, the validation pass is remembered there for the same data
+    file contents, image folder, limit and encoders, so repeated runs on one data set
+    (sweeps, the demo) validate it once. `cache_dir` is the `datasets` cache.
     """
     encoder_list = list(encoders.values()) if isinstance(encoders, Mapping) else list(encoders)
-    key = _validation_key(data_path, image_folder, encoder_list, limit)
-    if key not in _VALIDATED:
+
+    def validate() -> tuple[list[Conversation], SkipReport]:
         records = load_records(data_path, cache_dir=cache_dir)
         if limit is not None:
             records = records.select(range(min(limit, len(records))))
-        if len(_VALIDATED) >= 4:  # keep memory bounded: forget the oldest data set
-            _VALIDATED.pop(next(iter(_VALIDATED)))
-        _VALIDATED[key] = _validate(records, image_folder, encoder_list)
-    kept, report = _VALIDATED[key]
+        return _validate(records, image_folder, encoder_list)
+
+    if cache is None:
+        kept, report = validate()
+    else:
+        kept, report = cache.validated(
+            _validation_key(data_path, image_folder, encoder_list, limit), validate
+        )
     if report.count:
         logger.warning("%s", report.summary())
     report.enforce(max_skip_fraction)
     return ConversationDataset(kept, report)
-
-
-_VALIDATED: dict[tuple, tuple[list[Conversation], SkipReport]] = {}
 
 
 def _validate(records, image_folder, encoder_list) -> tuple[list[Conversation], SkipReport]:
@@ -494,12 +514,9 @@ def _validate(records, image_folder, encoder_list) -> tuple[list[Conversation], 
 
 
 def _validation_key(data_path, image_folder, encoders, limit) -> tuple:
-    """Same file contents (path, size, mtime) and same encoding -> same validation result."""
-    stat = Path(data_path).stat()
+    """Same file contents and same encoding -> same validation result."""
     return (
-        str(Path(data_path).resolve()),
-        stat.st_size,
-        stat.st_mtime_ns,
+        file_sha256(data_path),
         str(image_folder),
         limit,
         tuple(encoder.fingerprint() for encoder in encoders),
@@ -507,7 +524,7 @@ def _validation_key(data_path, image_folder, encoders, limit) -> tuple:
 
 
 # ---------------------------------------------------------------------------
-# Encoding cache
+# Caching encodings and validation results
 
 
 def conversation_key(conversation: Conversation) -> tuple:
@@ -556,7 +573,32 @@ def _nbytes(encoded: Encoded) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
-ENCODINGS = EncodingCache(int(os.environ.get("BETAKD_ENCODING_CACHE_MB", "2048")) * 2**20)
+def default_encoding_bytes() -> int:
+    """Encoding cache size: ``BETAKD_ENCODING_CACHE_MB`` (default 2048) MiB."""
+    return int(os.environ.get("BETAKD_ENCODING_CACHE_MB", "2048")) * 2**20
+
+
+class DataCache:
+    """Work on data sets worth keeping while their files stay the same: encoded samples
+    (:class:`EncodingCache`) and validation passes (keyed on the data file's contents,
+    the image folder, the limit and the encoders; images are assumed not to change
+    while the cache lives). The owner decides its lifetime; nothing is kept per process.
+    """
+
+    MAX_DATA_SETS = 4
+
+    def __init__(self, max_encoding_bytes: int | None = None) -> None:
+        size = default_encoding_bytes() if max_encoding_bytes is None else max_encoding_bytes
+        self.encodings = EncodingCache(size)
+        self._validations: OrderedDict[tuple, tuple[list[Conversation], SkipReport]] = OrderedDict()
+
+    def validated(self, key: tuple, validate) -> tuple[list[Conversation], SkipReport]:
+        """The validation result for ``key``, from ``validate()`` on the first request."""
+        if key not in self._validations:
+            if len(self._validations) >= self.MAX_DATA_SETS:
+                self._validations.popitem(last=False)  # memory stays bounded
+            self._validations[key] = validate()
+        return self._validations[key]
 
 
 # ---------------------------------------------------------------------------

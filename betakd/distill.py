@@ -13,17 +13,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from betakd import align, chunked, energies, weighting
+from betakd import align, chunked, energies
 from betakd.align import AlignedPositions
-from betakd.config import TrainConfig
 from betakd.features import FeatureChannel
 from betakd.models import FamilyAdapter, forward_inputs, slice_vocab
 from betakd.objective import DistillationObjective, ObjectiveOutput, per_sample_mean, token_counts
-from betakd.teachers import TeacherTargets
+from betakd.teachers.protocol import TeacherTargets
 
 HEAD_FILE = "betakd_head.safetensors"
 
@@ -62,32 +62,6 @@ class DistillationHead(nn.Module):
         self.energy_fns = {c.name: energies.get(c.energy, **c.options) for c in logit_channels}
         self.features = nn.ModuleDict(feature_channels)
 
-    @classmethod
-    def from_config(
-        cls, config: TrainConfig, *, teacher_dim: int | None, student_dim: int | None, rep_dim: int
-    ) -> DistillationHead:
-        channels = config.channels
-        specs = [
-            LogitChannelSpec(c.channel, c.energy, dict(c.options), c.positions == "answer")
-            for c in channels.logits
-        ]
-        feats = {}
-        for f in channels.features:
-            if teacher_dim is None or student_dim is None:
-                raise ValueError(
-                    f"feature channel {f.name!r} needs visual tokens, but a model has none "
-                    "(text-only student or teacher)"
-                )
-            feats[f.name] = FeatureChannel(
-                teacher_dim, student_dim, f.energy, adapter=f.adapter, normalize=f.normalize
-            )
-        options = dict(config.weighting.options)
-        if config.weighting.needs_representation:
-            options.setdefault("input_dim", rep_dim)
-        built = weighting.build(config.weighting.name, ["ce", *channels.names()], **options)
-        objective = DistillationObjective(built, reduction=config.weighting.reduction)
-        return cls(objective, specs, feats)
-
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / HEAD_FILE
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -114,7 +88,16 @@ class DistillationHead(nn.Module):
 
 
 class DistillationModule(nn.Module):
-    """Student + head; ``forward`` returns the objective's output for one micro-batch."""
+    """Student + head; ``forward`` returns the objective's output for one micro-batch.
+
+    With ``chunk_size``, CE and the logit energies come from the student's final hidden
+    states a chunk at a time (:mod:`betakd.chunked`). When the loss's gradient with
+    respect to them does not depend on their values (the weighting's betas do not
+    depend on the current energies, except through stop-gradients of constants), the
+    chunks compute their gradients in the forward pass (single pass); otherwise they
+    are recomputed in backward. Which one applies is measured, not declared: see
+    :meth:`channel_values`.
+    """
 
     def __init__(
         self,
@@ -141,7 +124,7 @@ class DistillationModule(nn.Module):
         image_counts: Sequence[int],
         num_items: Tensor | int | None = None,
     ) -> ObjectiveOutput:
-        values = self.channel_values(batch, aligned, teacher, image_counts)
+        values = self.channel_values(batch, aligned, teacher, image_counts, num_items=num_items)
         return self.head.objective(
             values.ce,
             values.energies,
@@ -157,83 +140,108 @@ class DistillationModule(nn.Module):
         aligned: AlignedPositions,
         teacher: TeacherTargets,
         image_counts: Sequence[int],
+        *,
+        num_items: Tensor | int | None = None,
     ) -> ChannelValues:
-        """The student's forward pass and every channel's per-sample value, unweighted."""
-        if self.chunk_size is not None:
-            out = self.student(
-                **forward_inputs(batch, self.adapter), output_hidden_states=True, logits_to_keep=1
-            )
-            ce, channel_energies = self._chunked_channels(out, teacher, aligned)
-        else:
-            out = self.student(**forward_inputs(batch, self.adapter))
-            student_logits = slice_vocab(aligned.student(out.logits), self.vocab_rows)
-            answer = aligned.is_answer
-            ce_tokens = F.cross_entropy(
-                student_logits[answer].float(), aligned.token_ids[answer], reduction="none"
-            )
-            ce = per_sample_mean(ce_tokens, aligned.batch_index[answer], aligned.batch_size)
-            channel_energies = self._logit_energies(student_logits, teacher.logits, aligned)
-        if self.head.features:
-            channel_energies.update(self._feature_energies(out, teacher, image_counts))
-        answer_index = aligned.batch_index[aligned.is_answer]
-        return ChannelValues(
-            ce,
-            channel_energies,
-            teacher.representation,
-            token_counts(answer_index, aligned.batch_size),
+        """The student's forward pass and every channel's per-sample value, unweighted.
+
+        ``num_items`` is the objective's normaliser (see ``forward``): with
+        ``chunk_size`` it lets the chunks take their gradients in the forward pass when
+        the objective's gradient with respect to CE and the logit energies is the same at
+        two different values of them (it then cannot depend on them: the loss is affine
+        in them). Whatever loss is built from the values later, gradients stay exact: the
+        chunks recompute in backward if the gradient they receive is another one.
+        """
+        chunked_mode = self.chunk_size is not None
+        # Chunked: only the last position's logits are built; the hidden states feed chunks.
+        extra = {"output_hidden_states": True, "logits_to_keep": 1} if chunked_mode else {}
+        out = self.student(**forward_inputs(batch, self.adapter), **extra)
+        features = self._feature_energies(out, teacher, image_counts) if self.head.features else {}
+        counts = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size)
+        teacher_nll = (
             self._teacher_nll(teacher, aligned)
             if self.head.objective.weighting.needs_teacher_nll
-            else None,
+            else None
+        )
+        if chunked_mode:
+
+            def loss_of(ce: Tensor, logit_energies: dict[str, Tensor]) -> Tensor:
+                """The objective's loss for given CE and logit energies, all else as is."""
+                detached = {name: value.detach() for name, value in features.items()}
+                return self.head.objective(
+                    ce,
+                    {**logit_energies, **detached},
+                    teacher.representation,
+                    counts=counts,
+                    num_items=num_items,
+                    teacher_nll=teacher_nll,
+                ).loss
+
+            ce, logit_energies = self._chunked_channels(out, teacher, aligned, loss_of)
+        else:
+            ce, logit_energies = self._dense_channels(out, teacher, aligned)
+        return ChannelValues(
+            ce, {**logit_energies, **features}, teacher.representation, counts, teacher_nll
         )
 
     def _teacher_nll(self, teacher: TeacherTargets, aligned: AlignedPositions) -> Tensor:
         """The teacher's mean NLL of each sample's answer tokens ``[B]``."""
-        source = teacher.logit_source
-        if source is None and teacher.logits is not None:
-            source = chunked.DenseTeacher(teacher.logits)
-        if source is None:
+        if teacher.tokens is None:
             raise ValueError("a trust measured against the data needs the teacher's logits")
-        nll = chunked.teacher_token_nll(source, aligned.token_ids, self.vocab_rows)
+        nll = chunked.teacher_token_nll(
+            teacher.tokens, aligned.token_ids, self.vocab_rows, self.chunk_size
+        )
         answer = aligned.is_answer
         return per_sample_mean(nll[answer], aligned.batch_index[answer], aligned.batch_size)
 
-    def _chunked_channels(
+    def _dense_channels(
         self, out, teacher: TeacherTargets, aligned: AlignedPositions
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """CE and logit energies from hidden states, never building [N, V] logits."""
+        """CE and logit energies on full ``[N, V]`` student and teacher logits."""
+        student_logits = slice_vocab(aligned.student(out.logits), self.vocab_rows)
         answer = aligned.is_answer
-        if not bool(answer.all()):
+        ce_tokens = F.cross_entropy(
+            student_logits[answer].float(), aligned.token_ids[answer], reduction="none"
+        )
+        ce = per_sample_mean(ce_tokens, aligned.batch_index[answer], aligned.batch_size)
+        result = {}
+        if self.head.logit_channels:
+            if teacher.tokens is None:
+                raise ValueError(f"channels {self._logit_names()} need teacher logits")
+            teacher_logits = teacher.tokens.logits(0, teacher.tokens.num_tokens, self.vocab_rows)
+        for spec in self.head.logit_channels:
+            rows = aligned.is_answer if spec.answer_only else slice(None)
+            per_token = self.head.energy_fns[spec.name](student_logits[rows], teacher_logits[rows])
+            result[spec.name] = per_sample_mean(
+                per_token, aligned.batch_index[rows], aligned.batch_size
+            )
+        return ce, result
+
+    def _chunked_channels(
+        self, out, teacher: TeacherTargets, aligned: AlignedPositions, loss_of
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """CE and logit energies from hidden states, never building [N, V] logits."""
+        if not bool(aligned.is_answer.all()):
             raise ValueError("chunked energies cover answer tokens only")
-        source = teacher.logit_source
-        if source is None and teacher.logits is not None:
-            source = chunked.DenseTeacher(teacher.logits)  # the offline cache
+        names = self._logit_names()
+        if names and teacher.tokens is None:
+            raise ValueError(f"channels {names} need teacher logits")
         head = self.student.get_output_embeddings()
-        fns = {c.name: self.head.energy_fns[c.name] for c in self.head.logit_channels}
         result = chunked.chunked_channels(
             aligned.student(out.hidden_states[-1]),
             head.weight[: self.vocab_rows],
-            source if fns else None,
-            energies=fns,
+            teacher.tokens if names else None,
+            energies={name: self.head.energy_fns[name] for name in names},
             labels=aligned.token_ids,
             bias=None if head.bias is None else head.bias[: self.vocab_rows],
             chunk_size=self.chunk_size,
             compile=self.chunk_compile,
+            upstream=_known_upstream(loss_of, names, aligned),
         )
         return result.per_sample(aligned.batch_index, aligned.batch_size)
 
-    def _logit_energies(
-        self, student: Tensor, teacher: Tensor | None, aligned: AlignedPositions
-    ) -> dict[str, Tensor]:
-        result = {}
-        for spec in self.head.logit_channels:
-            if teacher is None:
-                raise ValueError(f"channel {spec.name!r} needs teacher logits")
-            rows = aligned.is_answer if spec.answer_only else slice(None)
-            per_token = self.head.energy_fns[spec.name](student[rows], teacher[rows])
-            result[spec.name] = per_sample_mean(
-                per_token, aligned.batch_index[rows], aligned.batch_size
-            )
-        return result
+    def _logit_names(self) -> list[str]:
+        return [c.name for c in self.head.logit_channels]
 
     def _feature_energies(
         self, out, teacher: TeacherTargets, image_counts: Sequence[int]
@@ -255,3 +263,29 @@ class DistillationModule(nn.Module):
     @property
     def config(self):
         return self.student.config
+
+
+def _known_upstream(loss_of, names: list[str], aligned: AlignedPositions) -> Tensor | None:
+    """d(loss)/d(per-token CE and logit energies) ``[N, 1 + K]`` (columns: CE, then
+    ``names``) when it does not depend on their values; else None.
+
+    ``loss_of(ce [B], {name: energy [B]})`` is differentiated at two different values of
+    the per-token columns; equal gradients mean a loss affine in them. From the
+    weightings' code: equal, fixed, task, instance and reference weightings, hyperpriors,
+    energy scales, closed form with one scale per channel and trust measured against
+    the data are; closed form per sample (or per micro-batch mean) and trust measured
+    against the student's energies are not (their betas follow the current energies),
+    and get None: the chunks then recompute in backward.
+    """
+    if not torch.is_grad_enabled():
+        return None
+
+    def gradient(value: float) -> Tensor:
+        probe = torch.full((len(aligned), 1 + len(names)), value, device=aligned.token_ids.device)
+        probe.requires_grad_(True)
+        columns = chunked.ChunkedOutput(probe[:, 0], dict(zip(names, probe[:, 1:].unbind(1))))
+        ce, energies = columns.per_sample(aligned.batch_index, aligned.batch_size)
+        return torch.autograd.grad(loss_of(ce, energies), probe)[0]
+
+    first = gradient(1.0)
+    return first if torch.equal(first, gradient(2.0)) else None

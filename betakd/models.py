@@ -9,6 +9,7 @@ to an image. No other module branches on the family.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,60 @@ def load_model(
         model.eval()
         model.requires_grad_(False)
     return model
+
+
+def check_model_path(key: str, path: str | Path) -> None:
+    """A model path that looks local must exist; hub ids are left to transformers, unless
+    ``HF_HUB_OFFLINE=1`` forbids downloading them. ``key`` names the setting in errors."""
+    path = str(path)
+    local = Path(path)
+    looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") > 1
+    if looks_local and not local.expanduser().is_dir():
+        raise FileNotFoundError(f"{key}: no model directory at {path}")
+    if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise FileNotFoundError(
+            f"{key}: {path!r} is not a local directory and HF_HUB_OFFLINE=1 forbids downloads"
+        )
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model with its processor (or tokenizer) and its family adapter."""
+
+    model: PreTrainedModel
+    processor: object
+    adapter: FamilyAdapter
+
+    @property
+    def visual_width(self) -> int | None:
+        return visual_width(self.model.config)
+
+
+def load(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype | None = "float32",
+    trust_remote_code: bool = False,
+    frozen: bool = False,
+    key: str = "model path",
+) -> LoadedModel:
+    """Model, processor and adapter from one folder (or hub id); see :func:`load_model`."""
+    check_model_path(key, path)
+    processor = load_processor(path, trust_remote_code=trust_remote_code)
+    model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, frozen=frozen)
+    return LoadedModel(model, processor, get_adapter(model, processor))
+
+
+def text_width(config: PretrainedConfig) -> int:
+    """Hidden size of the language model (its hidden states and, in a VLM, the projected
+    visual tokens spliced into it)."""
+    return int(config.get_text_config().hidden_size)
+
+
+def visual_width(config: PretrainedConfig) -> int | None:
+    """Width of the projected visual tokens a VLM feeds its language model; None for a
+    text-only model."""
+    return text_width(config) if is_multimodal_config(config) else None
 
 
 def load_processor(path: str | Path, *, trust_remote_code: bool = False):

@@ -1,13 +1,13 @@
 """The training recipe behind ``betakd train``: config -> models, data, trainer -> saved student.
 
-Thin on purpose: every piece lives in its own module (config, models, data, align,
-teachers, distill, trainer); this file only wires them in order.
+Thin on purpose: every piece lives in its own module (config, models, data, teachers,
+distill, trainer) and takes plain arguments; this file maps the config onto them and
+wires them in order. It is, with the command line, the only reader of the config.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +16,21 @@ import yaml
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from betakd import config as cfg
-from betakd import models
+from betakd import models, weighting
 from betakd.align import representation_dim
-from betakd.cache import CachedTeacher, build_cached_teacher
-from betakd.data import KDCollator, SampleEncoder, SkipReport, build_dataset
-from betakd.distill import DistillationHead, DistillationModule
-from betakd.teachers import OnlineTeacher
+from betakd.data import DataCache, KDCollator, SampleEncoder, SkipReport, build_dataset
+from betakd.distill import DistillationHead, DistillationModule, LogitChannelSpec
+from betakd.features import FeatureChannel
+from betakd.objective import DistillationObjective
+from betakd.teachers import (
+    CacheContents,
+    CachedTeacher,
+    CacheError,
+    OnlineTeacher,
+    TeacherCache,
+    TeacherSource,
+)
+from betakd.teachers.cache_format import data_fingerprint
 from betakd.trainer import BetaKDTrainer, is_complete
 
 logger = logging.getLogger(__name__)
@@ -76,26 +85,28 @@ def check_output_dir(output_dir: Path, config: cfg.TrainConfig, resume: bool) ->
 def check_model_paths(config: cfg.TrainConfig) -> None:
     """A model path that looks local must exist; hub ids are left to transformers."""
     for key, path in (("student.path", config.student.path), ("teacher.path", config.teacher.path)):
-        if path is None:
-            continue
-        local = Path(path)
-        looks_local = path.startswith((".", "/", "~")) or local.exists() or path.count("/") > 1
-        if looks_local and not local.expanduser().is_dir():
-            raise FileNotFoundError(f"{key}: no model directory at {path}")
-        if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise FileNotFoundError(
-                f"{key}: {path!r} is not a local directory and HF_HUB_OFFLINE=1 forbids downloads"
-            )
+        if path is not None:
+            models.check_model_path(key, path)
 
 
 @dataclass
 class TeacherSide:
-    """What the trainer needs from the teacher, whichever its source."""
+    """What the recipe builds for the teacher, whichever its source."""
 
-    source: OnlineTeacher | CachedTeacher
+    source: TeacherSource
     encoder: SampleEncoder | None  # None for a cache: no teacher batch is built
+    vocab_rows: int  # the shared vocabulary (logit columns beyond it are padding)
     visual_dim: int | None
     representation_dim: int
+
+
+def build_teacher(
+    config: cfg.TrainConfig, student: models.LoadedModel, data_cache: DataCache | None = None
+) -> TeacherSide:
+    """The config's teacher source (``teacher.source``: online or cache) for ``student``."""
+    if config.teacher.source == "cache":
+        return _cached_teacher(config, student)
+    return _online_teacher(config, student, data_cache)
 
 
 def build_trainer(
@@ -104,32 +115,27 @@ def build_trainer(
     *,
     sample_groups: Mapping[str, str] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    data_cache: DataCache | None = None,
 ) -> BetaKDTrainer:
     """Load models and data and assemble the trainer (no training yet).
 
     ``sample_groups`` maps sample ids to group names; the trainer then logs every
     channel's energy, beta and weighted term per group as well. ``callbacks`` are
-    ``transformers`` trainer callbacks.
+    ``transformers`` trainer callbacks. ``data_cache`` keeps encodings and validation
+    passes; pass one to share them between runs in a process (default: one per run).
     """
     check_model_paths(config)
-    student_processor = models.load_processor(
-        config.student.path, trust_remote_code=config.student.trust_remote_code
-    )
-    student = models.load_model(
+    data_cache = data_cache if data_cache is not None else DataCache()
+    student = models.load(
         config.student.path,
         dtype=config.student.dtype,
         trust_remote_code=config.student.trust_remote_code,
+        key="student.path",
     )
-    student_adapter = models.get_adapter(student, student_processor)
-    student_encoder = SampleEncoder(student_processor, student_adapter, config.data.max_length)
-    representation = (
-        config.weighting.representation if config.weighting.needs_representation else None
+    student_encoder = SampleEncoder(
+        student.processor, student.adapter, config.data.max_length, data_cache
     )
-    if config.teacher.source == "cache":
-        vocab = models.vocab_rows(student_processor, student)
-        teacher = _cached_teacher(config, student_processor, student_adapter, vocab, representation)
-    else:
-        teacher, vocab = _online_teacher(config, student_processor, student, representation)
+    teacher = build_teacher(config, student, data_cache)
     encoders = {"student": student_encoder}
     if teacher.encoder is not None:
         encoders["teacher"] = teacher.encoder
@@ -139,96 +145,175 @@ def build_trainer(
         encoders,
         max_skip_fraction=config.data.max_skip_fraction,
         limit=config.data.limit,
+        cache=data_cache,
     )
     logger.info("training samples: %d (%s)", len(dataset), dataset.report.summary())
     if isinstance(teacher.source, CachedTeacher):
-        teacher.source.check_covers(dataset)
+        conversations = dataset.conversations
+        teacher.source.cache.check_covers(
+            [c.index for c in conversations], [c.id for c in conversations]
+        )
     # The head (adapters, weighting network) initialises from the global RNG: seed it so
     # that a run is reproducible and equal configs start from equal heads.
     set_seed(args.seed)
-    head = DistillationHead.from_config(
+    head = build_head(
         config,
         teacher_dim=teacher.visual_dim,
-        student_dim=_visual_dim(student) if student_adapter.multimodal else None,
+        student_dim=student.visual_width,
         rep_dim=teacher.representation_dim,
     )
     if config.weighting.init_from:
         head.load(config.weighting.init_from)
+    student_model = student.model
     if config.student.lora is not None:
-        student = _with_lora(student, config.student.lora)
+        student_model = _with_lora(student_model, config.student.lora)
     return BetaKDTrainer(
         model=DistillationModule(
-            student,
+            student_model,
             head,
-            student_adapter,
-            vocab,
+            student.adapter,
+            teacher.vocab_rows,
             chunk_size=config.channels.chunk_size,
             chunk_compile=config.channels.chunk_compile,
         ),
         args=args,
         train_dataset=dataset,
         data_collator=KDCollator(student_encoder, teacher.encoder),
-        processing_class=student_processor,
+        processing_class=student.processor,
         teacher=teacher.source,
         head_learning_rate=config.weighting.learning_rate,
         head_weight_decay=config.weighting.weight_decay,
         adapter_weight_decay=config.weighting.adapter_weight_decay,
         calibration_samples=config.weighting.calibration_samples,
         sample_groups=sample_groups,
-        include_prompt=any(c.positions != "answer" for c in config.channels.logits),
         non_finite=config.non_finite.action,
         callbacks=list(callbacks),
     )
 
 
-def _online_teacher(config, student_processor, student, representation) -> tuple[TeacherSide, int]:
-    teacher_processor = models.load_processor(
-        config.teacher.path, trust_remote_code=config.teacher.trust_remote_code
+def build_head(
+    config: cfg.TrainConfig, *, teacher_dim: int | None, student_dim: int | None, rep_dim: int
+) -> DistillationHead:
+    """The weighting and feature adapters the config's channels and weighting ask for."""
+    channels = config.channels
+    specs = [
+        LogitChannelSpec(c.channel, c.energy, dict(c.options), c.positions == "answer")
+        for c in channels.logits
+    ]
+    feats = {}
+    for f in channels.features:
+        if teacher_dim is None or student_dim is None:
+            raise ValueError(
+                f"feature channel {f.name!r} needs visual tokens, but a model has none "
+                "(text-only student or teacher)"
+            )
+        feats[f.name] = FeatureChannel(
+            teacher_dim, student_dim, f.energy, adapter=f.adapter, normalize=f.normalize
+        )
+    options = dict(config.weighting.options)
+    if config.weighting.needs_representation:
+        options.setdefault("input_dim", rep_dim)
+    built = weighting.build(config.weighting.name, ["ce", *channels.names()], **options)
+    objective = DistillationObjective(built, reduction=config.weighting.reduction)
+    return DistillationHead(objective, specs, feats)
+
+
+def instance_representation(config: cfg.TrainConfig) -> str | None:
+    """The weighting's ``h(x)``, when it has one."""
+    return config.weighting.representation if config.weighting.needs_representation else None
+
+
+def teacher_contents(config: cfg.TrainConfig) -> CacheContents:
+    """What the config's channels and weighting need from the teacher."""
+    return CacheContents(
+        logits=bool(config.channels.logits),
+        visual=bool(config.channels.features),
+        representation=instance_representation(config),
     )
-    models.check_same_vocabulary(student_processor, teacher_processor)
-    teacher = models.load_model(
+
+
+def cache_contents(config: cfg.TrainConfig) -> CacheContents:
+    """What a teacher cache for the config holds; prompt positions cannot be cached."""
+    for i, channel in enumerate(config.channels.logits):
+        if channel.positions != "answer":
+            raise CacheError(
+                f"channels.logits.{i}.positions: {channel.positions!r} needs the teacher at "
+                "prompt positions; the cache holds answer tokens only (use an online teacher)"
+            )
+    return teacher_contents(config)
+
+
+def config_data_fingerprint(config: cfg.TrainConfig, tokenizer) -> dict:
+    """The run's data and tokenizer fields of a cache fingerprint."""
+    data = config.data
+    return data_fingerprint(data.train_file, data.image_folder, tokenizer, data.max_length)
+
+
+def _online_teacher(
+    config: cfg.TrainConfig, student: models.LoadedModel, data_cache: DataCache | None
+) -> TeacherSide:
+    teacher = models.load(
         config.teacher.path,
         dtype=config.teacher.dtype,
         trust_remote_code=config.teacher.trust_remote_code,
         frozen=True,
+        key="teacher.path",
     )
-    vocab = models.vocab_rows(student_processor, student, teacher)
-    adapter = models.get_adapter(teacher, teacher_processor)
+    models.check_same_vocabulary(student.processor, teacher.processor)
+    vocab = models.vocab_rows(student.processor, student.model, teacher.model)
+    needs = teacher_contents(config)
     source = OnlineTeacher(
-        teacher,
-        adapter,
+        teacher.model,
+        teacher.adapter,
         vocab_rows=vocab,
-        need_logits=bool(config.channels.logits),
-        need_visual=bool(config.channels.features),
-        representation=representation,
-        chunked=config.channels.chunk_size is not None,
-    )
-    side = TeacherSide(
-        source=source,
-        encoder=SampleEncoder(teacher_processor, adapter, config.data.max_length),
-        visual_dim=_visual_dim(teacher) if adapter.multimodal else None,
-        representation_dim=representation_dim(config.weighting.representation, teacher.config),
-    )
-    return side, vocab
-
-
-def _cached_teacher(config, student_processor, student_adapter, vocab, representation):
-    """teacher.source: cache -- no teacher model is loaded."""
-    cached = build_cached_teacher(
-        config, student_adapter, vocab, representation, tokenizer=student_processor
+        need_logits=needs.logits,
+        need_visual=needs.visual,
+        representation=needs.representation,
+        chunk_size=config.channels.chunk_size,
+        student_adapter=student.adapter,
+        include_prompt=any(c.positions != "answer" for c in config.channels.logits),
     )
     return TeacherSide(
-        source=cached,
-        encoder=None,
-        visual_dim=cached.teacher_visual_dim,
-        representation_dim=cached.representation_dim or 1,
+        source=source,
+        encoder=SampleEncoder(
+            teacher.processor, teacher.adapter, config.data.max_length, data_cache
+        ),
+        vocab_rows=vocab,
+        visual_dim=teacher.visual_width,
+        representation_dim=representation_dim(
+            config.weighting.representation, teacher.model.config
+        ),
     )
 
 
-def _visual_dim(model) -> int:
-    """Width of the projected visual tokens: the language model's hidden size."""
-    text = model.config.get_text_config()
-    return int(text.hidden_size)
+def _cached_teacher(config: cfg.TrainConfig, student: models.LoadedModel) -> TeacherSide:
+    """teacher.source: cache -- no teacher model is loaded. The cache must have been
+    written for this data, tokenizer (the student's: both share one vocabulary), teacher
+    and top k, and hold what the channels and weighting need."""
+    needs = cache_contents(config)
+    if needs.visual and not student.adapter.multimodal:
+        raise CacheError("channels.features: the student is text-only, it has no visual tokens")
+    cache = TeacherCache(config.teacher.cache_dir)
+    cache.check_fingerprint(
+        config_data_fingerprint(config, student.processor),
+        teacher_path=config.teacher.path,
+        top_k=config.teacher.cache_top_k if needs.logits else None,
+    )
+    vocab = models.vocab_rows(student.processor, student.model)
+    source = CachedTeacher(
+        cache,
+        vocab_rows=vocab,
+        need_logits=needs.logits,
+        need_visual=needs.visual,
+        representation=needs.representation,
+    )
+    return TeacherSide(
+        source=source,
+        encoder=None,
+        vocab_rows=vocab,
+        visual_dim=cache.teacher_visual_dim,
+        representation_dim=cache.representation_dim or 1,
+    )
 
 
 def _with_lora(student, lora: cfg.LoraSettings):
@@ -249,12 +334,17 @@ def run_training(
     resume: bool = False,
     sample_groups: Mapping[str, str] | None = None,
     callbacks: Sequence[TrainerCallback] = (),
+    data_cache: DataCache | None = None,
 ) -> TrainResult:
-    """Train, save the student (standard format) and the head, return the log history."""
+    """Train, save the student (standard format) and the head, return the log history.
+
+    ``data_cache``: see :func:`build_trainer`."""
     args = training_arguments(config)
     output_dir = Path(args.output_dir)
     check_output_dir(output_dir, config, resume)
-    trainer = build_trainer(config, args, sample_groups=sample_groups, callbacks=callbacks)
+    trainer = build_trainer(
+        config, args, sample_groups=sample_groups, callbacks=callbacks, data_cache=data_cache
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_world_process_zero():
         cfg.dump(config, output_dir / RESOLVED_CONFIG)
@@ -266,14 +356,13 @@ def run_training(
 
 def save_final(trainer: BetaKDTrainer, output_dir: Path) -> None:
     """The student as a standard model (LoRA merged), its processor, and the head."""
-    module = trainer._module
-    student = module.student
+    student = trainer.accelerator.unwrap_model(trainer.model).student
     if hasattr(student, "merge_and_unload"):
         student = student.merge_and_unload()
     if trainer.is_world_process_zero():
         student.save_pretrained(output_dir)
         trainer.processing_class.save_pretrained(output_dir)
-        module.head.save(output_dir)
+        trainer.head.save(output_dir)
 
 
 def _last_complete_checkpoint(output_dir: Path) -> str | None:

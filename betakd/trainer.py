@@ -3,7 +3,8 @@
 Everything around the loss comes from the ecosystem (accelerate, DeepSpeed, FSDP,
 checkpointing, ``report_to``, progress bars). What this subclass adds:
 
-* the loss: teacher targets (no grad) -> aligned positions -> channels -> weighting;
+* the loss: the teacher source (the only thing asked about the teacher: aligned
+  positions and teacher targets, no grad) -> channels -> weighting;
 * batch normalisation by the sample (or token) count of the whole accumulated batch
   across processes, so accumulation and DDP equal one large batch;
 * the weighting and feature adapters in their own optimizer group and learning rate;
@@ -19,7 +20,6 @@ checkpointing, ``report_to``, progress bars). What this subclass adds:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections import defaultdict
@@ -29,13 +29,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from betakd.align import align_positions
-from betakd.distill import HEAD_FILE, DistillationModule
-from betakd.teachers import OnlineTeacher
+from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule
+from betakd.files import write_json_atomic
+from betakd.labels import supervised
+from betakd.teachers.protocol import BatchMeta, TeacherSource
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 class NonFiniteLossError(RuntimeError):
@@ -46,11 +45,10 @@ class BetaKDTrainer(Trainer):
     def __init__(
         self,
         *args,
-        teacher: OnlineTeacher,
+        teacher: TeacherSource,
         head_learning_rate: float,
         head_weight_decay: float = 0.0,
         adapter_weight_decay: float = 0.0,
-        include_prompt: bool = False,
         non_finite: str = "stop",
         sample_groups: Mapping[str, str] | None = None,
         calibration_samples: int = 256,
@@ -63,7 +61,6 @@ class BetaKDTrainer(Trainer):
         self.head_learning_rate = head_learning_rate
         self.head_weight_decay = head_weight_decay
         self.adapter_weight_decay = adapter_weight_decay
-        self.include_prompt = include_prompt
         self.non_finite = non_finite
         self.sample_groups = dict(sample_groups or {})
         self.calibration_samples = calibration_samples
@@ -84,10 +81,10 @@ class BetaKDTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples, device):
         """Samples (or answer tokens) in the accumulated batch, summed over processes."""
-        token_reduction = self._module.head.objective.reduction == "token"
+        token_reduction = self.head.objective.reduction == "token"
         total = torch.zeros((), dtype=torch.long)
         for batch in batch_samples:
-            per_row = (batch["labels"][..., 1:] != IGNORE_INDEX).sum(dim=-1)
+            per_row = supervised(batch["labels"][..., 1:]).sum(dim=-1)
             total += per_row.sum() if token_reduction else (per_row > 0).sum()
         total = total.to(device)
         if self.args.world_size > 1:
@@ -112,40 +109,29 @@ class BetaKDTrainer(Trainer):
 
     def loss_inputs(self, inputs: dict) -> tuple:
         """The model's inputs (student batch, aligned positions, teacher targets, image
-        counts) for a collated batch: the teacher runs (or the cache is read) here."""
+        counts) for a collated batch: the teacher source runs (or reads its cache) here."""
         inputs = dict(self._prepare_inputs(inputs))
-        teacher_batch = inputs.pop("teacher", None)
-        sample_ids = inputs.pop("sample_ids")
-        sample_index = inputs.pop("sample_index", None)
-        image_counts = inputs.pop("image_counts").tolist()
-        if teacher_batch is None:
-            # Offline cache (betakd.cache.CachedTeacher): positions from the student batch.
-            aligned = self.teacher.align(inputs, sample_index, sample_ids)
-            targets = self.teacher(None, aligned, image_counts, sample_index)
-        else:
-            aligned = align_positions(
-                inputs,
-                teacher_batch,
-                student_adapter=self._module.adapter,
-                teacher_adapter=self.teacher.adapter,
-                include_prompt=self.include_prompt,
-                sample_ids=sample_ids,
-            )
-            targets = self.teacher(teacher_batch, aligned, image_counts)
-        return inputs, aligned, targets, image_counts
+        meta = BatchMeta.pop_from(inputs)
+        aligned, targets = self.teacher(inputs, meta)
+        return inputs, aligned, targets, meta.image_counts
 
     # ----------------------------------------------------------------- energy scales
 
     @property
+    def head(self) -> DistillationHead:
+        """The trained head (weighting and feature adapters), unwrapped from any engine."""
+        return self._module.head
+
+    @property
     def _weighting(self):
-        return self._module.head.objective.weighting
+        return self.head.objective.weighting
 
     def calibrate_energy_scale(self) -> torch.Tensor:
         """Each weighted channel's mean energy over the first ``calibration_samples``
         training samples (in data-file order, so it does not depend on shuffling, batch
         size or accumulation), measured with the initial models, without gradients."""
         weighting = self._weighting
-        objective = self._module.head.objective
+        objective = self.head.objective
         n = min(self.calibration_samples, len(self.train_dataset))
         size = self.args.per_device_train_batch_size
         # The energies are read before weighting; a placeholder scale lets the forward run.
@@ -175,7 +161,7 @@ class BetaKDTrainer(Trainer):
     def _accumulate_step_energy(self, out) -> None:
         if self._weighting.scale_momentum is None:
             return
-        sums, count = self._module.head.objective.weighted_energy_sums(out.energies, out.valid)
+        sums, count = self.head.objective.weighted_energy_sums(out.energies, out.valid)
         if self._step_energy is None:
             self._step_energy = [sums.detach(), count.detach().to(sums.dtype)]
         else:
@@ -225,7 +211,7 @@ class BetaKDTrainer(Trainer):
         """Per group of samples: sums of each channel's energy, beta and weighted term."""
         if not self.sample_groups:
             return
-        channels = self._module.head.objective.channels
+        channels = self.head.objective.channels
         energies, betas, valid = out.energies, out.betas, out.valid
         for row, sample_id in enumerate(sample_ids):
             group = self.sample_groups.get(str(sample_id))
@@ -260,7 +246,7 @@ class BetaKDTrainer(Trainer):
         adapters (``adapter_weight_decay``) at the head learning rate."""
         if self.optimizer is None:
             super().create_optimizer(model=self._module.student)
-            head = self._module.head
+            head = self.head
             for params, decay in (
                 (head.objective.parameters(), self.head_weight_decay),
                 (head.features.parameters(), self.adapter_weight_decay),
@@ -340,9 +326,7 @@ COMPLETE_MARKER = "betakd_complete.json"
 
 def mark_complete(checkpoint: Path) -> None:
     """Written last and atomically: a checkpoint without it was interrupted while saving."""
-    tmp = checkpoint / (COMPLETE_MARKER + ".tmp")
-    tmp.write_text(json.dumps({"complete": True}))
-    os.replace(tmp, checkpoint / COMPLETE_MARKER)
+    write_json_atomic(checkpoint / COMPLETE_MARKER, {"complete": True}, indent=None)
 
 
 def is_complete(checkpoint: Path) -> bool:

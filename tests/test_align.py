@@ -19,7 +19,8 @@ from betakd.align import (
     pooled_visual,
     representation_dim,
 )
-from betakd.data import IGNORE_INDEX, KDCollator, SampleEncoder, build_dataset
+from betakd.data import KDCollator, SampleEncoder, build_dataset
+from betakd.labels import IGNORE_INDEX
 from betakd.models import forward_inputs, get_adapter, load_model, load_processor
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -9,22 +10,29 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
-from betakd import align, energies, models
-from betakd import cache as cache_mod
+from betakd import align, chunked, energies, files, models
 from betakd import config as cfg
 from betakd.align import align_positions
-from betakd.cache import (
-    INDEX_FILE,
+from betakd.cache_cli import cache_teacher
+from betakd.data import KDCollator, SampleEncoder, build_dataset
+from betakd.profiling import peak_tensor_bytes
+from betakd.teachers import (
+    BatchMeta,
+    CacheContents,
     CacheError,
+    OnlineTeacher,
     TeacherCache,
-    build_cached_teacher,
     dense_from_topk,
     topk_summary,
-    write_teacher_cache,
 )
-from betakd.data import KDCollator, SampleEncoder, build_dataset
-from betakd.teachers import OnlineTeacher
+from betakd.teachers import cache_format as fmt
+from betakd.teachers.cache_format import INDEX_FILE
+from betakd.teachers.cache_reader import token_ranks
+from betakd.teachers.targets import LOG_TAIL_FLOOR
+from betakd.train import build_teacher
 
 TOP_K = 32
 # float16 storage of log-probabilities around log(1/512) = -6.2: |error| <= 6.2 * 2**-11.
@@ -81,14 +89,26 @@ def written(tmp_path_factory, llava_pair, data_files):
     """One complete cache (6 samples in shards of 4 -> 2 shards), shared read-only."""
     root = tmp_path_factory.mktemp("cache_written")
     config = make_config(llava_pair, *data_files, root / "cache")
-    return write_teacher_cache(config, **WRITE), config
+    return cache_teacher(config, **WRITE), config
 
 
 def teacher_parts(path):
-    processor = models.load_processor(path)
-    model = models.load_model(path, frozen=True)
-    adapter = models.get_adapter(model, processor)
-    return processor, model, adapter
+    loaded = models.load(path, frozen=True)
+    return loaded.processor, loaded.model, loaded.adapter
+
+
+def cached_side(config, student_path, processor=None):
+    """The recipe's cached teacher for a run whose student is at ``student_path``."""
+    student = models.load(student_path)
+    if processor is not None:
+        student = dataclasses.replace(student, processor=processor)
+    return build_teacher(config, student)
+
+
+def split_meta(batch):
+    """A collated batch as the trainer hands it to a teacher source."""
+    inputs = dict(batch)
+    return inputs, BatchMeta.pop_from(inputs)
 
 
 # --------------------------------------------------------------------------- dense rebuild
@@ -110,7 +130,7 @@ def test_a_vanishing_tail_keeps_reverse_kl_finite():
     logits = torch.full((2, 40), -1e4)
     logits[:, :3] = torch.tensor([5.0, 4.0, 3.0])
     values, ids, tail = topk_summary(logits, 3)
-    assert torch.all(tail == cache_mod.LOG_TAIL_FLOOR)
+    assert torch.all(tail == LOG_TAIL_FLOOR)
     dense = dense_from_topk(values.half(), ids.int(), tail.half(), 40)
     student = torch.randn(2, 40)
     for name in ("rkl", "fkl", "jsd", "cosine_probs"):
@@ -121,17 +141,17 @@ def test_a_vanishing_tail_keeps_reverse_kl_finite():
 
 def test_token_ids_round_trip_in_16_and_24_bits():
     small = torch.tensor([[0, 1, 32767], [5, 300, 7]])
-    stored = cache_mod.encode_ids(small, "int16")
+    stored = fmt.encode_ids(small, "int16")
     assert set(stored) == {""} and stored[""].dtype == torch.int16
-    assert torch.equal(cache_mod.decode_ids(stored[""], None), small)
+    assert torch.equal(fmt.decode_ids(stored[""], None), small)
     large = torch.tensor([[0, 32767, 32768], [65535, 65536, 151935], [2**24 - 1, 1, 99999]])
-    stored = cache_mod.encode_ids(large, cache_mod.id_storage(151936))
+    stored = fmt.encode_ids(large, fmt.id_storage(151936))
     assert stored[""].dtype == torch.int16 and stored["_high"].dtype == torch.uint8
-    assert torch.equal(cache_mod.decode_ids(stored[""], stored["_high"]), large)
-    assert cache_mod.bytes_per_token(32, 151936) == 165
-    assert cache_mod.bytes_per_token(32, 512) == 132
+    assert torch.equal(fmt.decode_ids(stored[""], stored["_high"]), large)
+    assert fmt.bytes_per_token(32, 151936) == 165
+    assert fmt.bytes_per_token(32, 512) == 132
     with pytest.raises(CacheError, match="24-bit"):
-        cache_mod.id_storage(2**24 + 1)
+        fmt.id_storage(2**24 + 1)
 
 
 # --------------------------------------------------------------------------- write and reload
@@ -162,12 +182,12 @@ def test_cache_matches_the_online_teacher(written, llava_pair):
         need_visual=True,
         representation="teacher_visual",
     )
-    targets = teacher(batch, aligned, batch["image_counts"].tolist())
-    online = torch.log_softmax(targets.logits.float(), -1)
+    targets = teacher.targets(batch, aligned, batch["image_counts"].tolist())
+    online = torch.log_softmax(targets.tokens.logits(0, len(aligned), 512).float(), -1)
     visual = targets.visual
 
     cache = TeacherCache(cache_dir)
-    ranks = cache_mod._ranks(aligned.batch_index, aligned.batch_size)
+    ranks = token_ranks(aligned.batch_index, aligned.batch_size)
     for row, index_in_data in enumerate(batch["sample_index"].tolist()):
         sample = cache.sample(index_in_data)
         mine = aligned.batch_index == row
@@ -204,7 +224,7 @@ def test_cached_representations_equal_the_online_ones(
     raw["channels"]["features"] = []
     raw["weighting"]["representation"] = representation
     config = cfg.validate(raw)
-    write_teacher_cache(config, **{**WRITE, "shard_size": 6})
+    cache_teacher(config, **{**WRITE, "shard_size": 6})
     processor, model, adapter = teacher_parts(llava_pair[1])
     encoder = SampleEncoder(processor, adapter, config.data.max_length)
     dataset = build_dataset(config.data.train_file, config.data.image_folder, [encoder])
@@ -216,7 +236,7 @@ def test_cached_representations_equal_the_online_ones(
         need_logits=True,
         need_visual=False,
         representation=representation,
-    )(batch, align_positions(batch, batch), batch["image_counts"].tolist())
+    ).targets(batch, align_positions(batch, batch), batch["image_counts"].tolist())
     cache = TeacherCache(tmp_path / "cache")
     assert cache.contents["representation"] == representation
     assert cache.layout["representation_dim"] == online.representation.shape[1]
@@ -228,20 +248,18 @@ def test_cached_teacher_serves_aligned_dense_targets(written, llava_pair):
     cache_dir, config = written
     raw = config.model_dump()
     raw["teacher"].update(source="cache", path=None)
-    cached_config = cfg.validate(raw)
+    side = cached_side(cfg.validate(raw), llava_pair[0])
+    teacher = side.source
+    assert side.visual_dim == 64 and side.representation_dim == 64 and side.encoder is None
     processor, model, adapter = teacher_parts(llava_pair[0])
-    teacher = build_cached_teacher(
-        cached_config, adapter, 512, "teacher_visual", tokenizer=processor
-    )
-    assert teacher.teacher_visual_dim == 64 and teacher.representation_dim == 64
     encoder = SampleEncoder(processor, adapter, config.data.max_length)
     dataset = build_dataset(config.data.train_file, config.data.image_folder, [encoder])
     batch = KDCollator(encoder)([dataset[i] for i in (4, 1, 5)])
-    aligned = teacher.align(batch, batch["sample_index"], batch["sample_ids"])
+    aligned, targets = teacher(*split_meta(batch))
     assert len(aligned) == int((batch["labels"][:, 1:] != -100).sum())
-    targets = teacher(None, aligned, batch["image_counts"].tolist(), batch["sample_index"])
-    assert targets.logits.shape == (len(aligned), 512)
-    torch.testing.assert_close(targets.logits.exp().sum(-1), torch.ones(len(aligned)))
+    dense = targets.tokens.logits(0, len(aligned), 512)
+    assert dense.shape == (len(aligned), 512)
+    torch.testing.assert_close(dense.exp().sum(-1), torch.ones(len(aligned)))
     assert [v.shape for v in targets.visual] == [torch.Size([16, 64])] * 3
     assert targets.representation.shape == (3, 64)
 
@@ -250,7 +268,7 @@ def test_cached_teacher_serves_aligned_dense_targets(written, llava_pair):
     answer = (batch["labels"][1] != -100).nonzero()[0]
     broken["input_ids"][1, answer] = (broken["input_ids"][1, answer] + 1) % 500
     with pytest.raises(CacheError, match=r"sample s1 \(data row 1\): cached answer token 0"):
-        teacher.align(broken, batch["sample_index"], batch["sample_ids"])
+        teacher(*split_meta(broken))
 
 
 # --------------------------------------------------------------------------- validation
@@ -258,8 +276,6 @@ def test_cached_teacher_serves_aligned_dense_targets(written, llava_pair):
 
 def test_changed_data_or_tokenizer_is_detected(written, llava_pair, data_files, tmp_path):
     cache_dir, config = written
-    processor = models.load_processor(llava_pair[0])
-    adapter = models.get_adapter(models.load_model(llava_pair[0]), processor)
 
     def cached(data):
         raw = config.model_dump()
@@ -272,18 +288,18 @@ def test_changed_data_or_tokenizer_is_detected(written, llava_pair, data_files, 
     changed = tmp_path / "data.json"
     changed.write_text(json.dumps(records))
     with pytest.raises(CacheError, match="data file contents"):
-        build_cached_teacher(cached(changed), adapter, 512, "teacher_visual", tokenizer=processor)
+        cached_side(cached(changed), llava_pair[0])
 
     other = models.load_processor(llava_pair[0])
     other.tokenizer.add_tokens(["<new-token>"])
     with pytest.raises(CacheError, match="tokenizer vocabulary"):
-        build_cached_teacher(cached(data_files[0]), adapter, 512, "teacher_visual", tokenizer=other)
+        cached_side(cached(data_files[0]), llava_pair[0], processor=other)
 
     # Writing into a folder that holds another data set's cache is refused.
     raw = config.model_dump()
     raw["data"]["train_file"] = str(changed)
     with pytest.raises(CacheError, match="data_sha256"):
-        write_teacher_cache(cfg.validate(raw), **WRITE)
+        cache_teacher(cfg.validate(raw), **WRITE)
 
 
 def test_missing_index_means_an_unfinished_cache(tmp_path):
@@ -300,39 +316,37 @@ def test_interrupted_write_resumes_to_the_same_shards(
 ):
     reference, _ = written
     config = make_config(llava_pair, *data_files, tmp_path / "cache")
-    real_save = cache_mod.save_shard_atomic
-    saved = []
-
-    def crash_on_second(tensors, path, metadata):
-        if saved:
-            # Killed mid-write: a partial temporary file, no shard.
-            cache_mod._temp_name(path).write_bytes(b"partial")
-            raise KeyboardInterrupt("simulated interruption")
-        saved.append(path.name)
-        real_save(tensors, path, metadata)
-
-    monkeypatch.setattr(cache_mod, "save_shard_atomic", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        write_teacher_cache(config, **WRITE)
     cache_dir = tmp_path / "cache"
-    assert saved == ["shard-00000.safetensors"]
+    real_targets = OnlineTeacher.targets
+    computed = []
+
+    def crash_in_second_shard(self, batch, aligned, image_counts):
+        if "s4" in batch["sample_ids"]:
+            # Killed while writing the second shard: a partial temporary file, no shard.
+            files.temp_name(cache_dir / "shard-00001.safetensors").write_bytes(b"partial")
+            raise KeyboardInterrupt("simulated interruption")
+        computed.extend(batch["sample_ids"])
+        return real_targets(self, batch, aligned, image_counts)
+
+    monkeypatch.setattr(OnlineTeacher, "targets", crash_in_second_shard)
+    with pytest.raises(KeyboardInterrupt):
+        cache_teacher(config, **WRITE)
+    assert sorted(p.name for p in cache_dir.glob(fmt.SHARD_GLOB)) == ["shard-00000.safetensors"]
     assert not (cache_dir / INDEX_FILE).exists()
-    assert cache_mod.leftover_temp_files(cache_dir)
+    assert files.leftover_temp_files(cache_dir)
     with pytest.raises(CacheError, match="interrupted run"):
         TeacherCache(cache_dir)
 
-    computed = []
-    real_call = cache_mod._TeacherRunner.__call__
+    computed.clear()
 
-    def counting(self, batch):
+    def counting(self, batch, aligned, image_counts):
         computed.extend(batch["sample_ids"])
-        return real_call(self, batch)
+        return real_targets(self, batch, aligned, image_counts)
 
-    monkeypatch.setattr(cache_mod, "save_shard_atomic", real_save)
-    monkeypatch.setattr(cache_mod._TeacherRunner, "__call__", counting)
-    write_teacher_cache(config, **WRITE)
+    monkeypatch.setattr(OnlineTeacher, "targets", counting)
+    cache_teacher(config, **WRITE)
     assert computed == ["s4", "s5"]  # only the missing shard ran
-    assert not cache_mod.leftover_temp_files(cache_dir)
+    assert not files.leftover_temp_files(cache_dir)
     for name in ("shard-00000.safetensors", "shard-00001.safetensors"):
         assert (cache_dir / name).read_bytes() == (reference / name).read_bytes(), name
     assert (
@@ -399,7 +413,7 @@ def test_cli_writes_a_cache(llava_pair, data_files, tmp_path):
     assert cache.contents == {"logits": True, "visual": False, "representation": None}
     assert cache.sample(0).visual is None
     with pytest.raises(CacheError, match=r"without visual tokens \(channels.features\)"):
-        cache.check_contents(cache_mod.CacheContents(True, True, None))
+        cache.check_contents(CacheContents(True, True, None))
 
 
 def test_uncached_training_samples_are_named(written):
@@ -407,3 +421,132 @@ def test_uncached_training_samples_are_named(written):
     cache.check_covers([0, 5], ["s0", "s5"])
     with pytest.raises(CacheError, match=r"lacks 1 training samples \(e.g. \['late'\]\)"):
         cache.check_covers([0, 17], ["s0", "late"])
+
+
+# --------------------------------------------------------------------------- chunked from the cache
+
+
+def cached_trainer(config_raw, tmp_path, **channels):
+    from betakd.train import build_trainer, training_arguments
+
+    raw = json.loads(json.dumps(config_raw))
+    raw["teacher"]["source"] = "cache"
+    raw["channels"].update(channels)
+    raw["training"]["output_dir"] = str(tmp_path / "out")
+    config = cfg.validate(raw)
+    return build_trainer(config, training_arguments(config))
+
+
+def counted(trainer):
+    """Count calls of every logit channel's energy (one per chunk and pass)."""
+    calls = []
+    for name, fn in list(trainer.head.energy_fns.items()):
+
+        def wrapped(student, teacher, fn=fn):
+            calls.append(student.shape[0])
+            return fn(student, teacher)
+
+        trainer.head.energy_fns[name] = wrapped
+    return calls
+
+
+def loss_and_grads(trainer, rows):
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+    trainer.model.zero_grad()
+    loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=len(rows))
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def answer_tokens(trainer, rows) -> int:
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in rows])
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize(
+    "weighting, passes",
+    [("instance", 1), ("task", 1), ("closed_form", 2)],
+)
+def test_chunked_from_the_cache_equals_dense_from_the_cache(written, tmp_path, weighting, passes):
+    """Values and gradients equal; the single pass is chosen where the betas do not
+    follow the current energies (closed form per sample recomputes in backward)."""
+    raw = written[1].model_dump()
+    raw["channels"]["logits"].append({"energy": "fkl", "options": {"temperature": 2.0}})
+    raw["weighting"] = {"name": weighting, "representation": "teacher_visual"}
+    rows = [4, 1, 5, 0]
+    dense = cached_trainer(raw, tmp_path / "dense")
+    in_chunks = cached_trainer(raw, tmp_path / "chunked", chunk_size=3)
+    calls = counted(in_chunks)
+    dense_loss, dense_grads = loss_and_grads(dense, rows)
+    chunk_loss, chunk_grads = loss_and_grads(in_chunks, rows)
+    chunks = -(-answer_tokens(in_chunks, rows) // 3)
+    assert len(calls) == 2 * passes * chunks  # two energies, each chunk once per pass
+    torch.testing.assert_close(chunk_loss, dense_loss, rtol=1e-5, atol=1e-6)
+    assert dense_grads.keys() == chunk_grads.keys()
+    for name, grad in dense_grads.items():
+        torch.testing.assert_close(chunk_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class VocabRows(TorchDispatchMode):
+    """The most rows of any ``[..., V]`` tensor that an operation produced (views too)."""
+
+    def __init__(self, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_leaves(out):
+            if isinstance(value, torch.Tensor) and value.dim() >= 2:
+                if value.shape[-1] == self.vocab:
+                    self.most = max(self.most, value.numel() // self.vocab)
+        return out
+
+
+@pytest.fixture(scope="module")
+def long_answers(tmp_path_factory, llava_pair, llava_files):
+    """Eight samples with long answers (many answer tokens per batch) and their cache."""
+    root = tmp_path_factory.mktemp("long_answers")
+    records = []
+    for i, colour in enumerate(["red", "green", "blue", "red"] * 2):
+        llava_files.write_image(root / "images" / f"{i}.png", colour)
+        answer = f"The shape is {colour}. It is a small {colour} square in the middle of it."
+        records.append(llava_files.record(f"l{i}", "Describe the image.", answer, f"{i}.png"))
+    data = llava_files.write_records(root / "data.json", records)
+    config = make_config(llava_pair, data, root / "images", root / "cache")
+    cache_teacher(config, **{**WRITE, "shard_size": 8})
+    return config
+
+
+def test_training_from_the_cache_in_chunks_never_holds_a_vocabulary_sized_tensor(
+    long_answers, tmp_path
+):
+    """With chunk_size, the loss (CE, two energies, their gradients) stays below one
+    [N, V] float32 tensor, and no operation of the step makes a tensor of N rows of the
+    vocabulary, teacher or student; the dense path does both."""
+    raw = long_answers.model_dump()
+    raw["channels"]["logits"].append({"energy": "fkl"})
+    rows = list(range(8))
+    vocab = 512
+    measured = {}
+    for chunk_size in (None, 2):
+        trainer = cached_trainer(raw, tmp_path / f"c{chunk_size}", chunk_size=chunk_size)
+        n = answer_tokens(trainer, rows)
+        watch = VocabRows(vocab)
+
+        def step(trainer=trainer, watch=watch):
+            with watch:
+                loss_and_grads(trainer, rows)
+
+        within = None if chunk_size is None else chunked.PROFILER_RANGE
+        measured[chunk_size] = (peak_tensor_bytes(step, within=within), watch.most)
+    one_tensor = n * vocab * 4
+    assert n >= 100, n
+    chunk_peak, chunk_rows = measured[2]
+    dense_peak, dense_rows = measured[None]
+    assert chunk_peak is not None and 0 < chunk_peak < one_tensor, (chunk_peak, one_tensor)
+    assert chunk_rows < n, chunk_rows
+    # The measurement sees vocabulary-sized tensors where they exist.
+    assert dense_peak > one_tensor and dense_rows >= n, (dense_peak, dense_rows)

@@ -1,5 +1,6 @@
 """Chunked logit channels against the dense path: values and gradients, every energy."""
 
+import math
 import os
 
 import pytest
@@ -8,6 +9,13 @@ import torch.nn.functional as F
 
 from betakd import chunked, energies
 from betakd.objective import per_sample_mean
+from betakd.teachers.targets import (
+    LOG_TAIL_FLOOR,
+    HiddenStateLogits,
+    TopKLogits,
+    dense_from_topk,
+    topk_summary,
+)
 
 N, H, H_T, V, V_T = 53, 16, 12, 300, 320  # teacher lm_head has 20 padding rows
 RTOL, ATOL = 1e-5, 1e-7
@@ -43,8 +51,8 @@ def dense_values(case, fn):
     return ce, fn(logits, teacher)
 
 
-def chunked_values(case, fn, chunk_size, compile=False):
-    teacher = chunked.LinearTeacher(case["t_hidden"], case["t_weight"])
+def chunked_values(case, fn, chunk_size, compile=False, single_pass=False):
+    teacher = HiddenStateLogits(case["t_hidden"], case["t_weight"])
     out = chunked.chunked_channels(
         case["hidden"],
         case["weight"],
@@ -54,8 +62,14 @@ def chunked_values(case, fn, chunk_size, compile=False):
         bias=case["bias"],
         chunk_size=chunk_size,
         compile=compile,
+        upstream=upstream_weights(case) if single_pass else None,
     )
     return out.ce, out.energies["kd"]
+
+
+def upstream_weights(case):
+    """The loss's gradient with respect to the [CE, energy] columns of values_and_grads."""
+    return torch.stack([case["w_ce"], case["w_energy"]], dim=1)
 
 
 def values_and_grads(case, compute):
@@ -69,13 +83,16 @@ def assert_close(got, want):
     torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL * want.abs().max().item() + 1e-9)
 
 
+@pytest.mark.parametrize("single_pass", [False, True], ids=["recompute", "single_pass"])
 @pytest.mark.parametrize("name", energies.names())
-def test_every_energy_matches_dense_values_and_gradients(name):
+def test_every_energy_matches_dense_values_and_gradients(name, single_pass):
     case = make_case()
     options = {"temperature": 2.0} if "temperature" in energies.options(name) else {}
     fn = energies.get(name, **options)
     dense = values_and_grads(case, lambda: dense_values(case, fn))
-    chunk = values_and_grads(case, lambda: chunked_values(case, fn, chunk_size=16))
+    chunk = values_and_grads(
+        case, lambda: chunked_values(case, fn, chunk_size=16, single_pass=single_pass)
+    )
     assert chunk[1].dtype == torch.float32 and chunk[1].shape == (N,)
     assert_close(chunk[0], dense[0])
     assert_close(chunk[1], dense[1])
@@ -83,18 +100,22 @@ def test_every_energy_matches_dense_values_and_gradients(name):
         assert_close(got, want)
 
 
+@pytest.mark.parametrize("single_pass", [False, True], ids=["recompute", "single_pass"])
 @pytest.mark.parametrize("chunk_size", [1, 7, N, 1000])
-def test_chunk_sizes_that_do_not_divide_n(chunk_size):
+def test_chunk_sizes_that_do_not_divide_n(chunk_size, single_pass):
     case = make_case(seed=1, bias=False)
     fn = energies.get("cosine_probs")
     dense = values_and_grads(case, lambda: dense_values(case, fn))
-    chunk = values_and_grads(case, lambda: chunked_values(case, fn, chunk_size))
+    chunk = values_and_grads(
+        case, lambda: chunked_values(case, fn, chunk_size, single_pass=single_pass)
+    )
     assert len(chunk[2]) == 2  # hidden and weight; no bias
     for got, want in zip([chunk[0], chunk[1], *chunk[2]], [dense[0], dense[1], *dense[2]]):
         assert_close(got, want)
 
 
-def test_compile_path_pads_the_last_chunk_without_changing_results(monkeypatch):
+@pytest.mark.parametrize("single_pass", [False, True], ids=["recompute", "single_pass"])
+def test_compile_path_pads_the_last_chunk_without_changing_results(monkeypatch, single_pass):
     # torch.compile replaced by the identity: checks the static-shape padding quickly.
     compiled_shapes = []
 
@@ -109,7 +130,9 @@ def test_compile_path_pads_the_last_chunk_without_changing_results(monkeypatch):
     case = make_case(seed=9)
     fn = energies.get("jsd", temperature=1.5)
     dense = values_and_grads(case, lambda: dense_values(case, fn))
-    chunk = values_and_grads(case, lambda: chunked_values(case, fn, 20, compile=True))
+    chunk = values_and_grads(
+        case, lambda: chunked_values(case, fn, 20, compile=True, single_pass=single_pass)
+    )
     assert set(compiled_shapes) == {(20, V)}  # 53 tokens: 20 + 20 + 13 padded to 20
     for got, want in zip([chunk[0], chunk[1], *chunk[2]], [dense[0], dense[1], *dense[2]]):
         assert_close(got, want)
@@ -165,7 +188,7 @@ def test_several_energies_share_one_pass_and_only_needed_grads_are_built():
     out = chunked.chunked_channels(
         case["hidden"],
         case["weight"],
-        chunked.LinearTeacher(case["t_hidden"], case["t_weight"]),
+        HiddenStateLogits(case["t_hidden"], case["t_weight"]),
         energies=fns,
         bias=case["bias"],
         chunk_size=9,
@@ -223,7 +246,7 @@ def test_end_to_end_per_sample_from_batched_hidden_states():
     out = chunked.chunked_channels(
         student.hidden,
         weight,
-        chunked.LinearTeacher(teacher.hidden, t_weight),
+        HiddenStateLogits(teacher.hidden, t_weight),
         energies={"fkl": energies.get("fkl")},
         labels=targets[mask],
         chunk_size=4,
@@ -243,26 +266,32 @@ def test_end_to_end_per_sample_from_batched_hidden_states():
 
 def test_topk_reconstruction_sums_to_one_and_keeps_the_listed_entries():
     g = torch.Generator().manual_seed(6)
-    log_p = torch.log_softmax(torch.randn(8, V, generator=g) * 3, dim=-1)
-    top, ids = log_p.topk(20, dim=-1)
-    dense = chunked.topk_to_log_probs(top, ids, V)
+    logits = torch.randn(8, V, generator=g) * 3
+    log_p = torch.log_softmax(logits, dim=-1)
+    top, ids, tail = topk_summary(logits, 20)
+    dense = dense_from_topk(top, ids, tail, V)
     torch.testing.assert_close(dense.exp().sum(-1), torch.ones(8))
     torch.testing.assert_close(dense.gather(1, ids), top)
-    tail = 1 - top.exp().sum(-1, keepdim=True)
+    # The stored tail is the exact remaining mass, spread evenly over the other tokens.
+    exact_tail = 1 - log_p.gather(1, ids).exp().sum(-1, keepdim=True)
     others = torch.ones_like(dense, dtype=torch.bool).scatter_(1, ids, False)
     torch.testing.assert_close(
-        dense[others].view(8, V - 20), (tail / (V - 20)).log().expand(8, V - 20)
+        dense[others].view(8, V - 20), (exact_tail / (V - 20)).log().expand(8, V - 20)
     )
+    # One rule for every range of rows: a chunk of rows is the same rows of the whole.
+    teacher = TopKLogits(top, ids, tail, V)
+    torch.testing.assert_close(teacher.logits(3, 7, V), dense[3:7], rtol=0, atol=0)
 
 
-def test_topk_with_full_vocabulary_equals_dense_teacher():
+@pytest.mark.parametrize("single_pass", [False, True], ids=["recompute", "single_pass"])
+def test_topk_with_full_vocabulary_equals_dense_teacher(single_pass):
     case = make_case(seed=7)
     t_logits = F.linear(case["t_hidden"], case["t_weight"][:V])
-    top, ids = torch.log_softmax(t_logits, dim=-1).topk(V, dim=-1)
+    top, ids, tail = topk_summary(t_logits, V)
     for name in ("fkl", "jsd", "cosine_probs"):
         fn = energies.get(name)
         dense = values_and_grads(case, lambda fn=fn: dense_values(case, fn))
-        sparse_teacher = chunked.TopKTeacher(top, ids, V)
+        sparse_teacher = TopKLogits(top, ids, tail, V)
 
         def compute(fn=fn, teacher=sparse_teacher):
             out = chunked.chunked_channels(
@@ -273,6 +302,7 @@ def test_topk_with_full_vocabulary_equals_dense_teacher():
                 labels=case["labels"],
                 bias=case["bias"],
                 chunk_size=11,
+                upstream=upstream_weights(case) if single_pass else None,
             )
             return out.ce, out.energies["kd"]
 
@@ -282,12 +312,74 @@ def test_topk_with_full_vocabulary_equals_dense_teacher():
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-def test_topk_without_tail_mass_gives_minus_inf_and_finite_fkl():
+def test_topk_without_tail_mass_is_floored_and_keeps_every_kl_finite():
     log_p = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0]]), dim=-1)
-    dense = chunked.topk_to_log_probs(log_p, torch.tensor([[0, 1, 2]]), 5)
-    assert torch.isneginf(dense[0, 3:]).all()
-    value = energies.get("fkl")(torch.zeros(1, 5), dense)
-    assert torch.isfinite(value).all()
+    no_tail = torch.tensor([float("-inf")])
+    dense = dense_from_topk(log_p, torch.tensor([[0, 1, 2]]), no_tail, 5)
+    assert torch.isfinite(dense).all()
+    torch.testing.assert_close(dense[0, 3:], torch.full((2,), LOG_TAIL_FLOOR - math.log(2)))
+    torch.testing.assert_close(dense.exp().sum(-1), torch.ones(1))
+    for name in ("fkl", "rkl", "jsd"):
+        value = energies.get(name)(torch.zeros(1, 5), dense)
+        assert torch.isfinite(value).all(), name
+
+
+# ----------------------------------------------------------------------------- single pass
+
+
+def counting(fn):
+    """The energy, counting its calls (one per chunk and pass)."""
+    calls = []
+
+    def wrapped(student, teacher):
+        calls.append(student.shape[0])
+        return fn(student, teacher)
+
+    return wrapped, calls
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_single_pass_evaluates_each_chunk_once_and_allows_a_scaled_loss(scale):
+    case = make_case(seed=12)
+    fn, calls = counting(energies.get("fkl"))
+    dense = values_and_grads(case, lambda: dense_values(case, energies.get("fkl")))
+    ce, energy = chunked_values(case, fn, chunk_size=10, single_pass=True)
+    assert len(calls) == 6  # 53 tokens in chunks of 10, in the forward pass only
+    loss = scale * ((case["w_ce"] * ce).sum() + (case["w_energy"] * energy).sum())
+    grads = torch.autograd.grad(loss, student_params(case))
+    assert len(calls) == 6  # backward returned the gradients computed in the forward pass
+    for got, want in zip(grads, dense[2]):
+        assert_close(got, scale * want)
+
+
+def test_single_pass_recomputes_when_the_loss_is_another_one():
+    # The upstream gradient the single pass assumed is not the one backward receives
+    # (as when a diagnostic differentiates one channel alone): exact gradients anyway.
+    case = make_case(seed=13)
+    fn, calls = counting(energies.get("jsd"))
+    ce, energy = chunked_values(case, fn, chunk_size=10, single_pass=True)
+    other = torch.rand(N, generator=torch.Generator().manual_seed(0))
+    loss = (other * energy).sum() + ce.sum()
+    grads = torch.autograd.grad(loss, student_params(case))
+    assert len(calls) == 12  # six chunks in forward, six recomputed in backward
+    logits = F.linear(case["hidden"], case["weight"], case["bias"])
+    teacher = F.linear(case["t_hidden"], case["t_weight"][:V])
+    want_loss = (other * energies.get("jsd")(logits, teacher)).sum() + F.cross_entropy(
+        logits, case["labels"], reduction="sum"
+    )
+    for got, want in zip(grads, torch.autograd.grad(want_loss, student_params(case))):
+        assert_close(got, want)
+
+
+def test_single_pass_without_gradients_only_computes_values():
+    case = make_case(seed=14)
+    fn, calls = counting(energies.get("fkl"))
+    with torch.no_grad():
+        ce, energy = chunked_values(case, fn, chunk_size=10, single_pass=True)
+    dense_ce, dense_energy = dense_values(case, energies.get("fkl"))
+    assert len(calls) == 6 and not energy.requires_grad
+    assert_close(energy, dense_energy.detach())
+    assert_close(ce, dense_ce.detach())
 
 
 # ----------------------------------------------------------------------------- errors
@@ -300,11 +392,18 @@ def test_input_errors_are_clear():
         chunked.chunked_channels(case["hidden"], case["weight"], energies=fn)
     with pytest.raises(ValueError, match="nothing to compute"):
         chunked.chunked_channels(case["hidden"], case["weight"])
-    short = chunked.LinearTeacher(case["t_hidden"][:5], case["t_weight"])
+    short = HiddenStateLogits(case["t_hidden"][:5], case["t_weight"])
     with pytest.raises(ValueError, match="align the answer tokens"):
         chunked.chunked_channels(case["hidden"], case["weight"], short, energies=fn)
-    small = chunked.LinearTeacher(case["t_hidden"], case["t_weight"][:10])
+    small = HiddenStateLogits(case["t_hidden"], case["t_weight"][:10])
     with pytest.raises(ValueError, match="fewer than"):
         chunked.chunked_channels(case["hidden"], case["weight"], small, energies=fn)
     with pytest.raises(ValueError, match="must lie in"):
-        chunked.topk_to_log_probs(torch.zeros(1, 2), torch.tensor([[0, V]]), V)
+        dense_from_topk(torch.zeros(1, 2), torch.tensor([[0, V]]), torch.zeros(1), V)
+    with pytest.raises(ValueError, match="upstream must have shape"):
+        chunked.chunked_channels(
+            case["hidden"],
+            case["weight"],
+            labels=case["labels"],
+            upstream=torch.ones(N, 2),
+        )

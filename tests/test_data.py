@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from betakd.data import (
-    IGNORE_INDEX,
     DataError,
     KDCollator,
     SampleEncoder,
@@ -17,6 +16,7 @@ from betakd.data import (
     build_dataset,
     parse_record,
 )
+from betakd.labels import IGNORE_INDEX
 from betakd.models import forward_inputs, get_adapter, load_model, load_processor
 from betakd.tiny import FAMILIES
 

@@ -39,7 +39,7 @@ def test_accumulation_equals_one_large_batch(weighting, llava_pair, sixteen_samp
         config = config_for(llava_pair, sixteen_samples, out, weighting, batch, accumulation)
         result = run_training(config)
         trajectories.append(loss_trajectory(result))
-        heads.append({k: v.clone() for k, v in result.trainer._module.head.state_dict().items()})
+        heads.append({k: v.clone() for k, v in result.trainer.head.state_dict().items()})
     for other in trajectories[1:]:
         assert other == pytest.approx(trajectories[0], abs=1e-5)
     for other in heads[1:]:

@@ -36,6 +36,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from betakd.files import write_text_atomic
+
 # The easy-VQA generator draws shapes in exactly these RGB values, so an image's colour
 # can be read from its pixels even when none of its questions names it.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -370,11 +372,8 @@ class DemoData:
 
 
 def _write_jsonl(path: Path, records: Iterable[dict]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with tmp.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record) + "\n")
-    os.replace(tmp, path)  # atomic, so an interrupted run never leaves a half file
+    # Atomic, so an interrupted run never leaves a half file.
+    write_text_atomic(path, "".join(json.dumps(record) + "\n" for record in records))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

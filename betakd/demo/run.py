@@ -243,7 +243,7 @@ def final_instance_betas(trainer, cache_dir: Path, train_file: Path, limit: int 
 
     Reads each sample's representation h(x) from the teacher cache, so no teacher runs.
     """
-    from betakd.cache import TeacherCache
+    from betakd.teachers import TeacherCache
 
     cache = TeacherCache(cache_dir)
     records = [json.loads(line) for line in train_file.read_text().splitlines() if line.strip()]
@@ -273,7 +273,7 @@ def ensure_teacher_cache(config: DemoConfig, teacher: Path, student_init: Path, 
     Every KD run then reads the teacher from this cache (`teacher.source: cache`), which
     is what makes twelve runs fit in a few minutes on a CPU.
     """
-    from betakd.cache import write_teacher_cache
+    from betakd.cache_cli import cache_teacher
     from betakd.demo.teacher import cache_root
 
     limit = settings.train_limit or "all"
@@ -293,7 +293,7 @@ def ensure_teacher_cache(config: DemoConfig, teacher: Path, student_init: Path, 
     )
     raw = writer_config.model_dump()
     raw["teacher"]["cache_dir"] = str(cache_dir)
-    return write_teacher_cache(cfg.validate(raw), batch_size=64, progress=True)
+    return cache_teacher(cfg.validate(raw), batch_size=64, progress=True)
 
 
 def run_one(

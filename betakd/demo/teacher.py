@@ -33,6 +33,7 @@ from betakd.demo.easyvqa_data import (
     read_jsonl,
     train_demo_tokenizer,
 )
+from betakd.labels import supervised
 from betakd.tiny import TinyDims
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
@@ -233,7 +234,7 @@ def first_answer_predictions(model, encoder, samples: Sequence, batch_size: int 
             batch = _batch(encoder, samples[start : start + batch_size])
             labels = batch.pop("labels")
             logits = model(**batch).logits
-            first = (labels != -100).float().argmax(dim=1)  # first answer position
+            first = supervised(labels).float().argmax(dim=1)  # first answer position
             rows = torch.arange(len(first))
             predictions.append(logits[rows, first - 1].argmax(-1))
             targets.append(labels[rows, first])

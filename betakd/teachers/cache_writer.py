@@ -1,0 +1,312 @@
+"""Writing the offline teacher cache: run the teacher once over a data set.
+
+The records come from :meth:`OnlineTeacher.targets <betakd.teachers.online.OnlineTeacher.targets>`,
+the same computation training with an online teacher uses, with the teacher batch
+aligned with itself (its answer tokens in order); this module only summarises them
+(top-k + tail, pooled visual tokens) and stores them (format:
+:mod:`betakd.teachers.cache_format`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from betakd import align, files
+from betakd.align import align_positions, representation_dim
+from betakd.data import ConversationDataset, KDCollator, SampleEncoder
+from betakd.models import visual_width
+from betakd.teachers.cache_format import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_SHARD_SIZE,
+    DEFAULT_VISUAL_TOKENS,
+    FLOAT_STORAGE,
+    FORMAT,
+    INDEX_FILE,
+    SHARD_NAME,
+    VERSION,
+    CacheContents,
+    CacheError,
+    bytes_per_token,
+    differences,
+    encode_ids,
+    id_storage,
+)
+from betakd.teachers.online import OnlineTeacher
+from betakd.teachers.targets import topk_summary
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _SampleRecord:
+    index: int
+    sample_id: str
+    target_ids: Tensor
+    topk_log_probs: Tensor | None = None
+    topk_ids: Tensor | None = None
+    tail_log_mass: Tensor | None = None
+    visual: Tensor | None = None
+    representation: Tensor | None = None
+
+
+def write_cache(
+    cache_dir: str | Path,
+    teacher: OnlineTeacher,
+    encoder: SampleEncoder,
+    dataset: ConversationDataset,
+    *,
+    fingerprint: dict,
+    top_k: int,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    visual_tokens: int = DEFAULT_VISUAL_TOKENS,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Path:
+    """Run ``teacher`` over ``dataset`` (encoded by ``encoder``) and write the cache.
+
+    What is stored follows what the teacher is asked for (its ``need_logits``,
+    ``need_visual`` and ``representation``). ``fingerprint`` identifies the run's
+    inputs (data file, tokenizer, teacher; see :mod:`~betakd.teachers.cache_format`);
+    the settings of this call are added to it. Resumable: shards already on disk
+    (complete by construction) are kept, so an interrupted run continues where it
+    stopped. ``index.json`` is written last, so a folder without it is an unfinished
+    cache that readers refuse.
+    """
+    if shard_size < 1 or batch_size < 1 or visual_tokens < 1:
+        raise ValueError("shard_size, batch_size and visual_tokens must be >= 1")
+    contents = CacheContents(teacher.need_logits, teacher.need_visual, teacher.representation)
+    vocab = teacher.vocab_rows
+    storage = id_storage(vocab)
+    if contents.logits and top_k > vocab:
+        raise CacheError(f"teacher.cache_top_k: {top_k} > vocabulary of {vocab}")
+    if contents.visual and not teacher.adapter.multimodal:
+        raise CacheError("channels.features: the teacher is text-only, it has no visual tokens")
+    fingerprint = {
+        **fingerprint,
+        "top_k": top_k,
+        "visual_tokens": visual_tokens,
+        "storage": FLOAT_STORAGE,
+        "contents": contents.as_dict(),
+    }
+    fingerprint_json = json.dumps(fingerprint, sort_keys=True)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _check_existing_index(cache_dir, fingerprint)
+    for stale in files.leftover_temp_files(cache_dir):
+        logger.info("removing %s, left over by an interrupted write", stale)
+        stale.unlink()
+
+    summarise = _Summariser(teacher, top_k, visual_tokens, torch.device(device))
+    collator = KDCollator(encoder)
+    shards = []
+    bar = tqdm(total=len(dataset), desc="caching teacher", unit="sample", disable=not progress)
+    for number, positions in enumerate(_shard_plan(len(dataset), shard_size)):
+        conversations = [dataset[p] for p in positions]
+        indices = [c.index for c in conversations]
+        path = cache_dir / SHARD_NAME.format(number)
+        if not _shard_is_complete(path, fingerprint_json, indices):
+            records = []
+            for start in range(0, len(conversations), batch_size):
+                records.extend(summarise(collator(conversations[start : start + batch_size])))
+            tensors = _shard_tensors(records, contents, storage)
+            files.write_atomic(
+                path,
+                lambda tmp, t=tensors: save_file(
+                    {k: v.contiguous() for k, v in t.items()},
+                    str(tmp),
+                    metadata={"fingerprint": fingerprint_json},
+                ),
+            )
+        else:
+            logger.info("keeping complete shard %s", path.name)
+        with safe_open(str(path), framework="pt") as handle:
+            tokens = handle.get_slice("target_ids").get_shape()[0]
+        shards.append(
+            {
+                "file": path.name,
+                "sample_indices": indices,
+                "sample_ids": [c.id for c in conversations],
+                "tokens": tokens,
+                "bytes": path.stat().st_size,
+            }
+        )
+        bar.update(len(conversations))
+    bar.close()
+
+    config = teacher.model.config
+    layout = {
+        "vocab_size": vocab,
+        "top_k": top_k,
+        "id_storage": storage,
+        "visual_tokens": visual_tokens,
+        "contents": contents.as_dict(),
+        "teacher_visual_dim": visual_width(config),
+        "representation_dim": (
+            representation_dim(contents.representation, config) if contents.representation else None
+        ),
+        "bytes_per_token_fields": bytes_per_token(top_k, vocab, contents.logits),
+    }
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "fingerprint": fingerprint,
+        "layout": layout,
+        "shards": shards,
+        "totals": {
+            "samples": sum(len(s["sample_indices"]) for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "bytes": sum(s["bytes"] for s in shards),
+        },
+        "skips": dataset.report.as_dict(),
+    }
+    files.write_json_atomic(cache_dir / INDEX_FILE, index)
+    logger.info(
+        "teacher cache %s: %d samples, %d answer tokens, %.1f bytes per token",
+        cache_dir,
+        index["totals"]["samples"],
+        index["totals"]["tokens"],
+        index["totals"]["bytes"] / max(index["totals"]["tokens"], 1),
+    )
+    return cache_dir
+
+
+def _to_half(values: Tensor, what: str, sample_id: str) -> Tensor:
+    """float16 for storage; an overflow is an error naming the sample, never a silent inf."""
+    half = values.detach().float().cpu().half()
+    if not torch.isfinite(half).all():
+        raise CacheError(
+            f"sample {sample_id}: {what} has values outside float16's range "
+            f"(max |x| = {float(values.abs().max()):.3g}); the cache stores float16"
+        )
+    return half
+
+
+class _Summariser:
+    """The teacher's targets for one collated batch, cut into per-sample records."""
+
+    def __init__(
+        self, teacher: OnlineTeacher, top_k: int, visual_tokens: int, device: torch.device
+    ) -> None:
+        self.teacher = teacher
+        self.top_k = top_k
+        self.visual_tokens = visual_tokens
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, batch: dict) -> list[_SampleRecord]:
+        sample_ids = batch["sample_ids"]
+        batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        # The teacher batch aligned with itself: its answer tokens in order.
+        aligned = align_positions(batch, batch, sample_ids=sample_ids)
+        targets = self.teacher.targets(batch, aligned, batch["image_counts"].tolist())
+        top = self._topk(targets.tokens) if self.teacher.need_logits else None
+        records = []
+        rows = aligned.batch_index.cpu()
+        for row, sample_id in enumerate(sample_ids):
+            mine = (rows == row).nonzero().flatten()
+            record = _SampleRecord(
+                index=int(batch["sample_index"][row]),
+                sample_id=str(sample_id),
+                target_ids=aligned.token_ids[mine.to(aligned.token_ids.device)].cpu(),
+            )
+            if top is not None:
+                values, ids, tail = (t[mine.to(t.device)] for t in top)
+                record.topk_log_probs = _to_half(values, "top-k log-probabilities", sample_id)
+                record.topk_ids = ids.cpu()
+                record.tail_log_mass = _to_half(tail, "tail log-mass", sample_id)
+            if targets.visual is not None:
+                record.visual = self._pooled_visual(targets.visual[row], sample_id)
+            if targets.representation is not None:
+                record.representation = _to_half(
+                    targets.representation[row], "representation", sample_id
+                )
+            records.append(record)
+        return records
+
+    def _topk(self, tokens) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-k summary of every aligned row, built a chunk of rows at a time."""
+        n, size = tokens.num_tokens, self.teacher.chunk_size or tokens.num_tokens or 1
+        parts = [
+            topk_summary(tokens.logits(s, min(s + size, n), self.teacher.vocab_rows), self.top_k)
+            for s in range(0, max(n, 1), size)
+        ]
+        return tuple(torch.cat(p) for p in zip(*parts))
+
+    def _pooled_visual(self, tokens: Tensor, sample_id: str) -> Tensor:
+        if tokens.shape[0] == 0:
+            return torch.empty(0, tokens.shape[-1], dtype=torch.float16)
+        pooled = align.pool_tokens(tokens.float(), min(self.visual_tokens, tokens.shape[0]))
+        return _to_half(pooled, "visual tokens", sample_id)
+
+
+def _shard_tensors(records: Sequence[_SampleRecord], contents: CacheContents, storage: str) -> dict:
+    def offsets(lengths):
+        return torch.tensor([0, *lengths], dtype=torch.long).cumsum(0)
+
+    tensors = {
+        "sample_index": torch.tensor([r.index for r in records], dtype=torch.long),
+        "token_offsets": offsets([r.target_ids.numel() for r in records]),
+    }
+    for suffix, part in encode_ids(torch.cat([r.target_ids for r in records]), storage).items():
+        tensors["target_ids" + suffix] = part
+    if contents.logits:
+        tensors["topk_log_probs"] = torch.cat([r.topk_log_probs for r in records])
+        for suffix, part in encode_ids(torch.cat([r.topk_ids for r in records]), storage).items():
+            tensors["topk_ids" + suffix] = part
+        tensors["tail_log_mass"] = torch.cat([r.tail_log_mass for r in records])
+    if contents.visual:
+        width = max(r.visual.shape[-1] for r in records)
+        pieces = [r.visual if r.visual.numel() else r.visual.new_empty(0, width) for r in records]
+        tensors["visual"] = torch.cat(pieces)
+        tensors["visual_offsets"] = offsets([r.visual.shape[0] for r in records])
+    if contents.representation is not None:
+        tensors["representation"] = torch.stack([r.representation for r in records])
+    return tensors
+
+
+def _shard_plan(num_samples: int, shard_size: int) -> list[range]:
+    return [range(s, min(s + shard_size, num_samples)) for s in range(0, num_samples, shard_size)]
+
+
+def _check_existing_index(cache_dir: Path, fingerprint: dict) -> None:
+    index_path = cache_dir / INDEX_FILE
+    if not index_path.is_file():
+        return
+    found = json.loads(index_path.read_text(encoding="utf-8")).get("fingerprint", {})
+    changed = differences(fingerprint, found, sorted(set(fingerprint) | set(found)))
+    if changed:
+        raise CacheError(
+            f"{cache_dir} holds a teacher cache of another config or data set; changed: "
+            f"{'; '.join(changed)}. Choose another teacher.cache_dir or delete this one."
+        )
+
+
+def _shard_is_complete(path: Path, fingerprint_json: str, indices: list[int]) -> bool:
+    """A shard file exists only complete (atomic rename); it must be this run's shard."""
+    if not path.is_file():
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+        stored = handle.get_tensor("sample_index").tolist()
+    if meta.get("fingerprint") != fingerprint_json:
+        raise CacheError(
+            f"{path} was written for another config or data set; delete the cache folder "
+            f"{path.parent} or choose another teacher.cache_dir"
+        )
+    if stored != indices:
+        raise CacheError(
+            f"{path} holds samples {stored[:3]}... but this run puts {indices[:3]}... there "
+            "(another shard size or data limit); delete the cache folder or keep the settings"
+        )
+    return True

@@ -1,0 +1,70 @@
+"""The teacher-source protocol: the one way the trainer obtains teacher supervision.
+
+A teacher source gets a collated student batch and its :class:`BatchMeta` (sample ids,
+rows in the data file, image counts and, when the collator built one, the teacher's
+own batch) and returns the aligned positions (which student position predicts which
+answer token, and where the teacher's target for it is) and the
+:class:`TeacherTargets`. The trainer and :class:`~betakd.distill.DistillationModule`
+call nothing else, so a new source (a served teacher, several teachers, a scorer of
+student samples) needs no change to either.
+
+Implementations: :class:`~betakd.teachers.online.OnlineTeacher` (a frozen model run on
+every step) and :class:`~betakd.teachers.cache_reader.CachedTeacher` (the offline cache).
+Everything a source returns is detached: the teacher never receives gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from torch import Tensor
+
+from betakd.align import AlignedPositions
+from betakd.chunked import TeacherLogits
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's side of one batch."""
+
+    # Per aligned token: logits for any range of rows (dense, hidden states + lm_head,
+    # or top-k + tail); None when no logit channel needs them.
+    tokens: TeacherLogits | None
+    visual: list[Tensor] | None  # per sample [n_i, d_teacher]
+    representation: Tensor | None  # [B, D], detached float32
+
+
+@dataclass
+class BatchMeta:
+    """What a teacher source gets besides the student batch."""
+
+    sample_ids: Sequence[str]
+    sample_index: Tensor  # [B] rows in the data file
+    image_counts: list[int]
+    teacher_batch: dict | None = None  # the teacher's own encoding, when the collator made one
+
+    @classmethod
+    def pop_from(cls, inputs: dict) -> BatchMeta:
+        """Take the metadata out of a collated batch, leaving the student's model inputs."""
+        return cls(
+            sample_ids=inputs.pop("sample_ids"),
+            sample_index=inputs.pop("sample_index"),
+            image_counts=inputs.pop("image_counts").tolist(),
+            teacher_batch=inputs.pop("teacher", None),
+        )
+
+
+class TeacherSource(Protocol):
+    """Where the teacher's supervision comes from."""
+
+    def prepare(self, accelerator) -> TeacherSource:
+        """Place the source for the engine in use (device, sharding); returns it."""
+        ...
+
+    def __call__(
+        self, student_batch: dict, meta: BatchMeta
+    ) -> tuple[AlignedPositions, TeacherTargets]:
+        """Aligned answer positions and the teacher's targets for them."""
+        ...
