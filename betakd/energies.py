@@ -25,6 +25,7 @@ from functools import partial
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 EnergyFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -91,6 +92,27 @@ def _check_name(name: str) -> None:
 # Log-probabilities of finite logits are floored here: with logits near +-1e38 the
 # log-softmax overflows to -inf, and KL terms would become infinite.
 LOG_PROB_FLOOR = -1e30
+# Below this magnitude, squares of logits summed over any vocabulary stay far from
+# float32 overflow, so standardisation needs no rescaling.
+MODERATE_LOGIT = 1e15
+
+# Masked (-inf) entries and huge logits need the guards below; ordinary rows do not,
+# and on a CPU skipping them saves most of an energy's elementwise passes (what a
+# chunked energy costs besides its matmuls). Where no guard applies, the plain formula
+# computes the same values and gradients (standardisation up to float rounding: it
+# skips a rescaling that cancels). Compiled code and GPUs always take the guarded form:
+# it fuses there, and the data-dependent check would break a graph or cost a sync.
+
+
+def _unguarded(x: Tensor, no_guard_needed: Callable[[Tensor], Tensor]) -> bool:
+    """True when ``no_guard_needed(x)`` holds and skipping the guard pays (eager CPU)."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    return bool(no_guard_needed(x.detach()))
+
+
+def _no_minus_inf(x: Tensor) -> Tensor:
+    return x.amin() > float("-inf")
 
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -98,12 +120,16 @@ def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     logits = logits.float()
-    out = torch.log_softmax(logits / temperature, dim=-1)
+    out = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    if _unguarded(out, lambda x: x.amin() >= LOG_PROB_FLOOR):
+        return out
     return torch.where(torch.isneginf(logits), out, out.clamp_min(LOG_PROB_FLOOR))
 
 
 def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
     """KL(p || q) per row from log-probabilities, with ``0 * log 0 = 0``."""
+    if _unguarded(log_p, _no_minus_inf):
+        return (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
     absent = torch.isneginf(log_p)
     # Replace before subtracting: the gradient of an unselected ``where`` branch is
     # still multiplied through, and ``-inf - -inf`` would poison it with NaN.
@@ -117,44 +143,80 @@ def log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
     """log(weight * p + (1 - weight) * q), computed in log space."""
     if not 0.0 < weight < 1.0:
         raise ValueError(f"mixture weight must lie in (0, 1), got {weight}")
+    if _unguarded(log_p, _no_minus_inf) or _unguarded(log_q, _no_minus_inf):
+        return _LogMixture.apply(log_p, log_q, weight)
     both_absent = torch.isneginf(log_p) & torch.isneginf(log_q)
     log_p = log_p.masked_fill(both_absent, 0.0)
     log_q = log_q.masked_fill(both_absent, 0.0)
-    # m = hi * (1 + w_lo * (lo/hi - 1)): exact when p == q (so divergences are exactly zero
-    # at a perfect match, which logaddexp is not), and never overflows since lo <= hi.
-    p_is_hi = log_p >= log_q
-    hi = torch.where(p_is_hi, log_p, log_q)
-    lo = torch.where(p_is_hi, log_q, log_p)
-    w_lo = torch.where(p_is_hi, 1.0 - weight, weight)
-    mix = hi + torch.log1p(w_lo * torch.expm1(lo - hi))
-    return mix.masked_fill(both_absent, float("-inf"))
+    return _LogMixture.apply(log_p, log_q, weight).masked_fill(both_absent, float("-inf"))
+
+
+class _LogMixture(torch.autograd.Function):
+    """The mixture of two log-probability rows, where at most one side is ``-inf``.
+
+    Forward: m = hi * (1 + w_lo * (lo/hi - 1)) in log space, exact when p == q (so
+    divergences are exactly zero at a perfect match, which logaddexp is not) and free of
+    overflow since lo <= hi. Backward: the analytic gradients ``w p / m`` and
+    ``(1 - w) q / m``, instead of a graph through the branches of the forward.
+    """
+
+    @staticmethod
+    def forward(ctx, log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
+        hi = torch.maximum(log_p, log_q)
+        if weight == 0.5:
+            w_lo = 0.5
+        else:
+            w_lo = torch.where(log_p >= log_q, 1.0 - weight, weight)
+        mix = torch.minimum(log_p, log_q).sub_(hi).expm1_().mul_(w_lo).log1p_().add_(hi)
+        ctx.save_for_backward(log_p, log_q, mix)
+        ctx.weight = weight
+        return mix
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        log_p, log_q, mix = ctx.saved_tensors
+        w = ctx.weight
+        grad_p = (log_p - mix).exp_().mul_(grad).mul_(w) if ctx.needs_input_grad[0] else None
+        grad_q = (log_q - mix).exp_().mul_(grad).mul_(1 - w) if ctx.needs_input_grad[1] else None
+        return grad_p, grad_q, None
 
 
 def standardize(logits: Tensor) -> Tensor:
     """Per-row zero-mean unit-variance logits over finite entries; masked entries become 0."""
-    logits = logits.float()
-    finite = torch.isfinite(logits)
-    zeros = torch.zeros_like(logits)
-    # Standardisation is scale-invariant: dividing by the largest magnitude (when above 1)
-    # keeps the squares below float32 overflow for logits near 1e38.
-    scale = torch.where(finite, logits.abs(), zeros).amax(dim=-1, keepdim=True).clamp_min(1.0)
-    x = torch.where(finite, logits, zeros) / scale.detach()
-    count = finite.sum(dim=-1, keepdim=True).clamp_min(1)
-    mean = x.sum(dim=-1, keepdim=True) / count
-    centred = torch.where(finite, x - mean, zeros)
+    centred, count = _centre(logits)
     var = centred.pow(2).sum(dim=-1, keepdim=True) / count
     return centred / (var + 1e-12).sqrt()
 
 
+def _centre(logits: Tensor) -> tuple[Tensor, Tensor | int]:
+    """Per-row logits minus their mean over finite entries (masked entries become 0),
+    possibly rescaled, and the finite entries' count. What standardisation and a cosine
+    of standardised logits need: neither sees a common scale of a row."""
+    logits = logits.float()
+    if _unguarded(logits, lambda x: x.abs().amax() < MODERATE_LOGIT):
+        return logits - logits.mean(dim=-1, keepdim=True), logits.shape[-1]
+    finite = torch.isfinite(logits)
+    zeros = torch.zeros_like(logits)
+    # Dividing by the largest magnitude (when above 1) keeps the squares below float32
+    # overflow for logits near 1e38.
+    scale = torch.where(finite, logits.abs(), zeros).amax(dim=-1, keepdim=True).clamp_min(1.0)
+    x = torch.where(finite, logits, zeros) / scale.detach()
+    count = finite.sum(dim=-1, keepdim=True).clamp_min(1)
+    mean = x.sum(dim=-1, keepdim=True) / count
+    return torch.where(finite, x - mean, zeros), count
+
+
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     """1 - cos(a, b) per row, as 0.5 * |a/|a| - b/|b||^2: exactly zero for identical rows."""
-    return 0.5 * (_unit(a) - _unit(b)).pow(2).sum(dim=-1)
+    return 0.5 * torch.linalg.vector_norm(_unit(a) - _unit(b), dim=-1).square()
 
 
 def _unit(x: Tensor) -> Tensor:
     # The tiny offset keeps the norm's gradient finite for an all-zero row (constant logits
     # standardise to zeros), where F.normalize's gradient is 0/0.
-    return x / (x.pow(2).sum(dim=-1, keepdim=True) + 1e-12).sqrt()
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    return x / (norm.square() + 1e-12).sqrt()
 
 
 # --------------------------------------------------------------------------- probability energies
@@ -274,8 +336,9 @@ def teacher_cross_entropy(student: Tensor, teacher: Tensor, temperature: float =
 
 @register("cosine_logits")
 def cosine_logits(student: Tensor, teacher: Tensor) -> Tensor:
-    """1 - cos of per-token standardised logits."""
-    return cosine_distance(standardize(student), standardize(teacher))
+    """1 - cos of per-token standardised logits (their scale cancels in the cosine, so
+    centring is all the standardisation it computes)."""
+    return cosine_distance(_centre(student)[0], _centre(teacher)[0])
 
 
 @register("mse_logits")
