@@ -22,8 +22,11 @@ Time is the median over ``--repeats`` steps after one warm-up step. Dense and ch
 run alternately in the same invocation, so their ratio compares like with like on a
 shared machine. The last printed line is a JSON object with every measurement.
 
-    python benchmarks/energies.py --tokens 1024 --vocab 32000          # CPU
-    python benchmarks/energies.py --device cuda --dtype bfloat16       # full size
+    python benchmarks/energies.py                                      # CPU: V = 32000
+    python benchmarks/energies.py --device cuda --dtype bfloat16       # also V = 151936
+
+The default vocabularies are 32000 on a CPU (the dense side of V = 151936 needs about
+25 GB) and 32000 and 151936 on CUDA.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,21 +41,40 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import fmt, mib, names, positive, ratio
 
 from betakd import chunked, energies
+from betakd.profiling import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes
+from betakd.teachers import HiddenStateLogits
 
 VARIANT_DENSE = "dense"
-CHUNKED_MODES = ("eager", "compiled")
+# eager: chunks recomputed in backward (any upstream weights); single: gradients in
+# the forward pass (upstream weights known up front); compiled: eager with torch.compile.
+CHUNKED_MODES = ("eager", "single", "compiled")
+DEFAULT_MODES = {"cpu": ["eager", "single"], "cuda": ["eager", "single", "compiled"]}
+DEFAULT_VOCAB = {"cpu": [32000], "cuda": [32000, 151936]}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--tokens", type=int, default=4096, help="answer tokens N = B*T")
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 151936])
-    p.add_argument("--energies", nargs="+", default=["fkl", "cosine_probs"])
+    p.add_argument("--tokens", type=positive, default=4096, help="answer tokens N = B*T")
+    p.add_argument("--hidden", type=positive, default=1024)
+    p.add_argument(
+        "--vocab",
+        type=positive,
+        nargs="+",
+        default=None,
+        help="vocabulary sizes (default: 32000 on cpu; 32000 151936 on cuda)",
+    )
+    p.add_argument(
+        "--energies",
+        type=names(energies.names()),
+        nargs="+",
+        default=[["fkl", "cosine_probs"]],
+        help="energy names, space- or comma-separated",
+    )
     p.add_argument(
         "--chunk-size",
         type=int,
@@ -61,21 +82,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=[0],
         help="tokens per chunk; 0 = betakd.chunked.default_chunk_size; several to sweep",
     )
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=positive, default=3)
     p.add_argument("--no-ce", action="store_true", help="energy only, without the CE channel")
     p.add_argument(
         "--modes",
         nargs="+",
         choices=list(CHUNKED_MODES),
         default=None,
-        help="chunked variants: eager, and/or compiled (compile=True: torch.compile per "
-        "chunk; dense always runs eager). Default: eager on CPU, both on CUDA",
+        help="chunked variants: eager (recomputed in backward), single (gradients in the "
+        "forward pass), compiled (eager with torch.compile per chunk; dense always runs "
+        "eager). Default: eager single on CPU, all three on CUDA",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--seed", type=int, default=0)
     # Internal: run one variant and print its measurement as JSON (CPU isolation).
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if any(c < 0 for c in args.chunk_size):
+        p.error("--chunk-size values must be >= 0")
+    args.energies = [name for group in args.energies for name in group]
+    if args.vocab is None:
+        args.vocab = DEFAULT_VOCAB[args.device]
+    return args
 
 
 # --------------------------------------------------------------------------- one step
@@ -115,15 +143,19 @@ def dense_step(inputs: dict, fn, with_ce: bool) -> None:
     loss.backward()
 
 
-def chunked_step(inputs: dict, fn, with_ce: bool, chunk_size: int, compile: bool) -> None:
+def chunked_step(inputs: dict, fn, with_ce: bool, chunk_size: int, mode: str) -> None:
+    # The loss below weighs each token's CE and energy by w_ce and w_energy: in the
+    # single-pass mode those are the gradients the chunks take in the forward pass.
+    weights = [inputs["w_ce"], inputs["w_energy"]] if with_ce else [inputs["w_energy"]]
     out = chunked.chunked_channels(
         inputs["hidden"],
         inputs["weight"],
-        chunked.LinearTeacher(inputs["t_hidden"], inputs["t_weight"]),
+        HiddenStateLogits(inputs["t_hidden"], inputs["t_weight"]),
         energies={"kd": fn},
         labels=inputs["labels"] if with_ce else None,
         chunk_size=chunk_size or None,
-        compile=compile,
+        compile=mode == "compiled",
+        upstream=torch.stack(weights, dim=1) if mode == "single" else None,
     )
     loss = (inputs["w_energy"] * out.energies["kd"]).sum()
     if with_ce:
@@ -147,7 +179,7 @@ def run_step(args: argparse.Namespace, inputs: dict, variant: str, energy: str) 
         dense_step(inputs, fn, with_ce)
     else:
         mode, chunk_size = parse_variant(variant)
-        chunked_step(inputs, fn, with_ce, chunk_size, mode == "compiled")
+        chunked_step(inputs, fn, with_ce, chunk_size, mode)
     # Free the gradients so every step starts from the same memory.
     inputs["hidden"].grad = None
     inputs["weight"].grad = None
@@ -186,49 +218,6 @@ def timed_step(
     return time.perf_counter() - start, time.process_time() - start_cpu
 
 
-def current_rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    # Linux reports ru_maxrss in KiB.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def live_tensor_peak_bytes(step) -> int | None:
-    """Peak of live CPU tensor bytes during ``step()``, above those live before it.
-
-    Read from the profiler's allocation events (each carries the allocator's running
-    total), the CPU counterpart of ``torch.cuda.max_memory_allocated``. The event tree
-    is an experimental torch API: None where it is missing.
-    """
-    try:
-        from torch._C._profiler import _EventType
-    except ImportError:
-        return None
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
-        step()
-    try:
-        tree = prof.profiler.kineto_results.experimental_event_tree()
-        events = [n for n in _walk(tree) if n.typed[0] == _EventType.Allocation]
-        events.sort(key=lambda n: n.start_time_ns)
-        totals = [n.typed[1].total_allocated for n in events]
-        first_size = events[0].typed[1].alloc_size if events else 0
-    except AttributeError:
-        return None
-    if not totals:
-        return None
-    return max(totals) - (totals[0] - first_size)
-
-
-def _walk(nodes):
-    for node in nodes:
-        yield node
-        yield from _walk(node.children)
-
-
 def measure_cpu_worker(args: argparse.Namespace) -> dict:
     """One variant in this (fresh) process: warm-up + repeats, peak RSS delta, times,
     then one profiled step for the live-tensor peak."""
@@ -243,7 +232,7 @@ def measure_cpu_worker(args: argparse.Namespace) -> dict:
     times = [timed_step(args, inputs, variant, energy) for _ in range(args.repeats + 1)]
     high_water_after = peak_rss_bytes()
     rss_peak = high_water_after - baseline if high_water_after > high_water_before else None
-    live_peak = live_tensor_peak_bytes(lambda: run_step(args, inputs, variant, energy))
+    live_peak = peak_tensor_bytes(lambda: run_step(args, inputs, variant, energy))
     return {
         "time_s": statistics.median(t[0] for t in times[1:]),
         "cpu_time_s": statistics.median(t[1] for t in times[1:]),
@@ -295,14 +284,6 @@ def measure_all(args: argparse.Namespace, energy: str, vocab: int) -> dict[str, 
 # --------------------------------------------------------------------------- report
 
 
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
 def report_rows(energy: str, vocab: int, results: dict[str, dict]) -> list[dict]:
     dense = results[VARIANT_DENSE]
     rows = []
@@ -318,21 +299,17 @@ def report_rows(energy: str, vocab: int, results: dict[str, dict]) -> list[dict]
                 "chunk_size": chunk_size,
                 "dense_time_s": dense["time_s"],
                 "chunked_time_s": r["time_s"],
-                "dense_peak_mib": _mib(dense["peak_bytes"]),
-                "chunked_peak_mib": _mib(r["peak_bytes"]),
+                "dense_peak_mib": mib(dense["peak_bytes"]),
+                "chunked_peak_mib": mib(r["peak_bytes"]),
                 "memory_ratio": ratio(r["peak_bytes"], dense["peak_bytes"]),
-                "dense_rss_peak_mib": _mib(dense["rss_peak_bytes"]),
-                "chunked_rss_peak_mib": _mib(r["rss_peak_bytes"]),
+                "dense_rss_peak_mib": mib(dense["rss_peak_bytes"]),
+                "chunked_rss_peak_mib": mib(r["rss_peak_bytes"]),
                 "rss_ratio": ratio(r["rss_peak_bytes"], dense["rss_peak_bytes"]),
                 "time_ratio": ratio(r["time_s"], dense["time_s"]),
                 "cpu_time_ratio": ratio(r["cpu_time_s"], dense["cpu_time_s"]),
             }
         )
     return rows
-
-
-def _mib(n: int | None) -> float | None:
-    return None if n is None else n / 2**20
 
 
 def print_row(row: dict) -> None:
@@ -352,7 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.modes is None:
-        args.modes = ["eager", "compiled"] if args.device == "cuda" else ["eager"]
+        args.modes = DEFAULT_MODES[args.device]
     if args.worker:
         print(json.dumps(measure_cpu_worker(args)))
         return

@@ -50,6 +50,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from common import fmt, mib, names, positive, ratio
 
 from betakd import chunked, energies
 from betakd.profiling import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes
@@ -62,28 +63,6 @@ BETAKD_ENERGY = {"fkl": ("fkl", {}), "jsd": ("jsd", {"beta": 0.5}), "cosine": ("
 JSD_BETA = {"fkl": 0.0, "jsd": 0.5}
 CE_WEIGHT = KD_WEIGHT = 0.5
 TARGETS = {"time_vs_liger_max": 1.0, "memory_vs_dense_max": 1 / 8, "memory_vs_liger_max": 1.0}
-
-
-def names(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
-    """An argparse type: a comma-separated list of names from ``allowed``."""
-
-    def parse(text: str) -> list[str]:
-        chosen = [n.strip() for n in text.split(",") if n.strip()]
-        unknown = sorted(set(chosen) - set(allowed))
-        if unknown or not chosen:
-            raise argparse.ArgumentTypeError(
-                f"{text!r}: choose from {', '.join(allowed)} (comma-separated)"
-            )
-        return chosen
-
-    return parse
-
-
-def positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text}: must be a positive integer")
-    return value
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -290,18 +269,6 @@ def measure_memory(args: argparse.Namespace, loss: str, variant: str) -> dict:
 
 
 # --------------------------------------------------------------------------- report
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or b is None or b == 0 else a / b
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def mib(n: int | None) -> float | None:
-    return None if n is None else n / 2**20
 
 
 def summarize(loss: str, results: dict[str, dict]) -> dict:

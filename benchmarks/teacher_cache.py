@@ -2,15 +2,15 @@
 
 Builds a tiny LLaVA student and a teacher about 4x its size (parameters; the teacher
 also sees 4x the image tokens), a synthetic LLaVA-format data set, writes the teacher
-cache with ``betakd.cache.write_teacher_cache`` and then times training steps both ways
+cache with ``betakd.cache_cli.cache_teacher`` and then times training steps both ways
 on the same student, head and optimizer, alternating online and cached steps on the
 same batches so the ratio compares like with like on a shared machine.
 
 One step = collation from raw conversations (the cached path encodes no teacher
 batch), teacher targets (online: teacher forward; cached: shard reads and the dense
 rebuild from top-k + tail), student forward/backward and the optimizer step, i.e.
-what ``BetaKDTrainer`` does per step. The online step is ``BetaKDTrainer.compute_loss``
-itself for both, with the cached teacher swapped in for the cached steps.
+what ``BetaKDTrainer`` does per step. The step is ``BetaKDTrainer.compute_loss`` itself
+for both, with the cached teacher source swapped in for the cached steps.
 
 Bytes per cached token are read from the shard files: the file bytes (headers and
 per-sample offsets included) minus the per-sample feature tensors (``visual``,
@@ -40,13 +40,14 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from betakd import cache as cache_mod
 from betakd import config as cfg
 from betakd import energies, models
-from betakd.align import align_positions
+from betakd.cache_cli import cache_teacher
 from betakd.data import KDCollator
+from betakd.teachers import BatchMeta
+from betakd.teachers import cache_format as fmt
 from betakd.tiny import TinyDims, save_tiny_model, train_tokenizer
-from betakd.train import build_trainer, training_arguments
+from betakd.train import build_teacher, build_trainer, training_arguments
 
 STUDENT = TinyDims(hidden=64, layers=2, heads=2, vision_hidden=32, vision_layers=1, patch_size=8)
 TEACHER = TinyDims(hidden=128, layers=3, heads=4, vision_hidden=64, vision_layers=2, patch_size=4)
@@ -56,7 +57,6 @@ ANSWERS = (
     "Yes, there is a {c} shape in the image, near the top left corner of the picture.",
     "A {c} rectangle. The quick brown fox jumps over the lazy dog next to it.",
 )
-FEATURE_TENSORS = ("visual", "visual_offsets", "representation")
 LARGE_VOCAB = 151936
 
 
@@ -134,8 +134,7 @@ def step(trainer, optimizer, collator, conversations, teacher=None) -> float:
     batch = collator(conversations)
     num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
     online = trainer.teacher
-    # The same trainer serves both: with a cached teacher (and a batch without a teacher
-    # part), compute_loss takes its cache branch.
+    # The same trainer serves both: it asks whichever teacher source it holds.
     trainer.teacher = teacher or online
     try:
         loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=num_items)
@@ -152,7 +151,7 @@ def shard_bytes(path: Path) -> tuple[int, int, int]:
     features = 0
     with safe_open(str(path), framework="pt") as handle:
         for name in handle.keys():
-            if name in FEATURE_TENSORS:
+            if name in fmt.FEATURE_TENSORS:
                 tensor = handle.get_tensor(name)
                 features += tensor.numel() * tensor.element_size()
         tokens = handle.get_slice("target_ids").get_shape()[0]
@@ -166,15 +165,15 @@ def reencode_wide(path: Path, out: Path) -> Path:
         metadata = handle.metadata()
     for name in ("target_ids", "topk_ids"):
         if name in tensors:
-            ids = cache_mod.decode_ids(tensors.pop(name), None)
-            for suffix, part in cache_mod.encode_ids(ids, "int24").items():
+            ids = fmt.decode_ids(tensors.pop(name), None)
+            for suffix, part in fmt.encode_ids(ids, "int24").items():
                 tensors[name + suffix] = part
     save_file(tensors, str(out), metadata=metadata)
     return out
 
 
 def storage_report(cache_dir: Path, scratch: Path) -> dict:
-    index = json.loads((cache_dir / cache_mod.INDEX_FILE).read_text())
+    index = json.loads((cache_dir / fmt.INDEX_FILE).read_text())
     files = [cache_dir / s["file"] for s in index["shards"]]
     totals = [shard_bytes(f) for f in files]
     wide = [shard_bytes(reencode_wide(f, scratch / f.name)) for f in files]
@@ -190,40 +189,39 @@ def storage_report(cache_dir: Path, scratch: Path) -> dict:
         "bytes_per_token": per_token(totals),
         "bytes_per_token_24bit_ids": per_token(wide),
         "field_bytes_per_token": index["layout"]["bytes_per_token_fields"],
-        "field_bytes_per_token_24bit_ids": cache_mod.bytes_per_token(
+        "field_bytes_per_token_24bit_ids": fmt.bytes_per_token(
             index["layout"]["top_k"], LARGE_VOCAB
         ),
         "feature_bytes_per_sample": sum(f for _, f, _ in totals) / samples,
         "all_bytes_per_token": (
-            sum(s for s, _, _ in totals) + (cache_dir / cache_mod.INDEX_FILE).stat().st_size
+            sum(s for s, _, _ in totals) + (cache_dir / fmt.INDEX_FILE).stat().st_size
         )
         / tokens,
     }
 
 
+def targets_of(source, batch: dict):
+    """Aligned positions and teacher targets from a teacher source, as the trainer gets them."""
+    inputs = dict(batch)
+    return source(inputs, BatchMeta.pop_from(inputs))
+
+
 def precision_report(trainer, teacher, conversations) -> dict:
     """float16 top-k vs the online teacher's float32 log-probs, and one energy both ways."""
     batch = trainer.data_collator(conversations)
-    teacher_batch = batch.pop("teacher")
     module = trainer.model
-    aligned = align_positions(
-        batch,
-        teacher_batch,
-        student_adapter=module.adapter,
-        teacher_adapter=trainer.teacher.adapter,
-        sample_ids=batch["sample_ids"],
-    )
-    counts = batch["image_counts"].tolist()
-    online = torch.log_softmax(trainer.teacher(teacher_batch, aligned, counts).logits.float(), -1)
-    cached_aligned = teacher.align(batch, batch["sample_index"], batch["sample_ids"])
-    dense = teacher(None, cached_aligned, counts, batch["sample_index"]).logits
+    vocab = module.vocab_rows
+    aligned, online_targets = targets_of(trainer.teacher, batch)
+    online = torch.log_softmax(online_targets.tokens.logits(0, len(aligned), vocab).float(), -1)
+    cached_aligned, cached_targets = targets_of(teacher, batch)
+    dense = cached_targets.tokens.logits(0, len(cached_aligned), vocab)
     # The cached top-k entries (the tail entries are the uniform spread, not errors).
     top = dense.topk(int(teacher.cache.layout["top_k"]), -1).indices
     log_error = (dense.gather(1, top) - online.gather(1, top)).abs()
     prob_error = (dense.gather(1, top).exp() / online.gather(1, top).exp() - 1).abs()
     with torch.no_grad():
         student = module.student(**models.forward_inputs(batch, module.adapter)).logits
-        student = aligned.student(student)[:, : module.vocab_rows].float()
+        student = aligned.student(student)[:, :vocab].float()
     energy = energies.get("cosine_probs")
     online_energy, cached_energy = energy(student, online), energy(student, dense)
     return {
@@ -250,7 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = make_config(root, data, images, args)
 
         start = time.perf_counter()
-        cache_dir = cache_mod.write_teacher_cache(config, progress=False)
+        cache_dir = cache_teacher(config, progress=False)
         write_seconds = time.perf_counter() - start
 
         trainer = build_trainer(config, training_arguments(config))
@@ -259,13 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
         raw["teacher"]["source"] = "cache"
         cached_config = cfg.validate(raw)
         module = trainer.model
-        teacher = cache_mod.build_cached_teacher(
-            cached_config,
-            module.adapter,
-            module.vocab_rows,
-            "teacher_visual",
-            tokenizer=trainer.processing_class,
-        )
+        student = models.LoadedModel(module.student, trainer.processing_class, module.adapter)
+        teacher = build_teacher(cached_config, student).source
         student_collator = KDCollator(trainer.data_collator.student)
         dataset = trainer.train_dataset
         batches = [

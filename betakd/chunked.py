@@ -306,10 +306,13 @@ class _ChunkedChannels(torch.autograd.Function):
         plan: _Plan = ctx.plan
         needs = tuple(ctx.needs_input_grad[:3])
         with torch.profiler.record_function(PROFILER_RANGE):
-            if ctx.gradients is not None:
+            gradients, ctx.gradients = ctx.gradients, None
+            if gradients is not None:
+                # Handed over, not kept: autograd can then adopt the weight gradient as
+                # .grad instead of copying it. A second backward (retain_graph) recomputes.
                 scale = _common_scale(grad_out, plan.upstream)
                 if scale is not None:
-                    return (*(_scaled(g, scale) for g in ctx.gradients), None)
+                    return (*(_scaled(g, scale) for g in gradients), None)
             grads = _gradients(plan, hidden, weight, bias, grad_out, needs, ctx.autocast)
         return (*grads, None)
 

@@ -74,5 +74,14 @@ def current_rss_bytes() -> int:
 
 
 def peak_rss_bytes() -> int:
-    """The process's highest resident set so far (Linux reports ``ru_maxrss`` in KiB)."""
+    """The process's highest resident set so far (Linux).
+
+    Read from ``VmHWM``, which starts afresh in a new program; ``ru_maxrss`` is carried
+    over from the parent process across ``exec``, so a subprocess started by a large
+    parent would report the parent's peak.
+    """
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # reported in kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

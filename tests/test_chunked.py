@@ -407,3 +407,18 @@ def test_input_errors_are_clear():
             labels=case["labels"],
             upstream=torch.ones(N, 2),
         )
+
+
+def test_single_pass_twice_through_a_retained_graph():
+    # The stored gradients serve the first backward; a second one recomputes, exactly.
+    case = make_case(seed=15)
+    fn, calls = counting(energies.get("fkl"))
+    dense = values_and_grads(case, lambda: dense_values(case, energies.get("fkl")))
+    ce, energy = chunked_values(case, fn, chunk_size=10, single_pass=True)
+    loss = (case["w_ce"] * ce).sum() + (case["w_energy"] * energy).sum()
+    first = torch.autograd.grad(loss, student_params(case), retain_graph=True)
+    second = torch.autograd.grad(loss, student_params(case))
+    assert len(calls) == 12  # six chunks in forward, six recomputed for the second
+    for got_first, got_second, want in zip(first, second, dense[2]):
+        assert_close(got_first, want)
+        assert_close(got_second, want)
