@@ -20,13 +20,13 @@ equal, fixed, task or instance betas); ``--variants betakd-recompute`` adds the 
 mode (chunks recomputed in backward, for betas that follow the current energies).
 Liger runs eagerly (``compiled=False``: no Triton here) with its default chunk.
 
-Time: every variant's steps alternate in this process (the order rotates each round),
-after one warm-up round, so a busy machine slows all of them alike; the median over
-``--repeats`` rounds. Memory: every variant runs once more in a fresh subprocess:
-``rss`` is the peak resident set during one step above the resident set before it
-(after a tiny warm-up step has loaded every code path), ``live`` the peak of live tensor
-bytes during one profiled step (:func:`betakd.profiling.peak_tensor_bytes`). Inputs are
-excluded from both. Ratios are betakd's value over the peer's; the last printed line
+Every step runs in a fresh process, after a tiny warm-up step that loads every code
+path; in each of ``--repeats`` rounds every variant runs one step, in an order that
+rotates between rounds, so a busy machine slows all of them alike. ``time``: median over
+the rounds; ``rss``: the peak resident set during the step above the resident set
+before it (the largest over the rounds); ``live``: the peak of live tensor bytes during
+one more, profiled step in the first round (:func:`betakd.profiling.peak_tensor_bytes`).
+Inputs are excluded from both. Ratios are betakd's value over the peer's; the last printed line
 is a JSON object with every measurement. Targets (CPU, float32): betakd time <=
 Liger's, betakd peak memory <= 1/8 of dense and below Liger's, for each loss.
 
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(DEFAULT_VARIANTS),
         help=f"comma-separated, from {','.join(VARIANTS)}",
     )
-    p.add_argument("--repeats", type=positive, default=2, help="timed rounds after a warm-up")
+    p.add_argument("--repeats", type=positive, default=2, help="rounds (one step per variant)")
     p.add_argument(
         "--chunk-size", type=int, default=0, help="betakd tokens per chunk (0: library default)"
     )
@@ -224,47 +224,58 @@ def run_step(args: argparse.Namespace, x: dict, loss: str, variant: str) -> floa
 # --------------------------------------------------------------------------- measuring
 
 
-def time_all(args: argparse.Namespace, loss: str, variants: list[str]) -> dict[str, dict]:
-    """Alternating steps of every variant; round 0 warms up (and records the loss)."""
-    x = make_inputs(args)
-    times: dict[str, list[float]] = {v: [] for v in variants}
-    values: dict[str, float] = {}
-    for round_ in range(args.repeats + 1):
+def measure_all(args: argparse.Namespace, loss: str, variants: list[str]) -> dict[str, dict]:
+    """``--repeats`` rounds; in each, every variant runs one step in a fresh process, in
+    an order that rotates between rounds. Time: median over rounds; resident set: the
+    largest; live tensors and the loss value: from the first round."""
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    for round_ in range(args.repeats):
         shift = round_ % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            start = time.perf_counter()
-            value = run_step(args, x, loss, variant)
-            elapsed = time.perf_counter() - start
-            if round_ == 0:
-                values[variant] = value
-            else:
-                times[variant].append(elapsed)
-    return {v: {"time_s": statistics.median(times[v]), "loss": values[v]} for v in variants}
+            runs[variant].append(run_worker(args, loss, variant, live=round_ == 0))
+    return {
+        v: {
+            "time_s": statistics.median(r["time_s"] for r in runs[v]),
+            "rss_bytes": max(r["rss_bytes"] for r in runs[v]),
+            "live_bytes": runs[v][0]["live_bytes"],
+            "loss": runs[v][0]["loss"],
+        }
+        for v in variants
+    }
 
 
-def measure_memory_worker(args: argparse.Namespace) -> dict:
-    loss, variant = args.worker.split(",")
+def worker(args: argparse.Namespace) -> dict:
+    """One step of one variant in this fresh process: time, peak resident set above the
+    inputs, and (with ``live``) the live-tensor peak of one more, profiled step."""
+    loss, variant, live = args.worker.split(",")
+    # A tiny step first loads every library and kernel the step uses, so the resident
+    # set delta below counts the step's tensors, not one-off code and thread pools.
     tiny = argparse.Namespace(**{**vars(args), "tokens": 8, "hidden": 8, "vocab": 64})
     run_step(tiny, make_inputs(tiny), loss, variant)
     x = make_inputs(args)
     baseline, high_water = current_rss_bytes(), peak_rss_bytes()
-    run_step(args, x, loss, variant)
+    start = time.perf_counter()
+    value = run_step(args, x, loss, variant)
+    elapsed = time.perf_counter() - start
     after = peak_rss_bytes()
-    live = None if args.no_live else peak_tensor_bytes(lambda: run_step(args, x, loss, variant))
-    return {"rss_bytes": after - baseline if after > high_water else 0, "live_bytes": live}
+    live_bytes = None
+    if live == "live":
+        live_bytes = peak_tensor_bytes(lambda: run_step(args, x, loss, variant))
+    return {
+        "time_s": elapsed,
+        "rss_bytes": after - baseline if after > high_water else 0,
+        "live_bytes": live_bytes,
+        "loss": value,
+    }
 
 
-def measure_memory(args: argparse.Namespace, loss: str, variant: str) -> dict:
-    cmd = [
-        sys.executable,
-        os.path.abspath(__file__),
-        *sys.argv[1:],
-        "--worker",
-        f"{loss},{variant}",
-    ]
+def run_worker(args: argparse.Namespace, loss: str, variant: str, live: bool) -> dict:
+    live_flag = "live" if live and not args.no_live else "none"
+    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+    cmd += ["--worker", f"{loss},{variant},{live_flag}"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise RuntimeError(f"memory worker {loss}/{variant} failed:\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{loss}/{variant} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -332,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.worker:
-        print(json.dumps(measure_memory_worker(args)))
+        print(json.dumps(worker(args)))
         return
     print(
         f"tokens={args.tokens} hidden={args.hidden} vocab={args.vocab} ce={not args.no_ce} "
@@ -346,9 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     summaries = []
     for loss in args.losses:
         variants = [v for v in args.variants if available(loss, v)]
-        results = time_all(args, loss, variants)
-        for variant in variants:
-            results[variant].update(measure_memory(args, loss, variant))
+        results = measure_all(args, loss, variants)
         print_rows(loss, results)
         summary = summarize(loss, results)
         print_ratios(summary)

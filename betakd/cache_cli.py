@@ -45,7 +45,7 @@ def cache_teacher(
     if not teacher.path:
         raise CacheError("teacher.path: writing the cache needs the teacher model")
     contents = cache_contents(config)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = models.default_device(device)
     loaded = models.load(
         teacher.path,
         dtype=teacher.dtype,

@@ -137,6 +137,13 @@ def load(
     return LoadedModel(model, processor, get_adapter(model, processor))
 
 
+def default_device(device: str | torch.device | None = None) -> torch.device:
+    """``device``, or the first CUDA device when there is one, else the CPU."""
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def text_width(config: PretrainedConfig) -> int:
     """Hidden size of the language model (its hidden states and, in a VLM, the projected
     visual tokens spliced into it)."""

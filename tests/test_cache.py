@@ -426,11 +426,11 @@ def test_uncached_training_samples_are_named(written):
 # --------------------------------------------------------------------------- chunked from the cache
 
 
-def cached_trainer(config_raw, tmp_path, **channels):
+def cached_trainer(config_raw, tmp_path, source="cache", **channels):
     from betakd.train import build_trainer, training_arguments
 
     raw = json.loads(json.dumps(config_raw))
-    raw["teacher"]["source"] = "cache"
+    raw["teacher"]["source"] = source
     raw["channels"].update(channels)
     raw["training"]["output_dir"] = str(tmp_path / "out")
     config = cfg.validate(raw)
@@ -520,19 +520,27 @@ def long_answers(tmp_path_factory, llava_pair, llava_files):
     return config
 
 
-def test_training_from_the_cache_in_chunks_never_holds_a_vocabulary_sized_tensor(
-    long_answers, tmp_path
+@pytest.mark.parametrize(
+    "source, representation",
+    [("cache", "teacher_visual"), ("online", "teacher_confidence")],
+)
+def test_training_in_chunks_never_holds_a_vocabulary_sized_tensor(
+    long_answers, tmp_path, source, representation
 ):
     """With chunk_size, the loss (CE, two energies, their gradients) stays below one
     [N, V] float32 tensor, and no operation of the step makes a tensor of N rows of the
-    vocabulary, teacher or student; the dense path does both."""
+    vocabulary, teacher or student, from the cache or from an online teacher (whose
+    confidence representation is read a chunk at a time); the dense path does both."""
     raw = long_answers.model_dump()
     raw["channels"]["logits"].append({"energy": "fkl"})
+    raw["weighting"]["representation"] = representation
     rows = list(range(8))
     vocab = 512
     measured = {}
     for chunk_size in (None, 2):
-        trainer = cached_trainer(raw, tmp_path / f"c{chunk_size}", chunk_size=chunk_size)
+        trainer = cached_trainer(
+            raw, tmp_path / f"c{chunk_size}", source=source, chunk_size=chunk_size
+        )
         n = answer_tokens(trainer, rows)
         watch = VocabRows(vocab)
 

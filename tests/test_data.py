@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
 import torch
 
 from betakd.data import (
+    DataCache,
     DataError,
     KDCollator,
     SampleEncoder,
@@ -244,3 +246,39 @@ def test_other_chat_template_with_default_system_prompt(llava_files, tiny_model_
     assert answer_text(batch, encoder, 0) == " red</s>"
     prompt = encoder.tokenizer.decode(batch["input_ids"][0][batch["labels"][0] == IGNORE_INDEX])
     assert prompt.startswith("A chat between") and prompt.endswith("ASSISTANT:")
+
+
+def test_a_shared_data_cache_validates_once_per_data_file_contents(llava_pair, vqa_data, tmp_path):
+    data_file, images = vqa_data
+    cache = DataCache()
+    processor = load_processor(llava_pair[0])
+    adapter = get_adapter(load_model(llava_pair[0]).config, processor)
+    encoder = SampleEncoder(processor, adapter, cache=cache)
+    encoded = []
+    real_encode = encoder.encode
+
+    def counting(conversation, images):
+        encoded.append(conversation.id)
+        return real_encode(conversation, images)
+
+    encoder.encode = counting
+    first = build_dataset(data_file, images, [encoder], cache=cache)
+    assert len(encoded) == 6
+    # A second run (a fresh encoder, as a new training run builds) reuses the validation
+    # and the encodings; the collator reads encodings from the cache too.
+    again = SampleEncoder(processor, adapter, cache=cache)
+    again.encode = counting
+    second = build_dataset(data_file, images, [again], cache=cache)
+    KDCollator(again)(list(second))
+    assert len(encoded) == 6 and [c.id for c in second] == [c.id for c in first]
+    # The same file with other contents is validated afresh (the key is the contents).
+    records = json.loads(data_file.read_text())
+    records[0]["conversations"][1]["value"] = "purple"
+    data_file.write_text(json.dumps(records))
+    build_dataset(data_file, images, [again], cache=cache)
+    assert encoded[6:] == ["s0"]  # only the changed sample needed a new encoding
+    # Nothing is kept per process: an encoder with a cache of its own encodes again.
+    fresh = SampleEncoder(processor, adapter)
+    fresh.encode = counting
+    build_dataset(data_file, images, [fresh])
+    assert len(encoded) == 13

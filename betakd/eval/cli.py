@@ -138,13 +138,11 @@ def _benchmark_folder(data_dir: Path, name: str, several: bool) -> Path:
 
 def _load_model(model_path: str, device: str | None, dtype: str) -> tuple[Any, Any]:
     # Imported here so that `betakd --help` does not pay for torch and transformers.
-    import torch
+    from betakd import models
 
-    from betakd.models import load_model, load_processor
-
-    model = load_model(model_path, dtype=dtype, frozen=True)
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model, load_processor(model_path)
+    loaded = models.load(model_path, dtype=dtype, frozen=True, key="--model")
+    loaded.model.to(models.default_device(device))
+    return loaded.model, loaded.processor
 
 
 def _warn_partial(name: str, metrics: dict[str, Any]) -> None:
