@@ -215,11 +215,7 @@ def chunk_columns(
     """Per-token values ``[n, C]`` (float32) of one chunk: CE (if labels) then energies."""
     values = []
     if labels is not None:
-        values.append(
-            F.cross_entropy(
-                student_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
-            )
-        )
+        values.append(energy_registry.cross_entropy(student_logits, labels, IGNORE_INDEX))
     values.extend(fn(student_logits, teacher_logits) for fn in energy_fns)
     return torch.stack([v.float() for v in values], dim=1)
 
@@ -258,7 +254,13 @@ class _Plan:
         teacher_logits = self.teacher.logits(start, stop, vocab_size) if self.energy_fns else None
         labels = None if self.labels is None else self.labels[start:stop]
         if not self.compiled:
-            return chunk_columns(student_logits, teacher_logits, labels, self.energy_fns)
+            # CE and every energy of the chunk share the student's (and the teacher's)
+            # log-softmax. Not for half-precision logits: their gradient would then be
+            # rounded once for the sum of the channels instead of once per channel, as
+            # on the dense path.
+            shared = student_logits.dtype == torch.float32
+            with energy_registry.sharing_log_probs() if shared else contextlib.nullcontext():
+                return chunk_columns(student_logits, teacher_logits, labels, self.energy_fns)
         pad = self.chunk_size - (stop - start)
         values = self._values(
             _pad_rows(student_logits, pad, 0.0),

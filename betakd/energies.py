@@ -19,8 +19,10 @@ Use :func:`get` to build an energy by name::
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from functools import partial
 
 import torch
@@ -116,14 +118,55 @@ def _no_minus_inf(x: Tensor) -> Tensor:
 
 
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
-    """float32 log-softmax of ``logits / temperature``; only ``-inf`` logits give ``-inf``."""
+    """float32 log-softmax of ``logits / temperature``; only ``-inf`` logits give ``-inf``.
+
+    Inside :func:`sharing_log_probs`, computed once per tensor and temperature.
+    """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    shared = getattr(_SHARING, "memo", None)
+    if shared is None or torch.compiler.is_compiling():
+        return _log_probs(logits, temperature)
+    key = (id(logits), temperature)
+    if key not in shared or shared[key][0] is not logits:
+        shared[key] = (logits, _log_probs(logits, temperature))
+    return shared[key][1]
+
+
+def _log_probs(logits: Tensor, temperature: float) -> Tensor:
     logits = logits.float()
     out = torch.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
     if _unguarded(out, lambda x: x.amin() >= LOG_PROB_FLOOR):
         return out
     return torch.where(torch.isneginf(logits), out, out.clamp_min(LOG_PROB_FLOOR))
+
+
+_SHARING = threading.local()
+
+
+@contextlib.contextmanager
+def sharing_log_probs() -> Iterator[None]:
+    """Within the block, :func:`log_probs` of one tensor at one temperature is computed
+    once: several energies of the same logits (and a CE taken from
+    :func:`cross_entropy`) share their log-softmax, and its backward pass. The block
+    keeps those log-probabilities alive until it ends."""
+    if getattr(_SHARING, "memo", None) is not None:  # nested: the outer block shares
+        yield
+        return
+    _SHARING.memo = {}
+    try:
+        yield
+    finally:
+        _SHARING.memo = None
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-row CE ``[n]`` of logits ``[n, V]`` (float32; 0 where the label is
+    ``ignore_index``), from :func:`log_probs`, so it shares their log-softmax with the
+    energies inside :func:`sharing_log_probs`."""
+    keep = labels != ignore_index
+    picked = log_probs(logits).gather(1, labels.clamp_min(0).unsqueeze(1)).squeeze(1)
+    return torch.where(keep, -picked, torch.zeros_like(picked))
 
 
 def kl_from_log_probs(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -209,14 +252,43 @@ def _centre(logits: Tensor) -> tuple[Tensor, Tensor | int]:
 
 def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
     """1 - cos(a, b) per row, as 0.5 * |a/|a| - b/|b||^2: exactly zero for identical rows."""
-    return 0.5 * torch.linalg.vector_norm(_unit(a) - _unit(b), dim=-1).square()
+    return _CosineDistance.apply(a, b)
 
 
-def _unit(x: Tensor) -> Tensor:
-    # The tiny offset keeps the norm's gradient finite for an all-zero row (constant logits
-    # standardise to zeros), where F.normalize's gradient is 0/0.
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    return x / (norm.square() + 1e-12).sqrt()
+class _CosineDistance(torch.autograd.Function):
+    """0.5 * |u - v|^2 with u = a / r_a, r_a = sqrt(|a|^2 + 1e-12) (likewise v, b).
+
+    The tiny offset keeps the gradient finite for an all-zero row (constant logits
+    standardise to zeros), where F.normalize's gradient is 0/0. The gradient is the
+    analytic one, ``((u - v) - u <u, u - v>) / r_a`` for ``a`` (and symmetrically for
+    ``b``): a few passes over the rows instead of a graph through the normalisation.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
+        r_a, r_b = _offset_norm(a), _offset_norm(b)
+        u, v = a / r_a, b / r_b
+        ctx.save_for_backward(u, v, r_a, r_b)
+        return 0.5 * torch.linalg.vector_norm(u - v, dim=-1).square()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        u, v, r_a, r_b = ctx.saved_tensors
+        diff = u - v
+        grad = grad.unsqueeze(-1)
+        grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            along = torch.linalg.vecdot(u, diff).unsqueeze(-1)
+            grad_a = u.mul(-along).add_(diff).mul_(grad / r_a)
+        if ctx.needs_input_grad[1]:
+            along = torch.linalg.vecdot(v, diff).unsqueeze(-1)
+            grad_b = v.mul(along).sub_(diff).mul_(grad / r_b)
+        return grad_a, grad_b
+
+
+def _offset_norm(x: Tensor) -> Tensor:
+    return (torch.linalg.vector_norm(x, dim=-1, keepdim=True).square() + 1e-12).sqrt()
 
 
 # --------------------------------------------------------------------------- probability energies
