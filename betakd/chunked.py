@@ -76,15 +76,20 @@ from betakd.objective import per_sample_mean
 
 EnergyFn = energy_registry.EnergyFn
 
-# Default chunk: about ``elements`` logits, at least ``min_tokens`` tokens, rounded down
-# to a multiple of ``multiple`` tokens. Peak memory grows with the chunk (eager energies
-# keep about ten chunk-sized float32 tensors alive, compiled ones far fewer). On CPU
-# small chunks stay in cache. On GPUs every chunk's matmuls re-read the whole lm_head,
-# and token counts that are not a multiple of 64 slow bfloat16 matmuls. Measured on an
-# H200 (N = 4096, H = 1024; benchmarks/README.md): eager 256 tokens and compiled 512
-# tokens stay under 1/10 and 1/13 of the dense peak at V = 32000 and 151936.
+# Default chunk: about ``elements`` logits, at least ``min_tokens`` tokens, rounded to a
+# multiple of ``multiple`` tokens (down; up where ``round_up``). Peak memory grows with
+# the chunk (eager energies keep about ten chunk-sized float32 tensors alive, compiled
+# ones far fewer). On GPUs every chunk's matmuls re-read the whole lm_head, and token
+# counts that are not a multiple of 64 slow bfloat16 matmuls. Measured on an H200
+# (N = 4096, H = 1024; benchmarks/README.md): eager 256 tokens and compiled 512 tokens
+# stay under 1/10 and 1/13 of the dense peak at V = 32000 and 151936. On a CPU (2 cores,
+# H = 1024, V = 32000), lm_head matmuls of 128-token chunks take 1.23x the time of
+# 1024-token ones, 256-token chunks 1.04x; a float32 chunk of just over 32 MiB (264
+# tokens at V = 32000) is above glibc's largest mmap threshold, so freed chunk tensors go
+# back to the system instead of fragmenting the heap: 450 MB resident instead of 600 MB
+# at 256 tokens for a forward-KL step of 4096 tokens (benchmarks/peers.py).
 DEFAULT_CHUNK = {
-    "cpu": {"elements": 1 << 22, "min_tokens": 16, "multiple": 8},
+    "cpu": {"elements": 1 << 23, "min_tokens": 16, "multiple": 8, "round_up": True},
     "cuda": {"elements": 1 << 23, "min_tokens": 256, "multiple": 64},
     "cuda-compiled": {"elements": 1 << 24, "min_tokens": 512, "multiple": 64},
 }
@@ -434,8 +439,14 @@ def default_chunk_size(
     kind = torch.device(device).type
     key = f"{kind}-compiled" if compiled and f"{kind}-compiled" in DEFAULT_CHUNK else kind
     rule = DEFAULT_CHUNK.get(key, DEFAULT_CHUNK["cuda"])
-    tokens = max(rule["min_tokens"], rule["elements"] // vocab_size)
-    return tokens - tokens % rule["multiple"]
+    step = rule["multiple"]
+    if rule.get("round_up"):
+        tokens = -(-rule["elements"] // vocab_size)
+        tokens = -(-tokens // step) * step
+    else:
+        tokens = rule["elements"] // vocab_size
+        tokens -= tokens % step
+    return max(rule["min_tokens"], tokens)
 
 
 def chunked_channels(
