@@ -6,6 +6,10 @@ The scripts run as ``python benchmarks/NAME.py``, so this folder is on ``sys.pat
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 
 
@@ -46,3 +50,13 @@ def fmt(value: float | None, spec: str) -> str:
 
 def mib(n: int | None) -> float | None:
     return None if n is None else n / 2**20
+
+
+def run_worker(worker: str) -> dict:
+    """This script again, with its arguments and ``--worker WORKER``, in a fresh process
+    (a clean memory high-water mark); returns the JSON of its last printed line."""
+    cmd = [sys.executable, os.path.abspath(sys.argv[0]), *sys.argv[1:], "--worker", worker]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"worker {worker} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])

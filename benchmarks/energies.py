@@ -33,15 +33,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
-from common import fmt, mib, names, positive, ratio
+from common import fmt, mib, names, positive, ratio, run_worker
 
 from betakd import chunked, energies
 from betakd.profiling import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes
@@ -242,12 +239,7 @@ def measure_cpu_worker(args: argparse.Namespace) -> dict:
 
 
 def measure_cpu(args: argparse.Namespace, energy: str, vocab: int, variant: str) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
-    cmd += ["--worker", f"{energy},{vocab},{variant}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {variant} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_worker(f"{energy},{vocab},{variant}")
 
 
 def measure_cuda(args: argparse.Namespace, inputs: dict, energy: str, variant: str) -> dict:

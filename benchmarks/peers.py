@@ -41,16 +41,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from common import fmt, mib, names, positive, ratio
+from common import fmt, mib, names, positive, ratio, run_worker
 
 from betakd import chunked, energies
 from betakd.profiling import current_rss_bytes, peak_rss_bytes, peak_tensor_bytes
@@ -232,7 +229,7 @@ def measure_all(args: argparse.Namespace, loss: str, variants: list[str]) -> dic
     for round_ in range(args.repeats):
         shift = round_ % len(variants)
         for variant in variants[shift:] + variants[:shift]:
-            runs[variant].append(run_worker(args, loss, variant, live=round_ == 0))
+            runs[variant].append(step_in_fresh_process(args, loss, variant, live=round_ == 0))
     return {
         v: {
             "time_s": statistics.median(r["time_s"] for r in runs[v]),
@@ -269,14 +266,8 @@ def worker(args: argparse.Namespace) -> dict:
     }
 
 
-def run_worker(args: argparse.Namespace, loss: str, variant: str, live: bool) -> dict:
-    live_flag = "live" if live and not args.no_live else "none"
-    cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
-    cmd += ["--worker", f"{loss},{variant},{live_flag}"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise RuntimeError(f"{loss}/{variant} failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def step_in_fresh_process(args: argparse.Namespace, loss: str, variant: str, live: bool) -> dict:
+    return run_worker(f"{loss},{variant},{'live' if live and not args.no_live else 'none'}")
 
 
 # --------------------------------------------------------------------------- report

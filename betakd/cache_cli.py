@@ -16,14 +16,14 @@ from betakd import chunked, models
 from betakd import config as cfg
 from betakd.cli_options import config_overrides, load_config
 from betakd.data import DataCache, SampleEncoder, build_dataset
-from betakd.teachers import CacheError, OnlineTeacher, write_cache
+from betakd.teachers import CacheError, write_cache
 from betakd.teachers.cache_format import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SHARD_SIZE,
     DEFAULT_VISUAL_TOKENS,
     teacher_identity,
 )
-from betakd.train import cache_contents, config_data_fingerprint
+from betakd.train import cache_contents, config_data_fingerprint, online_source
 
 
 def cache_teacher(
@@ -44,7 +44,7 @@ def cache_teacher(
         raise CacheError("teacher.cache_dir: set where the cache goes (--set teacher.cache_dir=)")
     if not teacher.path:
         raise CacheError("teacher.path: writing the cache needs the teacher model")
-    contents = cache_contents(config)
+    cache_contents(config)  # refuses what a cache cannot hold, before any model loads
     device = models.default_device(device)
     loaded = models.load(
         teacher.path,
@@ -64,16 +64,8 @@ def cache_teacher(
         limit=config.data.limit,
         cache=data_cache,
     )
-    source = OnlineTeacher(
-        loaded.model,
-        loaded.adapter,
-        vocab_rows=vocab,
-        need_logits=contents.logits,
-        need_visual=contents.visual,
-        representation=contents.representation,
-        # The teacher's logits exist a chunk of answer tokens at a time, as in training.
-        chunk_size=chunked.default_chunk_size(vocab, device),
-    )
+    # The teacher's logits exist a chunk of answer tokens at a time, as in training.
+    source = online_source(config, loaded, vocab, chunked.default_chunk_size(vocab, device))
     fingerprint = {
         **config_data_fingerprint(config, loaded.processor),
         "teacher": teacher_identity(teacher.path),

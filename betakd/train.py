@@ -261,20 +261,10 @@ def _online_teacher(
     )
     models.check_same_vocabulary(student.processor, teacher.processor)
     vocab = models.vocab_rows(student.processor, student.model, teacher.model)
-    needs = teacher_contents(config)
-    source = OnlineTeacher(
-        teacher.model,
-        teacher.adapter,
-        vocab_rows=vocab,
-        need_logits=needs.logits,
-        need_visual=needs.visual,
-        representation=needs.representation,
-        chunk_size=config.channels.chunk_size,
-        student_adapter=student.adapter,
-        include_prompt=any(c.positions != "answer" for c in config.channels.logits),
-    )
     return TeacherSide(
-        source=source,
+        source=online_source(
+            config, teacher, vocab, config.channels.chunk_size, student_adapter=student.adapter
+        ),
         encoder=SampleEncoder(
             teacher.processor, teacher.adapter, config.data.max_length, data_cache
         ),
@@ -283,6 +273,30 @@ def _online_teacher(
         representation_dim=representation_dim(
             config.weighting.representation, teacher.model.config
         ),
+    )
+
+
+def online_source(
+    config: cfg.TrainConfig,
+    teacher: models.LoadedModel,
+    vocab: int,
+    chunk_size: int | None,
+    *,
+    student_adapter: models.FamilyAdapter | None = None,
+) -> OnlineTeacher:
+    """The loaded teacher as an online source of what the config's channels and
+    weighting need (``chunk_size``: see :class:`~betakd.teachers.OnlineTeacher`)."""
+    needs = teacher_contents(config)
+    return OnlineTeacher(
+        teacher.model,
+        teacher.adapter,
+        vocab_rows=vocab,
+        need_logits=needs.logits,
+        need_visual=needs.visual,
+        representation=needs.representation,
+        chunk_size=chunk_size,
+        student_adapter=student_adapter,
+        include_prompt=any(c.positions != "answer" for c in config.channels.logits),
     )
 
 

@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Trai
 from betakd import config as cfg
 from betakd.cli import main
 from betakd.distill import HEAD_FILE
+from betakd.teachers import DenseLogits, TeacherTargets
 from betakd.train import OutputDirError, build_trainer, run_training, training_arguments
 
 WEIGHTINGS = {
@@ -246,3 +247,38 @@ def test_lora_student_trains_and_is_saved_merged(llava_pair, vqa_data, tmp_path)
     assert not any("lora" in k for k in saved)
     student = AutoModelForImageTextToText.from_pretrained(result.output_dir)
     assert student.config.model_type == "llava"
+
+
+class AveragedTeachers:
+    """A kind of teacher source the trainer does not know: the mean log-probabilities of
+    several sources (here, one online teacher twice), through the protocol only."""
+
+    def __init__(self, sources, vocab_rows):
+        self.sources = list(sources)
+        self.vocab_rows = vocab_rows
+
+    def prepare(self, accelerator):
+        self.sources = [source.prepare(accelerator) for source in self.sources]
+        return self
+
+    def __call__(self, student_batch, meta):
+        results = [source(student_batch, meta) for source in self.sources]
+        aligned, first = results[0]
+        log_probs = [
+            torch.log_softmax(t.tokens.logits(0, len(aligned), self.vocab_rows).float(), -1)
+            for _, t in results
+        ]
+        mean = torch.stack(log_probs).mean(0)
+        return aligned, TeacherTargets(DenseLogits(mean), first.visual, first.representation)
+
+
+def test_a_new_teacher_source_needs_no_change_to_the_trainer(llava_pair, vqa_data, tmp_path):
+    data, images = vqa_data
+    config = make_config(*llava_pair, data, images, tmp_path / "out", "instance")
+    trainer = build_trainer(config, training_arguments(config))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    single = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=4)
+    trainer.teacher = AveragedTeachers([trainer.teacher] * 2, trainer.model.vocab_rows)
+    averaged = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=4)
+    # The mean of identical log-probabilities is the teacher's own distribution.
+    torch.testing.assert_close(averaged, single, rtol=1e-6, atol=1e-6)
