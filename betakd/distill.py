@@ -79,7 +79,12 @@ class DistillationHead(nn.Module):
                     "(text-only student or teacher)"
                 )
             feats[f.name] = FeatureChannel(
-                teacher_dim, student_dim, f.energy, adapter=f.adapter, normalize=f.normalize
+                teacher_dim,
+                student_dim,
+                f.energy,
+                adapter=f.adapter,
+                normalize=f.normalize,
+                rank=f.rank,
             )
         options = dict(config.weighting.options)
         if config.weighting.needs_representation:
