@@ -24,12 +24,13 @@ from pathlib import Path
 import torch
 
 from betakd.demo import run as demo
+from betakd.demo.strategies import select
 from betakd.demo.teacher import ensure_teacher, prepare_data
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategy", default="task", choices=demo.STRATEGIES[1:])
+    parser.add_argument("--strategy", default="task", help="a strategy of the demo's catalogue")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--steps", type=int, default=None, help="default: the demo's")
     parser.add_argument("--test-questions", type=int, default=1000)
@@ -37,37 +38,25 @@ def main() -> None:
     torch.set_num_threads(1)
 
     config = demo.demo_config(quick=False)
-    settings = demo.settings_from(config)
-    settings = replace(settings, test_questions=args.test_questions)
+    (strategy,) = select(config, [args.strategy])
+    settings = demo.settings_from(config, test_questions=args.test_questions)
     if args.steps:
         settings = replace(settings, steps=args.steps)
     data = prepare_data(config)
     teacher = ensure_teacher(config)
-    tests = demo.test_samples(data.test, data.image_folder, settings.test_questions)
+    tests = demo.test_samples(data.test, settings.test_questions)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        cache_dir = demo.ensure_teacher_cache(
-            config, teacher, demo._student_init(config, out, args.seeds[0]), data, settings
-        )
+        inits = {seed: demo.student_init(config, out, seed) for seed in args.seeds}
+        cache_dir = demo.ensure_teacher_cache(config, teacher, inits[args.seeds[0]], data, settings)
         for seed in args.seeds:
-            student = demo._student_init(config, out, seed)
-            fixed = None
-            if args.strategy == "fixed":
-                fixed = demo._fixed_from_probe(seed, student, teacher, data, out, settings, None)
             for source, source_cache in (("online", None), ("cache", cache_dir)):
-                record, _ = demo.run_one(
-                    args.strategy,
-                    seed,
-                    student_init=student,
-                    teacher=teacher,
-                    data=data,
-                    out=out / source,
-                    settings=settings,
-                    fixed=fixed,
-                    tests=tests,
-                    cache_dir=source_cache,
-                )
+                job = demo.Job(
+                    strategy, seed, config, settings, inits[seed], teacher, data,
+                    source_cache, out / source, tests,
+                )  # fmt: skip
+                record = demo.run_job(job)
                 seconds, accuracy = record.train_seconds, record.accuracy
                 rows.append({"seed": seed, "source": source, "seconds": seconds, **accuracy})
                 print(

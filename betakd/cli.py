@@ -68,8 +68,35 @@ _register_subcommands()
 
 
 @main.command()
-@click.option("--quick", is_flag=True, help="Smoke run (one seed, a few steps): about 2 minutes.")
+@click.option("--quick", is_flag=True, help="Smoke run (one seed, a few steps): about a minute.")
 @click.option("--seeds", type=click.IntRange(1), default=None, help="Seeds per strategy [2].")
+@click.option(
+    "--strategies",
+    default=None,
+    metavar="NAMES",
+    help="Comma-separated strategy names from defaults.yaml's catalogue, or 'all' "
+    "[its `run` list]. A sweep's name runs every weight of it.",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override the demo design (defaults.yaml), e.g. --set data.blind_value=red "
+    "--set data.noise_rate=0.3 --set channels.logit_energy=fkl "
+    "--set strategies.robust_task.weighting.options.trust.threshold=2.",
+)
+@click.option(
+    "--jobs",
+    type=click.IntRange(1),
+    default=None,
+    help="Runs in parallel, one CPU thread each [2].",
+)
+@click.option(
+    "--diagnose",
+    is_flag=True,
+    help="Also record per-slice gradient norms of every channel (slower).",
+)
 @click.option(
     "--output",
     type=click.Path(file_okay=False),
@@ -77,18 +104,32 @@ _register_subcommands()
     show_default=True,
     help="Folder for report.md, results.json, plots and runs.",
 )
-def demo(quick: bool, seeds: int | None, output: str) -> None:
-    """Distill an easy-VQA student with every weighting and report which won.
+def demo(quick, seeds, strategies, overrides, jobs, diagnose, output) -> None:
+    """Distill an easy-VQA student with several weightings and report which won.
 
     Converts easy-VQA (from the easy-vqa package) to LLaVA format with 20% noisy
     answers and a slice the teacher never saw, trains the teacher once (cached in
-    ~/.cache/betakd), then distills the student with CE-only, equal, fixed, task,
-    instance and closed-form weightings through `betakd train`, evaluates each by
-    generation, and writes report.md, results.json and PNG plots to OUTPUT.
+    ~/.cache/betakd), then distills the student with the selected strategies through
+    `betakd train`, evaluates each by generation, and writes report.md, results.json
+    and PNG plots to OUTPUT. Every setting of the study comes from
+    betakd/demo/defaults.yaml and can be changed with --set.
     """
+    from betakd.demo.config import DemoConfigError
     from betakd.demo.run import run_demo
 
-    results = run_demo(output, quick=quick, seeds=range(seeds) if seeds else None)
+    names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
+    try:
+        results = run_demo(
+            output,
+            quick=quick,
+            seeds=range(seeds) if seeds else None,
+            strategies=names,
+            overrides=list(overrides),
+            jobs=jobs,
+            diagnose=diagnose,
+        )
+    except DemoConfigError as err:
+        raise click.ClickException(str(err)) from err
     click.echo(f"report: {output}/report.md ({results['wall_seconds']:.0f} s)")
 
 

@@ -105,6 +105,9 @@ class FeatureChannelSettings(Strict):
     normalize: bool = Field(
         False, description="standardise every token of both sides before the energy"
     )
+    rank: int | None = Field(
+        None, ge=1, description="low-rank adapter: match only an r-dimensional projection"
+    )
 
     @field_validator("energy")
     @classmethod

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -98,23 +99,35 @@ class FeatureChannel(nn.Module):
         *,
         adapter: str = "student",
         normalize: bool = False,
+        rank: int | None = None,
     ) -> None:
         super().__init__()
         if adapter not in ADAPTER_SIDES:
             raise ValueError(f"adapter must be one of {ADAPTER_SIDES}, got {adapter!r}")
+        if rank is not None and rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
         self.energy_name = energy
         self.energy = get(energy)
         self.adapter_side = adapter
         self.normalize = normalize
-        if adapter == "student":
-            self.adapter = nn.Linear(student_dim, teacher_dim)
+        self.rank = rank
+        d_in, d_out = (
+            (student_dim, teacher_dim) if adapter == "student" else (teacher_dim, student_dim)
+        )
+        if rank is None:
+            self.adapter = nn.Linear(d_in, d_out)
         else:
-            self.adapter = nn.Linear(teacher_dim, student_dim)
+            # A rank-r map: only an r-dimensional projection of the input is matched.
+            self.adapter = nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.adapter.parameters()).dtype
 
     def forward(self, student: Tensor, teacher: Tensor, mask: Tensor | None = None) -> Tensor:
-        teacher = teacher.detach().to(self.adapter.weight.dtype)
+        teacher = teacher.detach().to(self.dtype)
         if self.adapter_side == "student":
-            student = self.adapter(student.to(self.adapter.weight.dtype))
+            student = self.adapter(student.to(self.dtype))
         else:
             teacher = self.adapter(teacher)
         if self.normalize:

@@ -208,7 +208,12 @@ def build_head(
                 "(text-only student or teacher)"
             )
         feats[f.name] = FeatureChannel(
-            teacher_dim, student_dim, f.energy, adapter=f.adapter, normalize=f.normalize
+            teacher_dim,
+            student_dim,
+            f.energy,
+            adapter=f.adapter,
+            normalize=f.normalize,
+            rank=f.rank,
         )
     options = dict(config.weighting.options)
     if config.weighting.needs_representation:

@@ -196,8 +196,13 @@ class BetaKDTrainer(Trainer):
         return sum((p.sum() * 0.0 for p in params), torch.zeros((), device=loss.device))
 
     @property
-    def _module(self) -> DistillationModule:
+    def distillation_module(self) -> DistillationModule:
+        """The trained module (student + head), unwrapped from any engine wrapper."""
         return self.accelerator.unwrap_model(self.model)
+
+    @property
+    def _module(self) -> DistillationModule:
+        return self.distillation_module
 
     # ----------------------------------------------------------------- metrics
 

@@ -11,8 +11,8 @@ from betakd.train import build_trainer, run_training, training_arguments
 from betakd.trainer import NonFiniteLossError
 
 
-def config_for(pair, data, out, weighting, batch, accumulation, **extra):
-    options = {
+def config_for(pair, data, out, weighting, batch, accumulation, options=None, **extra):
+    options = options or {
         "fixed": {"weights": {"cosine_probs": 2.0, "visual": 0.5}},
         "instance": {"hidden": 8},
         "closed_form": {"per": "sample"},
@@ -45,6 +45,40 @@ def test_accumulation_equals_one_large_batch(weighting, llava_pair, sixteen_samp
     for other in heads[1:]:
         for key, value in heads[0].items():
             torch.testing.assert_close(other[key], value, rtol=0, atol=1e-5)
+
+
+ROBUST = [
+    ("task", {"prior_rate_scale": 0.2, "trust": {"reference": "data"}}),
+    ("closed_form", {"per": "channel", "scale_momentum": 0.5, "prior_rate_scale": 0.3,
+                     "trust": {"reference": "data", "kind": "gamma"}}),
+    ("instance", {"hidden": 8, "prior_shape": 2.0, "prior_rate": 0.1,
+                  "trust": {"channels": ["cosine_probs"], "kind": "superloss"}}),
+    ("fixed", {"weights": {"cosine_probs": 1.0, "visual": 1.0}, "scale_relative": True}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("weighting,options", ROBUST, ids=[w for w, _ in ROBUST])
+def test_robust_options_keep_accumulation_invariance(
+    weighting, options, llava_pair, sixteen_samples, tmp_path
+):
+    """Energy scales are measured on fixed samples before training and updated from whole
+    optimizer steps, and trusts depend on each sample alone: 8 x 1 == 2 x 4, with the
+    running energy scale in the head equal too."""
+    results = []
+    for batch, accumulation in [(8, 1), (2, 4)]:
+        out = tmp_path / f"b{batch}"
+        config = config_for(
+            llava_pair, sixteen_samples, out, weighting, batch, accumulation, options, max_steps=3
+        )
+        result = run_training(config)
+        head = result.trainer.distillation_module.head.state_dict()
+        results.append((loss_trajectory(result), {k: v.clone() for k, v in head.items()}))
+    (loss_a, head_a), (loss_b, head_b) = results
+    assert loss_b == pytest.approx(loss_a, abs=1e-5)
+    uses_scale = {"prior_rate_scale", "scale_momentum", "scale_relative"} & set(options)
+    assert ("objective.weighting.energy_scale" in head_a) == bool(uses_scale)
+    for key, value in head_a.items():
+        torch.testing.assert_close(head_b[key], value, rtol=0, atol=1e-5)
 
 
 def test_bfloat16_autocast_stays_close_to_float32(llava_pair, sixteen_samples, tmp_path):

@@ -249,6 +249,41 @@ def test_lora_student_trains_and_is_saved_merged(llava_pair, vqa_data, tmp_path)
     assert student.config.model_type == "llava"
 
 
+def test_group_metrics_and_energy_scale_calibration(llava_pair, vqa_data, tmp_path):
+    """Per-group metrics average to the batch metric; the calibrated energy scale is the
+    mean energy of the first training samples, whatever the batch size."""
+    data, images = vqa_data
+    options = {"prior_rate_scale": 0.5, "trust": {"reference": "data"}}
+    scales = []
+    for batch in (2, 3):
+        config = make_config(
+            *llava_pair, data, images, tmp_path / f"b{batch}", "closed_form",
+            per_device_train_batch_size=batch, max_steps=1, logging_steps=1,
+        )  # fmt: skip
+        config = cfg.validate(
+            {**config.model_dump(), "weighting": {"name": "closed_form", "options": options}}
+        )
+        groups = {"s0": "even", "s2": "even", "s4": "even", "s1": "odd", "s3": "odd", "s5": "odd"}
+        trainer = build_trainer(config, training_arguments(config), sample_groups=groups)
+        scales.append(trainer.calibrate_energy_scale())
+    torch.testing.assert_close(scales[0], scales[1], rtol=1e-5, atol=1e-7)
+    # Direct: every sample's channel energies (weights do not matter for the scale).
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    with torch.no_grad():
+        out = trainer.model(*trainer.loss_inputs(trainer.data_collator(rows)))
+    torch.testing.assert_close(scales[0], out.energies[:, 1:].mean(0), rtol=1e-5, atol=1e-7)
+
+    # One batch of all six samples, three per group: the mean of group means is the mean.
+    whole = cfg.validate(
+        {**config.model_dump(), "training": {**config.training, "per_device_train_batch_size": 6}}
+    )
+    result = run_training(whole, sample_groups=groups)
+    logged = next(h for h in result.log_history if "cosine_probs/energy" in h)
+    even, odd = (logged[f"group/{g}/cosine_probs/energy"] for g in ("even", "odd"))
+    assert logged["cosine_probs/energy"] == pytest.approx((even + odd) / 2, rel=1e-4)
+    assert {"group/even/visual/beta_mean", "group/odd/ce/weighted"} <= set(logged)
+
+
 class AveragedTeachers:
     """A kind of teacher source the trainer does not know: the mean log-probabilities of
     several sources (here, one online teacher twice), through the protocol only."""

@@ -1,4 +1,4 @@
-"""The demo's report: results table, plots, and a plain statement of what won."""
+"""The demo's report: results table, targets, plots, and a plain statement of what won."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-NAMES = {
-    "ce_only": "CE only",
-    "equal": "equal",
-    "fixed": "fixed (initial scales)",
-    "task": "Beta-KD task",
-    "instance": "Beta-KD instance",
-    "closed_form": "closed form",
-}
+# A strategy is "stable" when every seed lies within this many points of its mean.
+STABLE_POINTS = 3.0
+SLICE_NAMES = {"clean": "clean labels", "noisy": "noisy labels", "blind": "teacher's blind slice"}
 
 
 def roc_auc(negatives: list[float], positives: list[float]) -> float | None:
@@ -43,11 +38,18 @@ def roc_auc(negatives: list[float], positives: list[float]) -> float | None:
 
 
 def machine_description() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
+    import torch
+    import transformers
+
+    return (
+        f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}"
+    )
 
 
 def summarize(runs: list[dict], key: str = "all") -> dict[str, dict]:
-    """Mean and spread (sample std, min, max) of an accuracy field per strategy."""
+    """Mean, spread (sample std), worst and best seed of an accuracy field per strategy."""
     by_strategy: dict[str, list[float]] = defaultdict(list)
     for run in runs:
         value = run["accuracy"].get(key)
@@ -55,29 +57,106 @@ def summarize(runs: list[dict], key: str = "all") -> dict[str, dict]:
             by_strategy[run["strategy"]].append(value)
     table = {}
     for strategy, values in by_strategy.items():
+        mean = statistics.fmean(values)
         table[strategy] = {
-            "mean": round(statistics.fmean(values), 2),
+            "mean": round(mean, 2),
             "std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
             "min": min(values),
             "max": max(values),
             "n": len(values),
+            "stable": all(v >= mean - STABLE_POINTS for v in values),
         }
     return table
 
 
-def verdict(summary: dict[str, dict]) -> str:
+def labels(results: dict) -> dict[str, str]:
+    return {s["name"]: s["label"] for s in results["strategies"]}
+
+
+def best_fixed(results: dict, summary: dict) -> str | None:
+    """The fixed weighting with the best mean accuracy over the sweep (and plain fixed):
+    a weight tuned on the test set, the strongest baseline a practitioner could pick."""
+    fixed = [
+        s["name"]
+        for s in results["strategies"]
+        if s["weighting"] and s["weighting"].get("name") == "fixed" and s["name"] in summary
+    ]
+    return max(fixed, key=lambda n: summary[n]["mean"], default=None)
+
+
+def targets(results: dict) -> list[tuple[str, bool | None, str]]:
+    """The demo's acceptance targets: (what, met?, the numbers behind it)."""
+    summary = summarize(results["runs"])
+    outside = summarize(results["runs"], "outside_blind")
+    blind = summarize(results["runs"], "blind")
+    chosen = next((s["name"] for s in results["strategies"] if s["recommended"]), None)
+    best = best_fixed(results, summary)
+    if chosen is None or chosen not in summary or best is None:
+        return []
+    name = labels(results)
+    rows = []
+    gap = outside[chosen]["mean"] - outside[best]["mean"]
+    rows.append(
+        (
+            f"outside the blind slice, {name[chosen]} is within 1 point of the best fixed "
+            f"weight ({name[best]}) or better",
+            gap >= -1.0,
+            f"{outside[chosen]['mean']:.1f} vs {outside[best]['mean']:.1f} ({gap:+.1f})",
+        )
+    )
+    worst = summary[chosen]["min"] - summary[chosen]["mean"]
+    rows.append(
+        (
+            f"no seed of {name[chosen]} is more than {STABLE_POINTS:g} points below its mean",
+            summary[chosen]["stable"],
+            f"worst seed {summary[chosen]['min']:.1f}, mean {summary[chosen]['mean']:.1f} "
+            f"({worst:+.1f})",
+        )
+    )
+    rows.append(
+        (
+            f"{name[chosen]} gets at least 80% on the blind slice",
+            blind[chosen]["mean"] >= 80.0,
+            f"{blind[chosen]['mean']:.1f}% (worst seed {blind[chosen]['min']:.1f}%)",
+        )
+    )
+    lead = summary[chosen]["mean"] - summary[best]["mean"]
+    rows.append(
+        (
+            f"overall, {name[chosen]} beats the best fixed weight by at least 5 points",
+            lead >= 5.0,
+            f"{summary[chosen]['mean']:.1f} vs {summary[best]['mean']:.1f} ({lead:+.1f})",
+        )
+    )
+    for family_member in ("robust_instance", "robust_closed_form"):
+        if family_member in summary:
+            stats = summary[family_member]
+            rows.append(
+                (
+                    f"{name[family_member]}: every seed within {STABLE_POINTS:g} points of its "
+                    "mean (no collapse)",
+                    stats["stable"],
+                    f"seeds {stats['min']:.1f}..{stats['max']:.1f}, mean {stats['mean']:.1f}",
+                )
+            )
+    return rows
+
+
+def verdict(results: dict) -> str:
     """Which strategy won, by how much, and whether that exceeds the seed spread."""
+    summary = summarize(results["runs"])
     if not summary:
         return "No runs."
+    name = labels(results)
     ranked = sorted(summary.items(), key=lambda kv: kv[1]["mean"], reverse=True)
     best, best_stats = ranked[0]
-    lines = [f"Best mean accuracy: **{NAMES.get(best, best)}** ({best_stats['mean']:.2f}%)."]
+    lines = [f"Best mean accuracy: **{name.get(best, best)}** ({best_stats['mean']:.2f}%)."]
     if len(ranked) > 1:
         second, second_stats = ranked[1]
         gap = best_stats["mean"] - second_stats["mean"]
         spread = max(best_stats["std"], second_stats["std"])
         runner_up = (
-            f"Runner-up: {NAMES.get(second, second)} ({second_stats['mean']:.2f}%), "
+            f"Runner-up: {name.get(second, second)} ({second_stats['mean']:.2f}%), "
             f"{gap:.2f} points behind"
         )
         if best_stats["n"] < 2:
@@ -89,194 +168,244 @@ def verdict(summary: dict[str, dict]) -> str:
                 "points, so the gap is "
                 + ("larger than twice the seed spread." if solid else "within the seed noise.")
             )
-    beta_kd = [s for s in ("task", "instance", "closed_form") if s in summary]
-    baselines = [s for s in ("equal", "fixed") if s in summary]
-    if beta_kd and baselines:
-        best_beta = max(beta_kd, key=lambda s: summary[s]["mean"])
-        best_base = max(baselines, key=lambda s: summary[s]["mean"])
-        diff = summary[best_beta]["mean"] - summary[best_base]["mean"]
-        word = "beats" if diff > 0 else "does not beat"
-        lines.append(
-            f"The best Beta-KD weighting ({NAMES[best_beta]}) {word} the best fixed-weight "
-            f"baseline ({NAMES[best_base]}): {diff:+.2f} points."
-        )
     return " ".join(lines)
 
 
-def _table(runs: list[dict], teacher: dict) -> str:
-    columns = [("all", "all"), ("outside_blind", "outside blind"), ("blind", "blind slice")]
-    qtypes = sorted(
-        {k for r in runs for k in r["accuracy"] if k not in {"all", "outside_blind", "blind"}}
-    )
-    columns += [(q, q) for q in qtypes]
-    head = "| strategy | " + " | ".join(label for _, label in columns) + " |"
-    rule = "|---" * (len(columns) + 1) + "|"
-    rows = [head, rule]
-    teacher_cells = [
-        f"{teacher[key]:.1f}" if teacher.get(key) is not None else "-" for key, _ in columns
+def _cell(stats: dict | None) -> str:
+    return "-" if stats is None else f"{stats['mean']:.1f} ± {stats['std']:.1f}"
+
+
+def _table(results: dict) -> str:
+    runs, teacher = results["runs"], results["teacher"]["accuracy"]
+    summaries = {key: summarize(runs, key) for key in ("all", "outside_blind", "blind")}
+    best = best_fixed(results, summaries["all"])
+    rows = [
+        "| strategy | all | outside blind slice | blind slice | worst seed (all) | "
+        f"seeds within {STABLE_POINTS:g} pts |",
+        "|---|---|---|---|---|---|",
+        f"| teacher | {teacher['all']:.1f} | {teacher['outside_blind']:.1f} | "
+        f"{teacher['blind']:.1f} | - | - |",
     ]
-    rows.append("| teacher | " + " | ".join(teacher_cells) + " |")
-    summaries = {key: summarize(runs, key) for key, _ in columns}
-    for strategy in NAMES:
-        if strategy not in summaries["all"]:
+    for strategy in results["strategies"]:
+        name = strategy["name"]
+        if name not in summaries["all"]:
             continue
-        cells = []
-        for key, _ in columns:
-            stats = summaries[key].get(strategy)
-            cells.append("-" if stats is None else f"{stats['mean']:.1f} ± {stats['std']:.1f}")
-        rows.append(f"| {NAMES[strategy]} | " + " | ".join(cells) + " |")
+        stats = summaries["all"][name]
+        label = strategy["label"]
+        if strategy["recommended"]:
+            label = f"**{label}** (recommended)"
+        if name == best:
+            label += " = best fixed (tuned on test)"
+        rows.append(
+            f"| {label} | {_cell(stats)} | {_cell(summaries['outside_blind'].get(name))} | "
+            f"{_cell(summaries['blind'].get(name))} | {stats['min']:.1f} | "
+            f"{'yes' if stats['stable'] else '**no**'} |"
+        )
     return "\n".join(rows)
 
 
-def _plot_accuracy(runs: list[dict], teacher: dict, path: Path) -> None:
+def _betas_table(results: dict) -> str:
+    """Final betas per slice (mean over seeds of each slice's mean), and ROC AUCs."""
+    rows = [
+        "| strategy | channel | clean | noisy | blind | AUC blind (lower beta) | AUC noisy |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    name = labels(results)
+    per: dict = defaultdict(lambda: defaultdict(list))
+    for run in results["runs"]:
+        for channel, table in run["separation"].items():
+            per[(run["strategy"], channel)]["runs"].append(table)
+    for (strategy, channel), group in per.items():
+        tables = group["runs"]
+
+        def mean_of(values):
+            values = [v for v in values if v is not None]
+            return f"{statistics.fmean(values):.3g}" if values else "-"
+
+        slices = [mean_of([t["mean"].get(s) for t in tables]) for s in ("clean", "noisy", "blind")]
+        aucs = [mean_of([t[k] for t in tables]) for k in ("auc_blind_lower", "auc_noisy_lower")]
+        rows.append(
+            f"| {name.get(strategy, strategy)} | {channel} | " + " | ".join(slices + aucs) + " |"
+        )
+    return "\n".join(rows)
+
+
+def _plot_accuracy(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    summary = summarize(runs)
-    order = [s for s in NAMES if s in summary]
-    means = [summary[s]["mean"] for s in order]
-    errors = [summary[s]["std"] for s in order]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([NAMES[s] for s in order], means, yerr=errors, capsize=4, color="#4C72B0")
-    for x, s in enumerate(order):
-        seeds = [r["accuracy"]["all"] for r in runs if r["strategy"] == s]
-        ax.scatter([x] * len(seeds), seeds, color="black", s=12, zorder=3)
-    if teacher.get("all") is not None:
-        ax.axhline(teacher["all"], color="#C44E52", linestyle="--", label="teacher")
-        ax.legend()
-    ax.set_ylabel("test exact match (%)")
-    ax.set_title("easy-VQA student accuracy (mean ± std over seeds; dots = seeds)")
-    plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    runs, teacher = results["runs"], results["teacher"]["accuracy"]
+    name = labels(results)
+    keys = [("all", "all"), ("outside_blind", "outside blind slice"), ("blind", "blind slice")]
+    order = [
+        s["name"] for s in results["strategies"] if any(r["strategy"] == s["name"] for r in runs)
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, (key, title) in zip(axes, keys):
+        summary = summarize(runs, key)
+        xs = list(range(len(order)))
+        ax.bar(xs, [summary[s]["mean"] for s in order], yerr=[summary[s]["std"] for s in order],
+               capsize=3, color="#4C72B0")  # fmt: skip
+        for x, s in zip(xs, order):
+            seeds = [r["accuracy"][key] for r in runs if r["strategy"] == s]
+            ax.scatter([x] * len(seeds), seeds, color="black", s=10, zorder=3)
+        if teacher.get(key) is not None:
+            ax.axhline(teacher[key], color="#C44E52", linestyle="--", label="teacher")
+            ax.legend(loc="lower left")
+        ax.set_xticks(xs, [name[s] for s in order], rotation=35, ha="right", fontsize=7)
+        ax.set_title(title)
+    axes[0].set_ylabel("test exact match (%)")
+    fig.suptitle("easy-VQA student accuracy (mean ± std over seeds; dots = seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def _plot_betas(runs: list[dict], path: Path) -> None:
+def _plot_slice_betas(results: dict, path: Path) -> bool:
+    """Betas per slice over training for each per-sample strategy (first seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    learned = [r for r in runs if r["strategy"] in ("task", "instance", "closed_form")]
-    channels = sorted({c for r in learned for c in r["beta_history"]})
-    if not channels:
-        return
-    fig, axes = plt.subplots(1, len(channels), figsize=(6 * len(channels), 4), squeeze=False)
-    for ax, channel in zip(axes[0], channels):
-        for run in learned:
-            rows = run["beta_history"].get(channel)
-            if not rows:
-                continue
-            steps = [r[0] for r in rows]
-            label = f"{NAMES[run['strategy']]} (seed {run['seed']})"
-            line = ax.plot(steps, [r[1] for r in rows], label=label)[0]
-            if run["strategy"] != "task":  # per-sample betas: show their range
-                ax.fill_between(
-                    steps, [r[2] for r in rows], [r[3] for r in rows], alpha=0.12,
-                    color=line.get_color(),
-                )  # fmt: skip
-        ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_ylabel("beta (mean; band = min..max)")
-        ax.set_title(f"channel {channel}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _plot_instance(runs: list[dict], path: Path) -> dict:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    instance = [r for r in runs if r["strategy"] == "instance" and r["separation"]]
-    if not instance:
-        return {}
-    channel = "cosine_probs" if "cosine_probs" in instance[0]["separation"] else None
-    channel = channel or next(iter(instance[0]["separation"]))
-    table = instance[0]["separation"][channel]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, (a, b, auc_key, title) in zip(
-        axes,
-        [
-            ("clean", "noisy", "auc_noisy_lower", "noisy vs clean labels"),
-            ("rest", "blind", "auc_blind_lower", "teacher's blind slice vs rest"),
-        ],
-    ):
-        bins = 40
-        ax.hist(table[a], bins=bins, alpha=0.6, density=True, label=f"{a} (n={len(table[a])})")
-        ax.hist(table[b], bins=bins, alpha=0.6, density=True, label=f"{b} (n={len(table[b])})")
-        ax.set_xscale("log") if min(table[a] + table[b], default=1) > 0 else None
-        ax.set_xlabel(f"predicted beta, channel {channel}")
-        ax.set_title(f"{title}: AUC(lower beta) = {table[auc_key]}")
-        ax.legend()
-    fig.suptitle(
-        f"instance Beta-KD (seed {instance[0]['seed']}): final network on every training sample"
+    name = labels(results)
+    first_seed = min((r["seed"] for r in results["runs"]), default=0)
+    shown = [
+        r
+        for r in results["runs"]
+        if r["seed"] == first_seed
+        and r["slice_history"]
+        and r["family"] in ("beta_kd", "reference")
+    ]
+    if not shown:
+        return False
+    channels = sorted({c for r in shown for c in r["slice_history"] if c != "ce"})
+    fig, axes = plt.subplots(
+        len(shown), len(channels), figsize=(5 * len(channels), 2.6 * len(shown)), squeeze=False
     )
+    colours = {"clean": "#4C72B0", "noisy": "#DD8452", "blind": "#C44E52"}
+    for row, run in zip(axes, shown):
+        for ax, channel in zip(row, channels):
+            for slice_name, points in run["slice_history"].get(channel, {}).items():
+                ax.plot([p[0] for p in points], [p[1] for p in points],
+                        color=colours[slice_name], label=SLICE_NAMES[slice_name])  # fmt: skip
+            ax.set_yscale("log")
+            ax.set_title(f"{name[run['strategy']]}: {channel}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.set_ylabel("mean beta", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"betas per slice over training (seed {first_seed})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return {
-        f"seed {r['seed']}": {
-            ch: {k: v[k] for k in ("auc_blind_lower", "auc_noisy_lower")}
-            for ch, v in r["separation"].items()
-        }
-        for r in instance
-    }
+    return True
+
+
+def _plot_gradients(results: dict, path: Path) -> bool:
+    """Per-slice gradient norms of each channel's term into the student (--diagnose)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    name = labels(results)
+    first_seed = min((r["seed"] for r in results["runs"]), default=0)
+    shown = [r for r in results["runs"] if r["seed"] == first_seed and r["diagnostics"]]
+    if not shown:
+        return False
+    channels = sorted({k.split("/")[1] for r in shown for k in r["diagnostics"][0] if "/" in k})
+    fig, axes = plt.subplots(
+        len(shown), len(channels), figsize=(5 * len(channels), 2.6 * len(shown)), squeeze=False
+    )
+    colours = {"clean": "#4C72B0", "noisy": "#DD8452", "blind": "#C44E52"}
+    for row, run in zip(axes, shown):
+        steps = [d["step"] for d in run["diagnostics"]]
+        for ax, channel in zip(row, channels):
+            for slice_name in colours:
+                key = f"{slice_name}/{channel}/grad_norm"
+                if key in run["diagnostics"][0]:
+                    ax.plot(steps, [d[key] for d in run["diagnostics"]],
+                            color=colours[slice_name], label=SLICE_NAMES[slice_name])  # fmt: skip
+            ax.set_yscale("log")
+            ax.set_title(f"{name[run['strategy']]}: {channel}", fontsize=9)
+            ax.set_ylabel("grad norm (student)", fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 def write_report(results: dict, out: Path) -> Path:
     """report.md plus PNG plots in ``out``."""
     runs = results["runs"]
     teacher = results["teacher"]["accuracy"]
-    _plot_accuracy(runs, teacher, out / "accuracy.png")
-    _plot_betas(runs, out / "betas.png")
-    aucs = _plot_instance(runs, out / "instance_betas.png")
+    _plot_accuracy(results, out / "accuracy.png")
+    has_slices = _plot_slice_betas(results, out / "betas_by_slice.png")
+    has_gradients = _plot_gradients(results, out / "gradients_by_slice.png")
     summary = summarize(runs)
-    ce = summary.get("ce_only", {}).get("mean")
-    outside = summarize(runs, "outside_blind").get("ce_only", {}).get("mean")
     manifest = results["data"]
+    settings = results["settings"]
+    seeds = settings["seeds"]
     lines = [
         "# betakd demo: easy-VQA distillation",
         "",
         f"Machine: {results['machine']}. Wall time: {results['wall_seconds']:.0f} s "
-        f"(teacher {'trained' if results['teacher']['seconds_this_run'] > 5 else 'cached'}: "
+        f"({settings['jobs']} parallel runs; teacher "
+        f"{'trained' if results['teacher']['seconds_this_run'] > 5 else 'cached'}: "
         f"{results['teacher']['seconds_this_run']:.0f} s this run)."
         + (" **Quick smoke run: numbers are not meaningful.**" if results["quick"] else ""),
         "",
         "## Setup",
         f"- Student training data: {manifest['counts']['train_student']} "
         f"{'/'.join(manifest['config']['qtypes'])} questions"
-        + (
-            f" (runs use the first {results['settings']['train_limit']})"
-            if results["settings"]["train_limit"]
-            else ""
-        )
+        + (f" (runs use the first {settings['train_limit']})" if settings["train_limit"] else "")
         + f", {manifest['noisy']} of them with a wrong (noisy) answer of the same type.",
         f"- Teacher blind slice: {manifest['config']['blind_attribute']} = "
         f"{manifest['config']['blind_value']}; the teacher never saw it, the student's data "
         "keeps it.",
-        f"- Teacher: {results['teacher']['info']['parameters']:,} parameters; "
-        f"channels CE + cosine_probs + visual feature KD (MSE through a linear adapter).",
-        f"- Each run: {results['settings']['steps']} steps of batch "
-        f"{results['settings']['batch_size']}, seeds {results['settings']['seeds']}; "
-        f"evaluated by greedy generation on {results['settings']['test_questions']} test "
+        f"- Teacher: {results['teacher']['info']['parameters']:,} parameters. Channels: CE + "
+        f"{results['channels']['logit_energy']} + "
+        + (
+            f"visual feature KD ({results['channels']['feature']})"
+            if results["channels"]["feature"]
+            else "no feature channel"
+        )
+        + " (a strategy may override the feature channel: see results.json).",
+        f"- Each run: {settings['steps']} steps of batch {settings['batch_size']}, seeds "
+        f"{list(seeds)}; evaluated by greedy generation on {settings['test_questions']} test "
         "questions (exact match).",
+        *([f"- Overrides: `{' '.join(results['overrides'])}`"] if results["overrides"] else []),
         "",
-        "## Results (test exact match %, mean ± std over seeds)",
+        f"## Results (test exact match %, mean ± std over {len(seeds)} seed(s))",
         "",
-        _table(runs, teacher),
+        _table(results),
         "",
         "## Verdict",
         "",
-        verdict(summary),
+        verdict(results),
     ]
-    if ce is not None and teacher.get("outside_blind") is not None and outside is not None:
+    rows = targets(results)
+    if rows:
+        lines += ["", "## Targets", ""]
+        for what, met, numbers in rows:
+            lines.append(f"- {'**met**' if met else '**missed**'}: {what}: {numbers}.")
+    nll = results["teacher"].get("answer_nll") or {}
+    if nll:
+        lines += [
+            "",
+            "The teacher's NLL of the training answers (nats; what the data trust reads), "
+            "median [10%, 90%]: "
+            + "; ".join(
+                f"{SLICE_NAMES[name]} {v['q50']:.3g} [{v['q10']:.3g}, {v['q90']:.3g}]"
+                for name, v in nll.items()
+            )
+            + ".",
+        ]
+    outside = summarize(runs, "outside_blind").get("ce_only", {}).get("mean")
+    if "ce_only" in summary and outside is not None:
         lines += [
             "",
             f"Teacher vs CE-only student outside the blind slice: "
@@ -284,33 +413,24 @@ def write_report(results: dict, out: Path) -> Path:
             f"({teacher['outside_blind'] - outside:+.1f} points); inside the blind slice the "
             f"teacher gets {teacher['blind']:.1f}%.",
         ]
-    if aucs:
+    if any(r["separation"] for r in runs):
         lines += [
             "",
-            "## Do instance betas find the unreliable samples?",
+            "## Where the weights go",
             "",
-            "ROC AUC of 'lower predicted beta' (0.5 = no separation, 1.0 = perfect):",
+            "Final per-sample betas of every training sample under the trained student "
+            "(mean per slice, averaged over seeds; fixed weights are constant unless a trust "
+            "re-weights them), and the ROC AUC of 'lower beta' for the blind slice and for "
+            "noisy labels (0.5: no separation, 1.0: perfect):",
             "",
-            "```",
-            *(f"{seed}: {values}" for seed, values in aucs.items()),
-            "```",
-            "",
-            "The instance weighting sees only the teacher's pooled visual tokens, so it can "
-            "react to the blind slice (an image property) but cannot know which labels are "
-            "noisy (noise is random per question); an AUC near 0.5 for noise is expected.",
+            _betas_table(results),
         ]
-    lines += [
-        "",
-        "## Plots",
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-        "![betas](betas.png)",
-        "",
-        "![instance betas](instance_betas.png)" if aucs else "",
-        "",
-        "Raw numbers: `results.json`.",
-    ]
+    lines += ["", "## Plots", "", "![accuracy](accuracy.png)", ""]
+    if has_slices:
+        lines += ["![betas per slice over training](betas_by_slice.png)", ""]
+    if has_gradients:
+        lines += ["![gradient norms per slice](gradients_by_slice.png)", ""]
+    lines += ["Raw numbers: `results.json`."]
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

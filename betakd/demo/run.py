@@ -1,18 +1,21 @@
-"""`betakd demo`: distill an easy-VQA student with every weighting and report what won.
+"""`betakd demo`: distill an easy-VQA student with several weightings and report what won.
 
-Every run goes through the public path (a YAML-equivalent config -> ``run_training``)
+Every run goes through the public path (a ``betakd train`` config -> ``run_training``)
 and every accuracy through the evaluation harness (``betakd.eval.generate`` + the
-easy-VQA scorer), so the demo exercises what a user's data would.
+easy-VQA scorer), so the demo exercises what a user's data would. Runs are independent
+and go to ``jobs`` worker processes (one thread each: the models are tiny).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import math
+import multiprocessing
 import random
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -20,10 +23,14 @@ import torch
 
 from betakd import config as cfg
 from betakd.demo import report
+from betakd.demo.config import DemoConfig, load_demo_config
+from betakd.demo.easyvqa_data import DemoData, read_jsonl
+from betakd.demo.strategies import Strategy, select
 from betakd.demo.teacher import (
-    DemoConfig,
+    answer_nll,
+    cache_root,
+    encode_file,
     ensure_teacher,
-    load_demo_config,
     prepare_data,
     save_student_init,
     teacher_info,
@@ -31,22 +38,18 @@ from betakd.demo.teacher import (
 from betakd.eval import easyvqa
 from betakd.eval.runner import generate
 from betakd.eval.samples import Sample
-from betakd.train import run_training
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("ce_only", "equal", "fixed", "task", "instance", "closed_form")
-KD_CHANNELS = ("cosine_probs", "visual")
-BETA_BOUNDS = (math.exp(-5), math.exp(5))
+SLICES = ("clean", "noisy", "blind")
 
 
 @dataclass(frozen=True)
 class DemoSettings:
-    """What one `betakd demo` invocation runs."""
+    """How one `betakd demo` invocation runs (the design itself is the DemoConfig)."""
 
     seeds: tuple[int, ...] = (0, 1)
-    strategies: tuple[str, ...] = STRATEGIES
-    steps: int = 400
+    steps: int = 250
     batch_size: int = 32
     learning_rate: float = 1e-3
     weighting_learning_rate: float = 0.02
@@ -54,39 +57,48 @@ class DemoSettings:
     eval_batch_size: int = 128
     logging_steps: int = 10
     train_limit: int | None = None  # first N student training questions (None: all)
+    jobs: int = 2
+    diagnose: bool = False
 
 
-def settings_from(config: DemoConfig) -> DemoSettings:
+def settings_from(config: DemoConfig, **changes) -> DemoSettings:
     """The student runs as ``defaults.yaml`` (``student_training``) describes them."""
     student = config.student_training
-    return DemoSettings(
+    settings = DemoSettings(
         seeds=tuple(student.seeds),
         steps=student.steps,
         batch_size=student.batch_size,
         learning_rate=student.learning_rate,
+        weighting_learning_rate=student.weighting_learning_rate,
     )
+    return replace(settings, **changes)
 
 
-QUICK = DemoSettings(seeds=(0,), steps=12, test_questions=64, logging_steps=4, train_limit=384)
+QUICK = dict(seeds=(0,), steps=12, test_questions=64, logging_steps=4, train_limit=384)
 QUICK_TEACHER_STEPS = 40
 
 
 @dataclass
 class RunRecord:
     strategy: str
+    label: str
+    family: str
+    recommended: bool
     seed: int
     accuracy: dict
     train_seconds: float
-    beta_history: dict = field(default_factory=dict)
-    separation: dict = field(default_factory=dict)
-    weights: dict = field(default_factory=dict)
+    beta_history: dict = field(default_factory=dict)  # channel -> [[step, mean, min, max]]
+    slice_history: dict = field(default_factory=dict)  # channel -> slice -> [[step, beta, energy]]
+    separation: dict = field(default_factory=dict)  # channel -> AUCs and per-slice mean betas
+    diagnostics: list = field(default_factory=list)  # per-slice gradient norms over training
+    weighting: dict = field(default_factory=dict)
 
 
-def demo_config(quick: bool) -> DemoConfig:
-    config = load_demo_config()
+def demo_config(quick: bool, overrides=()) -> DemoConfig:
+    config = load_demo_config(overrides=overrides)
     if quick:
         # A smoke run: the same models and data, a teacher trained for a few steps only
-        # (cached under its own key), so the pipeline runs end to end in about 2 minutes.
+        # (cached under its own key), so the pipeline runs end to end in about a minute.
         config = replace(
             config,
             data=replace(config.data, teacher_max_train=512, max_test=200),
@@ -98,9 +110,9 @@ def demo_config(quick: bool) -> DemoConfig:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def test_samples(test_file: Path, image_folder: Path, limit: int, seed: int = 0) -> list[dict]:
-    """A fixed random subset of the test split (same for every run)."""
-    records = [json.loads(line) for line in test_file.read_text().splitlines() if line.strip()]
+def test_samples(test_file: Path, limit: int, seed: int = 0) -> list[dict]:
+    """A fixed random subset of the test split (the same for every run)."""
+    records = read_jsonl(test_file)
     random.Random(seed).shuffle(records)
     return records[:limit]
 
@@ -143,46 +155,28 @@ def accuracy_by_slice(predictions: dict[str, str], records: list[dict]) -> dict:
     return result
 
 
+def slice_of(record: dict) -> str:
+    """The teacher's blind slice first, then noisy labels, then the rest."""
+    meta = record["meta"]
+    return "blind" if meta["blind"] else "noisy" if meta["noisy"] else "clean"
+
+
 # ----------------------------------------------------------------------------- training
 
 
 def train_config(
-    strategy: str,
+    strategy: Strategy,
     seed: int,
     *,
+    config: DemoConfig,
     student: Path,
     teacher: Path,
-    data,
+    data: DemoData,
     out: Path,
     settings: DemoSettings,
-    fixed_weights: dict | None,
     cache_dir: Path | None = None,
 ) -> cfg.TrainConfig:
     """The `betakd train` config of one demo run (what a user would write in YAML)."""
-    channels = {"logits": [], "features": []}
-    weighting: dict = {"name": "equal"}
-    if strategy != "ce_only":
-        channels = {
-            "logits": [{"energy": "cosine_probs"}],
-            "features": [{"name": "visual", "energy": "mse"}],
-        }
-        weighting = {"name": strategy, "learning_rate": settings.weighting_learning_rate}
-    if strategy == "fixed":
-        weighting["options"] = {"weights": fixed_weights}
-    # Learned and closed-form betas are kept in the reference code's range [e^-5, e^5],
-    # smoothly (no dead zone): unbounded, the visual channel's beta follows its energy
-    # towards zero and grows past 10^4 within 250 steps, which destabilised runs.
-    if strategy == "task":
-        weighting["options"] = {"bounds": list(BETA_BOUNDS)}
-    if strategy == "instance":
-        weighting["representation"] = "teacher_visual"
-        weighting["options"] = {
-            "hidden": 32,
-            "normalize_input": True,
-            "bounds": list(BETA_BOUNDS),
-        }
-    if strategy == "closed_form":
-        weighting["options"] = {"min_energy": 1 / (2 * BETA_BOUNDS[1])}
     raw = {
         "student": {"path": str(student)},
         "teacher": (
@@ -195,8 +189,8 @@ def train_config(
             "image_folder": str(data.image_folder),
             "limit": settings.train_limit,
         },
-        "channels": channels,
-        "weighting": weighting,
+        "channels": strategy.channels(config.channels),
+        "weighting": strategy.weighting_block(config.channels, settings.weighting_learning_rate),
         "training": {
             "output_dir": str(out),
             "max_steps": settings.steps,
@@ -214,19 +208,13 @@ def train_config(
             "dataloader_num_workers": 0,
         },
     }
-    return cfg.validate(raw, source=f"demo {strategy} seed {seed}")
+    return cfg.validate(raw, source=f"demo strategy {strategy.name} seed {seed}")
 
 
-def initial_scale_weights(history: list[dict]) -> dict[str, float]:
-    """The paper's manual baseline: weight each channel so that it starts at CE's scale."""
-    first = next(h for h in history if "ce/energy" in h)
-    return {c: first["ce/energy"] / max(first[f"{c}/energy"], 1e-8) for c in KD_CHANNELS}
-
-
-def beta_history(history: list[dict]) -> dict[str, list[list[float]]]:
+def beta_history(history: list[dict], channels: list[str]) -> dict[str, list[list[float]]]:
     """Per channel: [step, beta mean, min, max] at every logging step."""
     result: dict[str, list[list[float]]] = {}
-    for channel in KD_CHANNELS:
+    for channel in channels:
         key = f"{channel}/beta_mean"
         rows = [
             [h["step"], h[key], h[f"{channel}/beta_min"], h[f"{channel}/beta_max"]]
@@ -238,109 +226,233 @@ def beta_history(history: list[dict]) -> dict[str, list[list[float]]]:
     return result
 
 
-def final_instance_betas(trainer, cache_dir: Path, train_file: Path, limit: int | None) -> dict:
-    """Betas the trained instance network predicts for every training sample.
+def slice_history(history: list[dict], channels: list[str]) -> dict:
+    """Per channel and slice: [step, mean beta, mean energy] at every logging step."""
+    result: dict = {}
+    for channel in channels:
+        for name in SLICES:
+            beta_key = f"group/{name}/{channel}/beta_mean"
+            rows = [
+                [h["step"], h[beta_key], h[f"group/{name}/{channel}/energy"]]
+                for h in history
+                if beta_key in h
+            ]
+            if rows:
+                result.setdefault(channel, {})[name] = rows
+    return result
 
-    Reads each sample's representation h(x) from the teacher cache, so no teacher runs.
-    """
-    from betakd.teachers import TeacherCache
 
-    cache = TeacherCache(cache_dir)
-    records = [json.loads(line) for line in train_file.read_text().splitlines() if line.strip()]
-    records = records[:limit] if limit else records
-    rows = [cache.sample(i).representation.float() for i in range(len(records))]
-    weighting = trainer._module.head.objective.weighting
+def final_betas(trainer, records: list[dict], batch_size: int = 256) -> dict:
+    """Each training sample's betas under the trained student and weighting, per channel:
+    ROC AUC of "lower beta" for the blind slice and for noisy labels, and slice means."""
+    dataset = trainer.train_dataset
+    channels = trainer.distillation_module.head.objective.channels
+    betas = []
+    trainer.model.eval()
     with torch.no_grad():
-        log_beta = weighting.positive.log_beta(weighting.net(torch.stack(rows)))
+        for start in range(0, len(dataset), batch_size):
+            rows = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
+            out = trainer.model(*trainer.loss_inputs(trainer.data_collator(rows)))
+            betas.append(out.betas.float().cpu())
+    betas = torch.cat(betas)
+    by_id = {r["id"]: slice_of(r) for r in records}
+    slices = [by_id[dataset[i].id] for i in range(len(dataset))]
     table = {}
-    for k, channel in enumerate(weighting.weighted_channels):
-        betas = log_beta[:, k].exp().tolist()
-        groups = {"noisy": [], "clean": [], "blind": [], "rest": []}
-        for record, beta in zip(records, betas):
-            groups["noisy" if record["meta"]["noisy"] else "clean"].append(beta)
-            groups["blind" if record["meta"]["blind"] else "rest"].append(beta)
-        # Beta-KD should trust the teacher less where it is wrong: AUC of "lower beta"
-        # for the blind slice (and for noisy labels) against the rest.
-        groups["auc_blind_lower"] = report.roc_auc(groups["rest"], groups["blind"])
-        groups["auc_noisy_lower"] = report.roc_auc(groups["clean"], groups["noisy"])
-        table[channel] = groups
+    for k, channel in enumerate(channels):
+        if channel == "ce":
+            continue
+        values = betas[:, k].tolist()
+        groups = {name: [v for v, s in zip(values, slices) if s == name] for name in SLICES}
+        rest = groups["clean"] + groups["noisy"]
+        table[channel] = {
+            "auc_blind_lower": report.roc_auc(rest, groups["blind"]),
+            "auc_noisy_lower": report.roc_auc(groups["clean"], groups["noisy"]),
+            "mean": {name: sum(v) / len(v) for name, v in groups.items() if v},
+        }
     return table
 
 
-def ensure_teacher_cache(config: DemoConfig, teacher: Path, student_init: Path, data, settings):
-    """The teacher's outputs on the student's training data, computed once and cached.
+@dataclass(frozen=True)
+class Job:
+    """Everything one run needs (picklable: runs go to worker processes)."""
 
-    Every KD run then reads the teacher from this cache (`teacher.source: cache`), which
-    is what makes twelve runs fit in a few minutes on a CPU.
-    """
-    from betakd.cache_cli import cache_teacher
-    from betakd.demo.teacher import cache_root
-
-    limit = settings.train_limit or "all"
-    cache_dir = (
-        cache_root() / f"demo-teacher-cache-{config.teacher_key()}-{config.data_key()}-{limit}"
-    )
-    # "instance" needs every cached field (logits, visual tokens, h(x)): one cache serves all.
-    writer_config = train_config(
-        "instance",
-        0,
-        student=student_init,
-        teacher=teacher,
-        data=data,
-        out=cache_dir / "unused-output",
-        settings=settings,
-        fixed_weights=None,
-    )
-    raw = writer_config.model_dump()
-    raw["teacher"]["cache_dir"] = str(cache_dir)
-    return cache_teacher(cfg.validate(raw), batch_size=64, progress=True)
+    strategy: Strategy
+    seed: int
+    config: DemoConfig
+    settings: DemoSettings
+    student_init: Path
+    teacher: Path
+    data: DemoData
+    cache_dir: Path | None
+    out: Path
+    tests: list
 
 
-def run_one(
-    strategy, seed, *, student_init, teacher, data, out, settings, fixed, tests, cache_dir
-) -> tuple[RunRecord, list[dict]]:
-    run_dir = out / "runs" / f"{strategy}-seed{seed}"
+def run_job(job: Job) -> RunRecord:
+    """Train one strategy with one seed, evaluate it, and summarise its weights."""
+    from betakd.demo.diagnostics import SliceGradients
+    from betakd.train import run_training
+
+    torch.set_num_threads(1)
+    _quiet_workers()
+    strategy, settings = job.strategy, job.settings
+    run_dir = job.out / "runs" / f"{strategy.name}-seed{job.seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own scratch from an earlier demo
     config = train_config(
         strategy,
-        seed,
-        student=student_init,
-        teacher=teacher,
-        data=data,
+        job.seed,
+        config=job.config,
+        student=job.student_init,
+        teacher=job.teacher,
+        data=job.data,
         out=run_dir,
         settings=settings,
-        fixed_weights=fixed,
-        cache_dir=cache_dir,
+        cache_dir=job.cache_dir,
     )
+    records = read_jsonl(job.data.train_student)
+    if settings.train_limit:
+        records = records[: settings.train_limit]
+    groups = {r["id"]: slice_of(r) for r in records}
+    callbacks = []
+    if settings.diagnose and strategy.uses_teacher:
+        probes = {
+            name: [i for i, r in enumerate(records) if slice_of(r) == name][:32] for name in SLICES
+        }
+        callbacks.append(SliceGradients(probes, every=max(1, settings.steps // 10)))
     start = time.time()
-    result = run_training(config)
+    # Each run's training log goes next to its folder; the demo's console shows progress.
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        open(run_dir.parent / f"{run_dir.name}.log", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        result = run_training(config, sample_groups=groups, callbacks=callbacks)
     seconds = time.time() - start
-    accuracy = evaluate(run_dir, tests, data.image_folder, settings.eval_batch_size)
+    channels = config.channels.names()
     record = RunRecord(
-        strategy=strategy,
-        seed=seed,
-        accuracy=accuracy,
+        strategy=strategy.name,
+        label=strategy.label,
+        family=strategy.family,
+        recommended=strategy.recommended,
+        seed=job.seed,
+        accuracy=evaluate(run_dir, job.tests, job.data.image_folder, settings.eval_batch_size),
         train_seconds=round(seconds, 1),
-        beta_history=beta_history(result.log_history),
-        weights=fixed or {},
+        beta_history=beta_history(result.log_history, channels),
+        slice_history=slice_history(result.log_history, channels),
+        diagnostics=callbacks[0].history if callbacks else [],
+        weighting=config.weighting.model_dump(mode="json"),
     )
-    if strategy == "instance" and cache_dir is not None:
-        record.separation = final_instance_betas(
-            result.trainer, cache_dir, data.train_student, settings.train_limit
-        )
-    return record, result.log_history
+    if strategy.uses_teacher:
+        record.separation = final_betas(result.trainer, records)
+    return record
 
 
-def run_demo(output_dir: str | Path = "betakd-demo", *, quick: bool = False, seeds=None) -> dict:
-    """Run every strategy for every seed, then write results.json, report.md and plots."""
+def teacher_answer_nll(config: DemoConfig, teacher: Path, data: DemoData) -> dict:
+    """Quantiles per slice of the teacher's NLL of the student data's answers (nats): the
+    signal the data trust reads. Computed once per teacher and data, then cached."""
+    path = cache_root() / f"demo-teacher-nll-{config.teacher_key()}-{config.data_key()}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    from betakd.models import load_model, load_processor
+
+    model = load_model(teacher, dtype="float32", frozen=True)
+    (encoder, samples), records = encode_file(
+        data.train_student, data.image_folder, load_processor(teacher), model
+    )
+    values = answer_nll(model, encoder, samples)
+    result = {}
+    for name in SLICES:
+        rows = sorted(v for v, r in zip(values, records) if slice_of(r) == name)
+        if rows:
+            result[name] = {
+                "n": len(rows),
+                "mean": round(sum(rows) / len(rows), 4),
+                **{f"q{q}": round(rows[int(q / 100 * (len(rows) - 1))], 4) for q in (10, 50, 90)},
+            }
+    path.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def representation_of(strategy: Strategy) -> str:
+    """The instance representation a strategy's weighting reads (the cache stores one)."""
+    return (strategy.weighting or {}).get("representation", "teacher_visual")
+
+
+def _quiet_workers() -> None:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("betakd").setLevel(logging.WARNING)
+
+
+def ensure_teacher_cache(
+    config: DemoConfig,
+    teacher: Path,
+    student_init: Path,
+    data: DemoData,
+    settings,
+    representation: str = "teacher_visual",
+) -> Path:
+    """The teacher's outputs on the student's training data, computed once and cached.
+
+    Every KD run then reads the teacher from this cache (`teacher.source: cache`), which
+    is what makes dozens of runs fit in minutes on a CPU. One cache per instance
+    representation h(x); each holds logits and visual tokens too.
+    """
+    from betakd.cache_cli import cache_teacher
+
+    limit = settings.train_limit or "all"
+    suffix = "" if representation == "teacher_visual" else f"-{representation}"
+    cache_dir = cache_root() / (
+        f"demo-teacher-cache-{config.teacher_key()}-{config.data_key()}-{limit}{suffix}"
+    )
+    writer = {
+        "student": {"path": str(student_init)},
+        "teacher": {"path": str(teacher), "cache_dir": str(cache_dir)},
+        "data": {
+            "train_file": str(data.train_student),
+            "image_folder": str(data.image_folder),
+            "limit": settings.train_limit,
+        },
+        "channels": {
+            "logits": [{"energy": "cosine_probs"}],
+            "features": [{"name": "visual", "energy": "mse"}],
+        },
+        "weighting": {"name": "instance", "representation": representation},
+        "training": {"output_dir": str(cache_dir / "unused-output"), "use_cpu": True},
+    }
+    return cache_teacher(cfg.validate(writer), batch_size=64, progress=True)
+
+
+# ----------------------------------------------------------------------------- the demo
+
+
+def run_demo(
+    output_dir: str | Path = "betakd-demo",
+    *,
+    quick: bool = False,
+    seeds=None,
+    strategies=None,
+    overrides=(),
+    jobs: int | None = None,
+    diagnose: bool = False,
+) -> dict:
+    """Run the selected strategies for every seed, then write results.json, report.md
+    and plots."""
     from tqdm.auto import tqdm
 
-    torch.set_num_threads(1)  # tiny models: one thread is as fast and leaves a core free
+    torch.set_num_threads(1)  # tiny models: one thread each; runs go to `jobs` processes
     started = time.time()
-    config = demo_config(quick)
-    settings = QUICK if quick else settings_from(config)
+    config = demo_config(quick, overrides)
+    changes = dict(QUICK) if quick else {}
     if seeds:
-        settings = replace(settings, seeds=tuple(seeds))
+        changes["seeds"] = tuple(seeds)
+    if jobs:
+        changes["jobs"] = jobs
+    settings = settings_from(config, diagnose=diagnose, **changes)
+    chosen = select(config, strategies)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -348,47 +460,45 @@ def run_demo(output_dir: str | Path = "betakd-demo", *, quick: bool = False, see
     teacher_start = time.time()
     teacher = ensure_teacher(config, progress=True)
     teacher_seconds = time.time() - teacher_start
-    tests = test_samples(data.test, data.image_folder, settings.test_questions)
+    tests = test_samples(data.test, settings.test_questions)
     teacher_accuracy = evaluate(teacher, tests, data.image_folder, settings.eval_batch_size)
-    first_init = _student_init(config, out, settings.seeds[0])
-    cache_dir = ensure_teacher_cache(config, teacher, first_init, data, settings)
-
+    nll_by_slice = teacher_answer_nll(config, teacher, data)
+    inits = {seed: student_init(config, out, seed) for seed in settings.seeds}
+    caches = {
+        kind: ensure_teacher_cache(config, teacher, inits[settings.seeds[0]], data, settings, kind)
+        for kind in sorted({representation_of(s) for s in chosen})
+    }
+    jobs_list = [
+        Job(s, seed, config, settings, inits[seed], teacher, data, caches[representation_of(s)],
+            out, tests)
+        for seed in settings.seeds
+        for s in chosen
+    ]  # fmt: skip
     runs: list[RunRecord] = []
-    jobs = [(seed, s) for seed in settings.seeds for s in settings.strategies]
-    progress = tqdm(jobs, desc="betakd demo", unit="run")
-    fixed: dict[int, dict] = {}
-    for seed, strategy in progress:
-        progress.set_postfix(strategy=strategy, seed=seed)
-        student_init = _student_init(config, out, seed)
-        if strategy == "fixed" and seed not in fixed:
-            fixed[seed] = _fixed_from_probe(
-                seed, student_init, teacher, data, out, settings, cache_dir
-            )
-        record, history = run_one(
-            strategy,
-            seed,
-            student_init=student_init,
-            teacher=teacher,
-            data=data,
-            out=out,
-            settings=settings,
-            fixed=fixed.get(seed) if strategy == "fixed" else None,
-            tests=tests,
-            cache_dir=cache_dir,
-        )
-        if strategy == "equal":
-            fixed[seed] = initial_scale_weights(history)
-        runs.append(record)
-        logger.info("%s seed %d: %s", strategy, seed, record.accuracy)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=context) as pool:
+        futures = {pool.submit(run_job, job): job for job in jobs_list}
+        progress = tqdm(as_completed(futures), total=len(futures), desc="betakd demo", unit="run")
+        for future in progress:
+            record = future.result()
+            runs.append(record)
+            progress.set_postfix(last=f"{record.strategy}/{record.seed}")
+            logger.info("%s seed %d: %s", record.strategy, record.seed, record.accuracy)
+    order = {(j.strategy.name, j.seed): i for i, j in enumerate(jobs_list)}
+    runs.sort(key=lambda r: order[(r.strategy, r.seed)])
 
     results = {
         "settings": asdict(settings),
         "quick": quick,
+        "overrides": list(overrides),
+        "strategies": [asdict(s) for s in chosen],
+        "channels": asdict(config.channels),
         "teacher": {
             "path": str(teacher),
             "accuracy": teacher_accuracy,
             "info": teacher_info(teacher),
             "seconds_this_run": round(teacher_seconds, 1),
+            "answer_nll": nll_by_slice,
         },
         "data": data.manifest,
         "runs": [asdict(r) for r in runs],
@@ -400,27 +510,9 @@ def run_demo(output_dir: str | Path = "betakd-demo", *, quick: bool = False, see
     return results
 
 
-def _student_init(config: DemoConfig, out: Path, seed: int) -> Path:
+def student_init(config: DemoConfig, out: Path, seed: int) -> Path:
     """The untrained student of a seed (every strategy starts from the same weights)."""
     path = out / "init" / f"student-seed{seed}"
     if not (path / "config.json").exists():
         save_student_init(config, seed, path)
     return path
-
-
-def _fixed_from_probe(seed, student_init, teacher, data, out, settings, cache_dir) -> dict:
-    """Initial loss scales from a two-step equal run, when `equal` is not part of the demo."""
-    probe = replace(settings, steps=1, logging_steps=1)
-    shutil.rmtree(out / "runs" / f"scale-probe-seed{seed}", ignore_errors=True)
-    config = train_config(
-        "equal",
-        seed,
-        student=student_init,
-        teacher=teacher,
-        data=data,
-        out=out / "runs" / f"scale-probe-seed{seed}",
-        settings=probe,
-        fixed_weights=None,
-        cache_dir=cache_dir,
-    )
-    return initial_scale_weights(run_training(config).log_history)

@@ -13,128 +13,22 @@ Run ``python -m betakd.demo.teacher`` to train (or find) the cached teacher.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import yaml
 
-from betakd.demo.easyvqa_data import (
-    DemoData,
-    DemoDataConfig,
-    build_demo_data,
-    read_jsonl,
-    train_demo_tokenizer,
-)
-from betakd.labels import supervised
-from betakd.tiny import TinyDims
+from betakd.data import IGNORE_INDEX
+from betakd.demo.config import DemoConfig, load_demo_config
+from betakd.demo.easyvqa_data import DemoData, build_demo_data, read_jsonl, train_demo_tokenizer
 
-DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
 TEACHER_INFO = "demo_teacher.json"
-
-
-# Model sizes are betakd.tiny's TinyDims: the demo builds its models with betakd.tiny.
-ModelDims = TinyDims
-
-# ------------------------------------------------------------------------------ config
-
-
-@dataclass(frozen=True)
-class TeacherTraining:
-    steps: int = 600
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    warmup_steps: int = 20
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class StudentTraining:
-    """What each demo run hands to ``betakd train``."""
-
-    steps: int = 250
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    seeds: tuple[int, ...] = (0, 1)
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    data: DemoDataConfig = field(default_factory=DemoDataConfig)
-    vocab_size: int = 512
-    image_size: int = 64
-    teacher: ModelDims = field(
-        default_factory=lambda: ModelDims(128, 2, 4, 128, 4, 8)  # ~1.0M, 64 image tokens
-    )
-    student: ModelDims = field(
-        default_factory=lambda: ModelDims(64, 1, 2, 32, 1, 8)
-    )  # ~0.12M, 64 image tokens
-    teacher_training: TeacherTraining = field(default_factory=TeacherTraining)
-    student_training: StudentTraining = field(default_factory=StudentTraining)
-
-    def data_key(self) -> str:
-        return self.data.key()
-
-    def tokenizer_key(self) -> str:
-        # The tokenizer learns from every easy-VQA question, whatever the split.
-        return _hash({"vocab_size": self.vocab_size})
-
-    def teacher_key(self) -> str:
-        """Hash of everything that changes the teacher's weights (not the student's data)."""
-        return _hash(
-            {
-                "data": self.data.teacher_key(),
-                "tokenizer": self.tokenizer_key(),
-                "image_size": self.image_size,
-                "dims": asdict(self.teacher),
-                "training": asdict(self.teacher_training),
-            }
-        )
-
-
-def _hash(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def _section(cls, values: dict | None, where: str):
-    """Build dataclass ``cls`` from a YAML mapping, naming unknown keys."""
-    values = dict(values or {})
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {unknown}; expected some of {sorted(known)}")
-    for name, value in values.items():
-        if isinstance(value, list):
-            values[name] = tuple(value)  # dataclasses are frozen and hashed: no lists
-    return cls(**values)
-
-
-def load_demo_config(path: str | os.PathLike | None = None) -> DemoConfig:
-    """The demo design from ``defaults.yaml`` (or another YAML file of the same shape)."""
-    path = Path(path) if path is not None else DEFAULTS_PATH
-    raw = yaml.safe_load(path.read_text()) or {}
-    sections = {
-        "data": DemoDataConfig,
-        "teacher": ModelDims,
-        "student": ModelDims,
-        "teacher_training": TeacherTraining,
-        "student_training": StudentTraining,
-    }
-    unknown = sorted(set(raw) - set(sections) - {"tokenizer", "image_size"})
-    if unknown:
-        raise ValueError(f"{path}: unknown sections {unknown}")
-    built = {
-        name: _section(cls, raw.get(name), f"{path}: {name}") for name, cls in sections.items()
-    }
-    vocab = (raw.get("tokenizer") or {}).get("vocab_size", DemoConfig.vocab_size)
-    return DemoConfig(vocab_size=int(vocab), image_size=int(raw.get("image_size", 64)), **built)
 
 
 # ------------------------------------------------------------------------------- cache
@@ -234,11 +128,27 @@ def first_answer_predictions(model, encoder, samples: Sequence, batch_size: int 
             batch = _batch(encoder, samples[start : start + batch_size])
             labels = batch.pop("labels")
             logits = model(**batch).logits
-            first = supervised(labels).float().argmax(dim=1)  # first answer position
+            first = (labels != IGNORE_INDEX).float().argmax(dim=1)  # first answer position
             rows = torch.arange(len(first))
             predictions.append(logits[rows, first - 1].argmax(-1))
             targets.append(labels[rows, first])
     return torch.cat(predictions), torch.cat(targets)
+
+
+def answer_nll(model, encoder, samples: Sequence, batch_size: int = 256) -> list[float]:
+    """The model's mean negative log-likelihood of each sample's answer tokens (nats):
+    what the demo's data trust (``trust: {reference: data}``) reads from the teacher."""
+    values: list[float] = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(samples), batch_size):
+            batch = _batch(encoder, samples[start : start + batch_size])
+            labels = batch.pop("labels")[:, 1:]
+            log_probs = torch.log_softmax(model(**batch).logits[:, :-1].float(), dim=-1)
+            answer = labels != IGNORE_INDEX
+            token_nll = -log_probs.gather(2, labels.clamp_min(0)[..., None])[..., 0]
+            values += ((token_nll * answer).sum(1) / answer.sum(1).clamp_min(1)).tolist()
+    return values
 
 
 def accuracy_report(correct: torch.Tensor, records: Sequence[dict]) -> dict[str, float]:

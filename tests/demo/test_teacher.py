@@ -6,15 +6,17 @@ from dataclasses import replace
 
 import pytest
 
-from betakd.demo.easyvqa_data import DemoDataConfig
-from betakd.demo.teacher import (
+from betakd.demo.config import (
     DEFAULTS_PATH,
     DemoConfig,
     ModelDims,
     TeacherTraining,
+    load_demo_config,
+)
+from betakd.demo.easyvqa_data import DemoDataConfig
+from betakd.demo.teacher import (
     cache_root,
     ensure_teacher,
-    load_demo_config,
     teacher_dir,
     teacher_info,
 )
@@ -76,3 +78,25 @@ def test_tiny_teacher_trains_saves_and_is_cached(monkeypatch, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     AutoModelForImageTextToText.from_pretrained(path)
+
+
+def test_overrides_change_the_design_and_strategies_expand_sweeps():
+    from betakd.demo.strategies import select
+
+    config = load_demo_config(
+        overrides=["data.blind_value=red", "channels.feature=null", "student_training.seeds=[3]"]
+    )
+    assert config.data.blind_value == "red" and config.channels.feature is None
+    assert config.student_training.seeds == (3,)
+    sweep = select(config, ["fixed_sweep"])
+    assert [s.kd_weight for s in sweep] == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert all(s.family == "sweep" for s in sweep)
+    block = sweep[0].weighting_block(config.channels, 0.02)
+    assert block["options"] == {"weights": {"cosine_probs": 0.1}, "scale_relative": True}
+    reference = select(config, ["reference_task"])[0]
+    assert reference.channels(config.channels)["features"] == []  # no feature to change
+    default = load_demo_config()
+    assert reference.channels(default.channels)["features"] == [
+        {"name": "visual", "energy": "mse", "adapter": "teacher"}
+    ]
+    assert select(config, None) == select(config, list(config.run))
