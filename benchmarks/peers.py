@@ -23,7 +23,8 @@ Liger runs eagerly (``compiled=False``: no Triton here) with its default chunk.
 Every step runs in a fresh process, after a tiny warm-up step that loads every code
 path; in each of ``--repeats`` rounds every variant runs one step, in an order that
 rotates between rounds, so a busy machine slows all of them alike. ``time``: median over
-the rounds; ``rss``: the peak resident set during the step above the resident set
+the rounds of the wall time (``cpu``: of the process's CPU time, all threads, steadier
+when other jobs share the cores); ``rss``: the peak resident set during the step above the resident set
 before it (the largest over the rounds); ``live``: the peak of live tensor bytes during
 one more, profiled step in the first round (:func:`betakd.profiling.peak_tensor_bytes`).
 Inputs are excluded from both. Ratios are betakd's value over the peer's; the last printed line
@@ -233,6 +234,7 @@ def measure_all(args: argparse.Namespace, loss: str, variants: list[str]) -> dic
     return {
         v: {
             "time_s": statistics.median(r["time_s"] for r in runs[v]),
+            "cpu_time_s": statistics.median(r["cpu_time_s"] for r in runs[v]),
             "rss_bytes": max(r["rss_bytes"] for r in runs[v]),
             "live_bytes": runs[v][0]["live_bytes"],
             "loss": runs[v][0]["loss"],
@@ -251,15 +253,16 @@ def worker(args: argparse.Namespace) -> dict:
     run_step(tiny, make_inputs(tiny), loss, variant)
     x = make_inputs(args)
     baseline, high_water = current_rss_bytes(), peak_rss_bytes()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     value = run_step(args, x, loss, variant)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - start_cpu
     after = peak_rss_bytes()
     live_bytes = None
     if live == "live":
         live_bytes = peak_tensor_bytes(lambda: run_step(args, x, loss, variant))
     return {
         "time_s": elapsed,
+        "cpu_time_s": cpu,
         "rss_bytes": after - baseline if after > high_water else 0,
         "live_bytes": live_bytes,
         "loss": value,
@@ -283,6 +286,7 @@ def summarize(loss: str, results: dict[str, dict]) -> dict:
             continue
         theirs = results[peer]
         summary[f"time_vs_{peer}"] = ratio(ours["time_s"], theirs["time_s"])
+        summary[f"cpu_vs_{peer}"] = ratio(ours["cpu_time_s"], theirs["cpu_time_s"])
         summary[f"rss_vs_{peer}"] = ratio(ours["rss_bytes"], theirs["rss_bytes"])
         summary[f"live_vs_{peer}"] = ratio(ours["live_bytes"], theirs["live_bytes"])
     return summary
@@ -291,7 +295,8 @@ def summarize(loss: str, results: dict[str, dict]) -> dict:
 def print_rows(loss: str, results: dict[str, dict]) -> None:
     for variant, r in results.items():
         print(
-            f"{loss:>7} {variant:>17} {r['time_s']:9.2f} {fmt(mib(r['rss_bytes']), '10.0f')} "
+            f"{loss:>7} {variant:>17} {r['time_s']:9.2f} {r['cpu_time_s']:9.2f} "
+            f"{fmt(mib(r['rss_bytes']), '10.0f')} "
             f"{fmt(mib(r['live_bytes']), '10.0f')} {r['loss']:12.6f}",
             flush=True,
         )
@@ -300,7 +305,7 @@ def print_rows(loss: str, results: dict[str, dict]) -> None:
 def print_ratios(summary: dict) -> None:
     parts = []
     for key, value in summary.items():
-        if key.startswith(("time_vs_", "rss_vs_", "live_vs_")) and value is not None:
+        if key.startswith(("time_vs_", "cpu_vs_", "rss_vs_", "live_vs_")) and value is not None:
             parts.append(f"{key.replace('_vs_', ' / ')} {value:.3f}")
     if parts:
         print(f"{summary['loss']:>7}   betakd: " + ", ".join(parts), flush=True)
@@ -343,7 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         f"liger chunk={args.liger_chunk_size} (float32, CPU)"
     )
     print(
-        f"{'loss':>7} {'variant':>17} {'time s':>9} {'rss MiB':>10} {'live MiB':>10} {'value':>12}"
+        f"{'loss':>7} {'variant':>17} {'time s':>9} {'cpu s':>9} {'rss MiB':>10} "
+        f"{'live MiB':>10} {'value':>12}"
     )
     summaries = []
     for loss in args.losses:

@@ -375,7 +375,7 @@ def run_training(
 
 def save_final(trainer: BetaKDTrainer, output_dir: Path) -> None:
     """The student as a standard model (LoRA merged), its processor, and the head."""
-    student = trainer.accelerator.unwrap_model(trainer.model).student
+    student = trainer.distillation_module.student
     if hasattr(student, "merge_and_unload"):
         student = student.merge_and_unload()
     if trainer.is_world_process_zero():

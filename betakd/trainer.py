@@ -120,7 +120,7 @@ class BetaKDTrainer(Trainer):
     @property
     def head(self) -> DistillationHead:
         """The trained head (weighting and feature adapters), unwrapped from any engine."""
-        return self._module.head
+        return self.distillation_module.head
 
     @property
     def _weighting(self):
@@ -200,10 +200,6 @@ class BetaKDTrainer(Trainer):
         """The trained module (student + head), unwrapped from any engine wrapper."""
         return self.accelerator.unwrap_model(self.model)
 
-    @property
-    def _module(self) -> DistillationModule:
-        return self.distillation_module
-
     # ----------------------------------------------------------------- metrics
 
     def _accumulate_metrics(self, metrics: dict[str, float]) -> None:
@@ -250,7 +246,7 @@ class BetaKDTrainer(Trainer):
         (betas or the instance network, with ``head_weight_decay``) and the feature
         adapters (``adapter_weight_decay``) at the head learning rate."""
         if self.optimizer is None:
-            super().create_optimizer(model=self._module.student)
+            super().create_optimizer(model=self.distillation_module.student)
             head = self.head
             for params, decay in (
                 (head.objective.parameters(), self.head_weight_decay),
@@ -268,7 +264,7 @@ class BetaKDTrainer(Trainer):
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
         output_dir = output_dir or self.args.output_dir
         os.makedirs(output_dir, exist_ok=True)
-        module = self._module
+        module = self.distillation_module
         student_state = None
         if state_dict is not None:
             prefix = "student."
@@ -289,7 +285,7 @@ class BetaKDTrainer(Trainer):
             mark_complete(folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        module = self._module
+        module = self.distillation_module
         student = module.student
         if hasattr(student, "peft_config"):
             super()._load_from_checkpoint(resume_from_checkpoint, model=student)

@@ -149,15 +149,20 @@ def test_real_torch_compile_matches_dense():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_autocast_recomputes_logits_like_the_forward():
+@pytest.mark.parametrize("single_pass", [False, True], ids=["recompute", "single_pass"])
+def test_autocast_recomputes_logits_like_the_forward(single_pass):
     # Backward runs outside the caller's autocast (as in a trainer); the recomputation
-    # must restore it, or float32 logits in backward would not match the forward's.
+    # must restore it, or float32 logits in backward would not match the forward's. The
+    # single pass takes its gradients under the caller's autocast, like the dense path.
     case = make_case(seed=11)
     fn = energies.get("fkl")
     results = []
     for compute in (dense_values, chunked_values):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            ce, energy = compute(case, fn) if compute is dense_values else compute(case, fn, 16)
+            if compute is dense_values:
+                ce, energy = compute(case, fn)
+            else:
+                ce, energy = compute(case, fn, 16, single_pass=single_pass)
             loss = (case["w_ce"] * ce).sum() + (case["w_energy"] * energy).sum()
         results.append(torch.autograd.grad(loss, student_params(case)))
     # Hidden-state gradients are row-wise, so they match to bfloat16 rounding (about
