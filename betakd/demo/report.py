@@ -79,7 +79,10 @@ def best_fixed(results: dict, summary: dict) -> str | None:
     fixed = [
         s["name"]
         for s in results["strategies"]
-        if s["weighting"] and s["weighting"].get("name") == "fixed" and s["name"] in summary
+        if s["weighting"]
+        and s["weighting"].get("name") == "fixed"
+        and "trust" not in (s["weighting"].get("options") or {})
+        and s["name"] in summary
     ]
     return max(fixed, key=lambda n: summary[n]["mean"], default=None)
 
@@ -297,7 +300,7 @@ def _plot_slice_betas(results: dict, path: Path) -> bool:
             ax.set_ylabel("mean beta", fontsize=8)
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"betas per slice over training (seed {first_seed})")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True

@@ -13,6 +13,9 @@ A strategy is an entry of ``defaults.yaml``'s ``strategies`` catalogue::
       sweep: [0.1, 0.3, 1, 3]    # a fixed sweep: one run per kd_weight, named <name>_x<w>
       feature: {adapter: teacher}   # changes to the demo's feature channel (null: drop it)
 
+In ``weighting.options.trust.channels``, ``$logit`` and ``$feature`` name the demo's
+logit and feature channels.
+
 Everything is plain data, so ``--set strategies.closed_form.weighting.options.prior_rate_scale=0.25``
 changes a strategy from the command line.
 """
@@ -67,6 +70,12 @@ class Strategy:
             return {"name": "equal"}
         block = {"learning_rate": learning_rate, **dict(self.weighting)}
         options = dict(block.get("options") or {})
+        trust = options.get("trust")
+        if isinstance(trust, Mapping) and trust.get("channels"):
+            # `$logit` / `$feature` name the demo's channels, whatever energy --set picks.
+            names = {"$logit": demo.logit_name, "$feature": (demo.feature or {}).get("name")}
+            channels = [names.get(c, c) for c in trust["channels"]]
+            options["trust"] = {**trust, "channels": channels}
         if self.kd_weight is not None:
             names = demo.names(self.feature_settings(demo))
             options["weights"] = {name: self.kd_weight for name in names}

@@ -89,7 +89,7 @@ def test_overrides_change_the_design_and_strategies_expand_sweeps():
     assert config.data.blind_value == "red" and config.channels.feature is None
     assert config.student_training.seeds == (3,)
     sweep = select(config, ["fixed_sweep"])
-    assert [s.kd_weight for s in sweep] == [0.1, 0.3, 1.0, 3.0, 10.0]
+    assert [s.kd_weight for s in sweep] == [0.1, 0.3, 3.0, 10.0]
     assert all(s.family == "sweep" for s in sweep)
     block = sweep[0].weighting_block(config.channels, 0.02)
     assert block["options"] == {"weights": {"cosine_probs": 0.1}, "scale_relative": True}
@@ -97,6 +97,6 @@ def test_overrides_change_the_design_and_strategies_expand_sweeps():
     assert reference.channels(config.channels)["features"] == []  # no feature to change
     default = load_demo_config()
     assert reference.channels(default.channels)["features"] == [
-        {"name": "visual", "energy": "mse", "adapter": "teacher"}
+        {"name": "visual", "energy": "mse", "adapter": "teacher", "normalize": True}
     ]
     assert select(config, None) == select(config, list(config.run))
