@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -501,7 +502,12 @@ class VocabRows(TorchDispatchMode):
         for value in tree_leaves(out):
             if isinstance(value, torch.Tensor) and value.dim() >= 2:
                 if value.shape[-1] == self.vocab:
-                    self.most = max(self.most, value.numel() // self.vocab)
+                    # Broadcast dimensions (stride 0, e.g. lm_head's weight expanded over
+                    # a batch for bmm) hold no rows of their own.
+                    rows = math.prod(
+                        n for n, step in zip(value.shape[:-1], value.stride()[:-1]) if step
+                    )
+                    self.most = max(self.most, rows)
         return out
 
 
