@@ -36,6 +36,24 @@ from betakd.trainer import BetaKDTrainer, is_complete
 logger = logging.getLogger(__name__)
 
 RESOLVED_CONFIG = "betakd_config.yaml"
+# What a resumed run may change: how long it runs and what it logs or saves, never what
+# it learns from (models, data, channels, weighting, optimisation).
+RESUMABLE_KEYS = frozenset(
+    f"training.{key}"
+    for key in (
+        "max_steps",
+        "num_train_epochs",
+        "logging_steps",
+        "logging_strategy",
+        "logging_dir",
+        "save_steps",
+        "save_strategy",
+        "save_total_limit",
+        "report_to",
+        "run_name",
+        "disable_tqdm",
+    )
+)
 
 
 class OutputDirError(RuntimeError):
@@ -75,11 +93,31 @@ def check_output_dir(output_dir: Path, config: cfg.TrainConfig, resume: bool) ->
     if not resolved.is_file():
         raise OutputDirError(f"--resume: {output_dir} holds no betakd run ({RESOLVED_CONFIG})")
     previous = cfg.validate(yaml.safe_load(resolved.read_text()), source=str(resolved))
-    if previous.model_dump() != config.model_dump():
+    refused = [
+        key
+        for key in changed_keys(previous.model_dump(), config.model_dump())
+        if key not in RESUMABLE_KEYS
+    ]
+    if refused:
         raise OutputDirError(
-            f"--resume: {output_dir} holds a run with another config ({resolved}); resume it "
-            "with the same config or choose another training.output_dir"
+            f"--resume: {output_dir} holds a run with another config ({resolved}): "
+            f"{', '.join(refused)} changed; a resumed run may change only "
+            f"{', '.join(sorted(RESUMABLE_KEYS))}: resume it with the same settings or "
+            "choose another training.output_dir"
         )
+
+
+def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested mappings (lists compared whole)."""
+    changed = []
+    for key in sorted(set(old) | set(new), key=str):
+        dotted = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            changed += changed_keys(a, b, prefix=f"{dotted}.")
+        elif a != b:
+            changed.append(dotted)
+    return changed
 
 
 def check_model_paths(config: cfg.TrainConfig) -> None:

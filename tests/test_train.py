@@ -16,7 +16,14 @@ from betakd import config as cfg
 from betakd.cli import main
 from betakd.distill import HEAD_FILE
 from betakd.teachers import DenseLogits, TeacherTargets
-from betakd.train import OutputDirError, build_trainer, run_training, training_arguments
+from betakd.train import (
+    RESOLVED_CONFIG,
+    OutputDirError,
+    build_trainer,
+    check_output_dir,
+    run_training,
+    training_arguments,
+)
 
 WEIGHTINGS = {
     "equal": {},
@@ -150,6 +157,42 @@ def test_resume_matches_an_uninterrupted_run(llava_pair, vqa_data, tmp_path):
         torch.testing.assert_close(model_b[key], model_a[key], rtol=0, atol=1e-6)
     for key in head_a:
         torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
+
+
+def test_resume_accepts_run_length_and_logging_changes_and_names_other_keys(
+    llava_pair, vqa_data, tmp_path
+):
+    data, images = vqa_data
+    out = tmp_path / "run"
+    first = make_config(*llava_pair, data, images, out, "instance", max_steps=5)
+    out.mkdir()
+    cfg.dump(first, out / RESOLVED_CONFIG)
+    longer = first.model_dump()
+    longer["training"].update(max_steps=9, logging_steps=3, report_to="none", save_steps=4)
+    check_output_dir(out, cfg.validate(longer), resume=True)  # accepted
+    for key, change in [
+        ("weighting.name", lambda raw: raw["weighting"].update(name="task")),
+        ("training.learning_rate", lambda raw: raw["training"].update(learning_rate=0.5)),
+        ("student.path", lambda raw: raw["student"].update(path=str(llava_pair[1]))),
+    ]:
+        raw = first.model_dump()
+        change(raw)
+        raw["training"].update(max_steps=9)
+        with pytest.raises(OutputDirError, match="--resume") as refused:
+            check_output_dir(out, cfg.validate(raw), resume=True)
+        message = str(refused.value)
+        assert key in message and "training.max_steps changed" not in message, message
+
+
+def test_a_resumed_run_can_train_longer(llava_pair, vqa_data, tmp_path):
+    data, images = vqa_data
+    extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 3}
+    first = make_config(*llava_pair, data, images, tmp_path / "r", "instance", **extra)
+    run_training(first)
+    longer = first.model_dump()
+    longer["training"]["max_steps"] = 5
+    result = run_training(cfg.validate(longer), resume=True)
+    assert result.trainer.state.global_step == 5
 
 
 def test_second_stage_starts_from_first_stage_betas(llava_pair, vqa_data, tmp_path):
