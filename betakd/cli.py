@@ -47,11 +47,14 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     if check:
         click.echo(f"{config}: valid")
         return
+    from betakd.data import DataError
+    from betakd.teachers import CacheError
     from betakd.train import OutputDirError, run_training
 
     try:
         result = run_training(cfg, resume=resume)
-    except (OutputDirError, FileNotFoundError) as err:
+    except (OutputDirError, FileNotFoundError, CacheError, DataError) as err:
+        # What a user must fix in their files or settings: one line, no traceback.
         raise click.ClickException(str(err)) from err
     click.echo(f"student saved to {result.output_dir} ({result.skips.summary()})")
 

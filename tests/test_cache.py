@@ -417,6 +417,24 @@ def test_cli_writes_a_cache(llava_pair, data_files, tmp_path):
         cache.check_contents(CacheContents(True, True, None))
 
 
+def test_train_cli_names_a_cache_of_another_representation_in_one_line(written, tmp_path):
+    from click.testing import CliRunner
+
+    from betakd.cli import main
+
+    raw = written[1].model_dump()
+    raw["teacher"].update(source="cache", cache_dir=str(written[0]))
+    raw["weighting"]["representation"] = "teacher_confidence"
+    raw["training"]["output_dir"] = str(tmp_path / "out")
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["train", str(path)])
+    assert result.exit_code == 1, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("Error: ") and "representation" in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
 def test_uncached_training_samples_are_named(written):
     cache = TeacherCache(written[0])
     cache.check_covers([0, 5], ["s0", "s5"])
