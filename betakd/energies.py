@@ -237,7 +237,7 @@ def _centre(logits: Tensor) -> tuple[Tensor, Tensor | int]:
     possibly rescaled, and the finite entries' count. What standardisation and a cosine
     of standardised logits need: neither sees a common scale of a row."""
     logits = logits.float()
-    if _unguarded(logits, lambda x: x.abs().amax() < MODERATE_LOGIT):
+    if _moderate(logits):
         return logits - logits.mean(dim=-1, keepdim=True), logits.shape[-1]
     finite = torch.isfinite(logits)
     zeros = torch.zeros_like(logits)
@@ -250,9 +250,18 @@ def _centre(logits: Tensor) -> tuple[Tensor, Tensor | int]:
     return torch.where(finite, x - mean, zeros), count
 
 
-def cosine_distance(a: Tensor, b: Tensor) -> Tensor:
-    """1 - cos(a, b) per row, as 0.5 * |a/|a| - b/|b||^2: exactly zero for identical rows."""
-    return _CosineDistance.apply(a, b)
+def _moderate(logits: Tensor) -> bool:
+    """All finite and far from float32 overflow, known without a device sync (eager CPU)."""
+    return _unguarded(logits, lambda x: x.abs().amax() < MODERATE_LOGIT)
+
+
+def cosine_distance(a: Tensor, b: Tensor, centre: bool = False) -> Tensor:
+    """1 - cos(a, b) per row, as 0.5 * |a/|a| - b/|b||^2: exactly zero for identical rows.
+
+    ``centre``: the distance of the rows minus their means (every entry finite), without
+    the centred rows as tensors of their own.
+    """
+    return _CosineDistance.apply(a, b, centre)
 
 
 class _CosineDistance(torch.autograd.Function):
@@ -262,29 +271,44 @@ class _CosineDistance(torch.autograd.Function):
     standardise to zeros), where F.normalize's gradient is 0/0. The gradient is the
     analytic one, ``((u - v) - u <u, u - v>) / r_a`` for ``a`` (and symmetrically for
     ``b``): a few passes over the rows instead of a graph through the normalisation.
+    Centred rows need no more: u and v then have zero row means, so this gradient has
+    too, and the centring's gradient (minus the row mean) leaves it as it is.
+    Vocabulary-wide rows make every ``[rows, V]`` tensor count, so forward keeps two
+    (u, and u - v written over v) and backward makes one per input.
     """
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor) -> Tensor:
-        r_a, r_b = _offset_norm(a), _offset_norm(b)
-        u, v = a / r_a, b / r_b
-        ctx.save_for_backward(u, v, r_a, r_b)
-        return 0.5 * torch.linalg.vector_norm(u - v, dim=-1).square()
+    def forward(ctx, a: Tensor, b: Tensor, centre: bool) -> Tensor:
+        u, r_a = _unit_rows(a, centre)
+        v, r_b = _unit_rows(b, centre)
+        diff = v.neg_().add_(u)
+        ctx.save_for_backward(u, diff, r_a, r_b)
+        return 0.5 * torch.linalg.vector_norm(diff, dim=-1).square()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor):
-        u, v, r_a, r_b = ctx.saved_tensors
-        diff = u - v
+        u, diff, r_a, r_b = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             along = torch.linalg.vecdot(u, diff).unsqueeze(-1)
-            grad_a = u.mul(-along).add_(diff).mul_(grad / r_a)
+            grad_a = torch.addcmul(diff, u, along, value=-1).mul_(grad / r_a)
         if ctx.needs_input_grad[1]:
+            v = u - diff
             along = torch.linalg.vecdot(v, diff).unsqueeze(-1)
-            grad_b = v.mul(along).sub_(diff).mul_(grad / r_b)
-        return grad_a, grad_b
+            grad_b = v.mul_(along).sub_(diff).mul_(grad / r_b)
+        return grad_a, grad_b, None
+
+
+def _unit_rows(x: Tensor, centre: bool) -> tuple[Tensor, Tensor]:
+    """Rows (centred when asked) over their offset norm, as a new tensor, and the norm."""
+    if centre:
+        x = x - x.mean(dim=-1, keepdim=True)
+        norm = _offset_norm(x)
+        return x.div_(norm), norm
+    norm = _offset_norm(x)
+    return x / norm, norm
 
 
 def _offset_norm(x: Tensor) -> Tensor:
@@ -410,6 +434,9 @@ def teacher_cross_entropy(student: Tensor, teacher: Tensor, temperature: float =
 def cosine_logits(student: Tensor, teacher: Tensor) -> Tensor:
     """1 - cos of per-token standardised logits (their scale cancels in the cosine, so
     centring is all the standardisation it computes)."""
+    student, teacher = student.float(), teacher.float()
+    if _moderate(student) and _moderate(teacher):
+        return cosine_distance(student, teacher, centre=True)
     return cosine_distance(_centre(student)[0], _centre(teacher)[0])
 
 
