@@ -35,23 +35,28 @@ def cache_teacher(
     device: str | torch.device | None = None,
     progress: bool = True,
     data_cache: DataCache | None = None,
+    teacher_name: str | None = None,
 ) -> Path:
-    """Run the config's teacher over its training data once and write ``teacher.cache_dir``
-    with what its channels and weighting need; returns the folder. Resumable (see
-    :func:`betakd.teachers.write_cache`)."""
-    teacher = config.teacher
+    """Run the config's teacher over its training data once and write its ``cache_dir``
+    with what its channels and the weighting need; returns the folder. Resumable (see
+    :func:`betakd.teachers.write_cache`). With several teachers, ``teacher_name`` says
+    which one."""
+    plan = select_teacher(config, teacher_name)
+    teacher = plan.settings
     if not teacher.cache_dir:
-        raise CacheError("teacher.cache_dir: set where the cache goes (--set teacher.cache_dir=)")
+        raise CacheError(
+            f"{plan.key}.cache_dir: set where the cache goes (--set {plan.key}.cache_dir=)"
+        )
     if not teacher.path:
-        raise CacheError("teacher.path: writing the cache needs the teacher model")
-    cache_contents(config)  # refuses what a cache cannot hold, before any model loads
+        raise CacheError(f"{plan.key}.path: writing the cache needs the teacher model")
+    cache_contents(config, plan)  # refuses what a cache cannot hold, before any model loads
     device = models.default_device(device)
     loaded = models.load(
         teacher.path,
         dtype=teacher.dtype,
         trust_remote_code=teacher.trust_remote_code,
         frozen=True,
-        key="teacher.path",
+        key=f"{plan.key}.path",
     )
     loaded.model.to(device)
     vocab = models.vocab_rows(loaded.processor, loaded.model)
@@ -65,7 +70,7 @@ def cache_teacher(
         cache=data_cache,
     )
     # The teacher's logits exist a chunk of answer tokens at a time, as in training.
-    source = online_source(config, loaded, vocab, chunked.default_chunk_size(vocab, device))
+    source = online_source(config, plan, loaded, vocab, chunked.default_chunk_size(vocab, device))
     fingerprint = {
         **config_data_fingerprint(config, loaded.processor),
         "teacher": teacher_identity(teacher.path),
@@ -85,6 +90,23 @@ def cache_teacher(
         device=device,
         progress=progress,
     )
+
+
+def select_teacher(config: cfg.TrainConfig, name: str | None) -> cfg.TeacherPlan:
+    """The teacher called ``name`` (the only one when None and there is one)."""
+    plans = config.teacher_plans()
+    names = [p.name for p in plans]
+    if config.teachers is None:
+        if name is not None:
+            raise CacheError(f"--teacher {name}: the config has a single, unnamed teacher")
+        return plans[0]
+    if name is None:
+        if len(plans) == 1:
+            return plans[0]
+        raise CacheError(f"the config has several teachers: choose one with --teacher {names}")
+    if name not in names:
+        raise CacheError(f"--teacher {name}: no such teacher; the config has {names}")
+    return plans[names.index(name)]
 
 
 @click.command("cache-teacher")
@@ -111,6 +133,7 @@ def cache_teacher(
     show_default=True,
     help="Teacher visual tokens kept per sample (average-pooled; a square keeps the grid).",
 )
+@click.option("--teacher", "teacher_name", default=None, help="Which teacher, with several.")
 @click.option("--device", default=None, help="Teacher device (default: cuda if available).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def cache_teacher_command(
@@ -119,6 +142,7 @@ def cache_teacher_command(
     shard_size: int,
     batch_size: int,
     visual_tokens: int,
+    teacher_name: str | None,
     device: str | None,
     no_progress: bool,
 ) -> None:
@@ -130,7 +154,8 @@ def cache_teacher_command(
     tokens and the instance-weighting representation, as the config's channels
     and weighting need them, in teacher.cache_dir (safetensors shards + index.json).
     Rerunning an interrupted command resumes it. Train from it with
-    --set teacher.source=cache.
+    --set teacher.source=cache. With several teachers, cache each one with
+    --teacher NAME and set teachers.N.source=cache.
     """
     try:
         path = cache_teacher(
@@ -140,6 +165,7 @@ def cache_teacher_command(
             visual_tokens=visual_tokens,
             device=device,
             progress=not no_progress,
+            teacher_name=teacher_name,
         )
     except (CacheError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from err

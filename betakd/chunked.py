@@ -213,15 +213,16 @@ class ChunkedOutput:
 
 def chunk_columns(
     student_logits: Tensor,
-    teacher_logits: Tensor | None,
+    teacher_logits: tuple[Tensor, ...],
     labels: Tensor | None,
     energy_fns: tuple[EnergyFn, ...],
 ) -> Tensor:
-    """Per-token values ``[n, C]`` (float32) of one chunk: CE (if labels) then energies."""
+    """Per-token values ``[n, C]`` (float32) of one chunk: CE (if labels) then energies,
+    each against its own teacher's logits (``teacher_logits[i]`` for ``energy_fns[i]``)."""
     values = []
     if labels is not None:
         values.append(energy_registry.cross_entropy(student_logits, labels, IGNORE_INDEX))
-    values.extend(fn(student_logits, teacher_logits) for fn in energy_fns)
+    values.extend(fn(student_logits, t) for fn, t in zip(energy_fns, teacher_logits, strict=True))
     return torch.stack([v.float() for v in values], dim=1)
 
 
@@ -229,9 +230,10 @@ def chunk_columns(
 class _Plan:
     """Everything the autograd function needs besides the differentiable tensors."""
 
-    teacher: TeacherLogits | None
+    teachers: tuple[TeacherLogits, ...]
     labels: Tensor | None
     energy_fns: tuple[EnergyFn, ...]
+    energy_teacher: tuple[int, ...]  # per energy, its index in ``teachers``
     chunk_size: int
     compiled: bool = False
     # Single pass: d(loss)/d(values) [N, C], known before the values; None: recompute.
@@ -256,7 +258,8 @@ class _Plan:
     def columns(self, student_logits: Tensor, start: int, stop: int) -> Tensor:
         """Per-token values ``[n, C]`` of rows ``[start, stop)`` from their student logits."""
         vocab_size = student_logits.shape[-1]
-        teacher_logits = self.teacher.logits(start, stop, vocab_size) if self.energy_fns else None
+        # Each teacher's chunk is built once, however many energies read it.
+        built = [t.logits(start, stop, vocab_size) for t in self.teachers]
         labels = None if self.labels is None else self.labels[start:stop]
         if not self.compiled:
             # CE and every energy of the chunk share the student's (and the teacher's)
@@ -265,15 +268,20 @@ class _Plan:
             # on the dense path.
             shared = student_logits.dtype == torch.float32
             with energy_registry.sharing_log_probs() if shared else contextlib.nullcontext():
-                return chunk_columns(student_logits, teacher_logits, labels, self.energy_fns)
+                return chunk_columns(
+                    student_logits, self._per_energy(built), labels, self.energy_fns
+                )
         pad = self.chunk_size - (stop - start)
         values = self._values(
             _pad_rows(student_logits, pad, 0.0),
-            None if teacher_logits is None else _pad_rows(teacher_logits, pad, 0.0),
+            self._per_energy([_pad_rows(t, pad, 0.0) for t in built]),
             None if labels is None else _pad_rows(labels, pad, IGNORE_INDEX),
             self.energy_fns,
         )
         return values[: stop - start]
+
+    def _per_energy(self, teacher_logits: list[Tensor]) -> tuple[Tensor, ...]:
+        return tuple(teacher_logits[i] for i in self.energy_teacher)
 
 
 def _pad_rows(x: Tensor, pad: int, value: float) -> Tensor:
@@ -452,9 +460,10 @@ def default_chunk_size(
 def chunked_channels(
     hidden: Tensor,
     weight: Tensor,
-    teacher: TeacherLogits | None = None,
+    teacher: TeacherLogits | Mapping[str, TeacherLogits] | None = None,
     *,
     energies: Mapping[str, EnergyFn] | None = None,
+    energy_teachers: Mapping[str, str] | None = None,
     labels: Tensor | None = None,
     bias: Tensor | None = None,
     chunk_size: int | None = None,
@@ -469,9 +478,10 @@ def chunked_channels(
         teacher: the teacher's logits for the same N rows (:class:`TeacherLogits`, e.g.
             :class:`betakd.teachers.HiddenStateLogits` or
             :class:`betakd.teachers.TopKLogits`); required when ``energies`` is not
-            empty.
+            empty. Several teachers: a mapping of teacher name -> logits.
         energies: name -> energy built with :func:`betakd.energies.get` (options such as
             temperature bound there). All are evaluated on the same chunk logits.
+        energy_teachers: with several teachers, energy name -> the teacher it reads.
         labels: target ids ``[N]`` for the CE channel (``-100`` rows give 0); None
             skips CE.
         chunk_size: tokens per chunk; default :func:`default_chunk_size` for the device
@@ -490,11 +500,12 @@ def chunked_channels(
     ``bias`` (whichever require grad) and are exact for any upstream weighting.
     """
     energies = dict(energies or {})
-    _check_inputs(hidden, weight, teacher, energies, labels)
+    teachers, energy_teacher = _teachers_of_energies(teacher, energies, energy_teachers)
+    _check_inputs(hidden, weight, teachers, labels)
     size = chunk_size or default_chunk_size(weight.shape[0], hidden.device, compile)
     if size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    plan = _Plan(teacher, labels, tuple(energies.values()), size, compile)
+    plan = _Plan(teachers, labels, tuple(energies.values()), energy_teacher, size, compile)
     needs = (
         hidden.requires_grad,
         weight.requires_grad,
@@ -515,11 +526,36 @@ def chunked_channels(
     return ChunkedOutput(ce, dict(zip(energies, columns[offset:])))
 
 
+def _teachers_of_energies(
+    teacher: TeacherLogits | Mapping[str, TeacherLogits] | None,
+    energies: Mapping[str, EnergyFn],
+    energy_teachers: Mapping[str, str] | None,
+) -> tuple[tuple[TeacherLogits, ...], tuple[int, ...]]:
+    """The teachers the energies read (each once) and, per energy, its teacher's index."""
+    if not energies:
+        return (), ()
+    if teacher is None:
+        raise ValueError("energies need a teacher source")
+    if not isinstance(teacher, Mapping):
+        return (teacher,), (0,) * len(energies)
+    missing = [name for name in energies if name not in (energy_teachers or {})]
+    if missing:
+        raise ValueError(
+            f"with several teachers, energy_teachers must name the teacher of {missing}"
+        )
+    names = list(dict.fromkeys(energy_teachers[name] for name in energies))
+    unknown = [name for name in names if name not in teacher]
+    if unknown:
+        raise ValueError(f"energy_teachers names unknown teachers {unknown}; have {list(teacher)}")
+    return tuple(teacher[n] for n in names), tuple(
+        names.index(energy_teachers[e]) for e in energies
+    )
+
+
 def _check_inputs(
     hidden: Tensor,
     weight: Tensor,
-    teacher: TeacherLogits | None,
-    energies: Mapping[str, EnergyFn],
+    teachers: tuple[TeacherLogits, ...],
     labels: Tensor | None,
 ) -> None:
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -527,14 +563,13 @@ def _check_inputs(
             f"hidden must be [N, H] and weight [V, H]; got {tuple(hidden.shape)} "
             f"and {tuple(weight.shape)}"
         )
-    if labels is None and not energies:
+    if labels is None and not teachers:
         raise ValueError("nothing to compute: give labels (CE) and/or energies")
     if labels is not None and labels.shape != hidden.shape[:1]:
         raise ValueError(f"labels must have shape [{hidden.shape[0]}], got {tuple(labels.shape)}")
-    if energies and teacher is None:
-        raise ValueError("energies need a teacher source")
-    if teacher is not None and teacher.num_tokens != hidden.shape[0]:
-        raise ValueError(
-            f"teacher has {teacher.num_tokens} packed tokens, the student {hidden.shape[0]}; "
-            "align the answer tokens before packing"
-        )
+    for teacher in teachers:
+        if teacher.num_tokens != hidden.shape[0]:
+            raise ValueError(
+                f"teacher has {teacher.num_tokens} packed tokens, the student {hidden.shape[0]}; "
+                "align the answer tokens before packing"
+            )

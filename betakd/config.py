@@ -137,18 +137,68 @@ class ChannelSettings(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> ChannelSettings:
-        seen = self.names()
-        duplicated = sorted({n for n in seen if seen.count(n) > 1})
-        if duplicated:
-            raise ValueError(f"channel names must be unique; repeated: {duplicated} (set `name`)")
-        if weighting.CE in seen:
-            raise ValueError(f"{weighting.CE!r} is reserved for the cross-entropy channel")
+        _check_channel_names(self.names())
         prompt = [c.channel for c in self.logits if c.positions != "answer"]
         if self.chunk_size is not None and prompt:
             raise ValueError(
                 f"chunk_size covers answer positions only; channels {prompt} ask for more"
             )
         return self
+
+
+def _check_channel_names(names: list[str]) -> None:
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise ValueError(f"channel names must be unique; repeated: {duplicated} (set `name`)")
+    if weighting.CE in names:
+        raise ValueError(f"{weighting.CE!r} is reserved for the cross-entropy channel")
+
+
+class TeacherChannels(Strict):
+    """The logit and feature channels that one teacher of ``teachers`` feeds."""
+
+    logits: list[LogitChannel] = Field(default_factory=list)
+    features: list[FeatureChannelSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> TeacherChannels:
+        _check_channel_names([c.channel for c in self.logits] + [f.name for f in self.features])
+        return self
+
+
+TEACHER_NAME = r"^[A-Za-z][A-Za-z0-9_-]*$"
+
+
+class NamedTeacherSettings(TeacherSettings):
+    """One of several teachers: its model or cache, and the channels it feeds (their names
+    in logs, metrics and the head carry the teacher's: ``big/cosine_probs``)."""
+
+    name: str = Field(pattern=TEACHER_NAME, description="letters, digits, _ and -")
+    channels: TeacherChannels = Field(default_factory=TeacherChannels)
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherPlan:
+    """One teacher and the channels it feeds, as the recipe sees either config form.
+
+    ``name`` is None for the single ``teacher`` form, whose channel names stay as
+    written; ``key`` is where its settings are in the config (for error messages).
+    """
+
+    name: str | None
+    key: str
+    settings: TeacherSettings
+    logits: list[LogitChannel]
+    features: list[FeatureChannelSettings]
+
+    def channel(self, local_name: str) -> str:
+        return local_name if self.name is None else f"{self.name}/{local_name}"
+
+    @property
+    def channel_names(self) -> list[str]:
+        return [self.channel(c.channel) for c in self.logits] + [
+            self.channel(f.name) for f in self.features
+        ]
 
 
 Representation = Literal["teacher_visual", "teacher_answer_hidden", "teacher_confidence"]
@@ -169,6 +219,12 @@ class WeightingSettings(Strict):
         "scale before training (used by prior_rate_scale, trust and scale_momentum)",
     )
     representation: Representation = "teacher_visual"
+    representation_teachers: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="with several teachers: whose representation h(x) is, concatenated in "
+        "this order (default: the first teacher's)",
+    )
     reduction: Literal["sample", "token"] = "sample"
     init_from: str | None = Field(
         None, description="betakd_head.safetensors (or its folder) of an earlier stage"
@@ -196,7 +252,10 @@ class NonFinitePolicy(Strict):
 
 class TrainConfig(Strict):
     student: StudentSettings
-    teacher: TeacherSettings
+    teacher: TeacherSettings | None = None
+    teachers: list[NamedTeacherSettings] | None = Field(
+        None, min_length=1, description="several teachers, each with its own channels"
+    )
     data: DataSettings
     channels: ChannelSettings = Field(default_factory=ChannelSettings)
     weighting: WeightingSettings = Field(default_factory=WeightingSettings)
@@ -215,8 +274,46 @@ class TrainConfig(Strict):
         return value
 
     @model_validator(mode="after")
+    def _one_teacher_form(self) -> TrainConfig:
+        if (self.teacher is None) == (self.teachers is None):
+            raise ValueError("give either `teacher` (one) or `teachers` (a list), not both")
+        if self.teachers is None:
+            if self.weighting.representation_teachers is not None:
+                raise ValueError(
+                    "weighting.representation_teachers names teachers of `teachers`; "
+                    "with a single `teacher` leave it out"
+                )
+            return self
+        if self.channels.logits or self.channels.features:
+            raise ValueError(
+                "with `teachers`, each teacher lists its own channels (teachers.N.channels); "
+                "top-level channels keep only chunk_size and chunk_compile"
+            )
+        names = [t.name for t in self.teachers]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"teachers: names must be unique; repeated: {repeated}")
+        unknown = sorted(set(self.weighting.representation_teachers or []) - set(names))
+        if unknown:
+            raise ValueError(
+                f"weighting.representation_teachers: unknown teachers {unknown}; teachers: {names}"
+            )
+        for plan in self.teacher_plans():
+            prompt = [c.channel for c in plan.logits if c.positions != "answer"]
+            if prompt and len(names) > 1:
+                raise ValueError(
+                    f"{plan.key}: channels {prompt} ask for prompt positions, which differ "
+                    "between teachers; with several teachers channels cover answer positions"
+                )
+            if prompt and self.channels.chunk_size is not None:
+                raise ValueError(
+                    f"chunk_size covers answer positions only; channels {prompt} ask for more"
+                )
+        return self
+
+    @model_validator(mode="after")
     def _channels_fit_weighting(self) -> TrainConfig:
-        names = ["ce", *self.channels.names()]
+        names = ["ce", *self.channel_names()]
         if len(names) == 1 and self.weighting.name != "equal":
             raise ValueError(
                 "no teacher channel configured: add channels.logits or channels.features"
@@ -226,6 +323,30 @@ class TrainConfig(Strict):
         except (TypeError, ValueError, KeyError) as err:
             raise ValueError(f"weighting.options: {err}") from err
         return self
+
+    def teacher_plans(self) -> list[TeacherPlan]:
+        """Every teacher with its channels, in config order (one for ``teacher``)."""
+        if self.teachers is None:
+            assert self.teacher is not None  # the validator allows no other case
+            return [
+                TeacherPlan(
+                    None, "teacher", self.teacher, self.channels.logits, self.channels.features
+                )
+            ]
+        return [
+            TeacherPlan(t.name, f"teachers.{i}", t, t.channels.logits, t.channels.features)
+            for i, t in enumerate(self.teachers)
+        ]
+
+    def channel_names(self) -> list[str]:
+        """Every teacher channel's name as logs, metrics and the head know it."""
+        return [name for plan in self.teacher_plans() for name in plan.channel_names]
+
+    def representation_teachers(self) -> list[str | None]:
+        """Whose ``h(x)`` the instance weighting sees (None: the single ``teacher``)."""
+        if self.teachers is None:
+            return [None]
+        return list(self.weighting.representation_teachers or [self.teachers[0].name])
 
     def _probe_options(self) -> dict[str, Any]:
         options = dict(self.weighting.options)

@@ -462,35 +462,45 @@ def build_dataset(
     limit: int | None = None,
     cache_dir: str | None = None,
     cache: DataCache | None = None,
+    equal_answers: bool = False,
 ) -> ConversationDataset:
     """Read, validate and count skips; every encoder (student, teacher) must accept a sample.
 
+    ``equal_answers``: every encoder must also keep the same number of answer tokens (an
+    answer cut by ``max_length`` for one model's longer sequence only is a ``too_long``
+    skip); several teachers need it to supervise the same student tokens.
     Raises DataError when more than `max_skip_fraction` of the records were skipped.
     With a :class:`DataCache`, the validation pass is remembered there for the same data
     file contents, image folder, limit and encoders, so repeated runs on one data set
     (sweeps, the demo) validate it once. `cache_dir` is the `datasets` cache.
     """
-    encoder_list = list(encoders.values()) if isinstance(encoders, Mapping) else list(encoders)
+    named = (
+        dict(encoders)
+        if isinstance(encoders, Mapping)
+        else {f"encoder {i}": e for i, e in enumerate(encoders)}
+    )
+    encoder_list = list(named.values())
 
     def validate() -> tuple[list[Conversation], SkipReport]:
         records = load_records(data_path, cache_dir=cache_dir)
         if limit is not None:
             records = records.select(range(min(limit, len(records))))
-        return _validate(records, image_folder, encoder_list)
+        return _validate(records, image_folder, named, equal_answers)
 
     if cache is None:
         kept, report = validate()
     else:
-        kept, report = cache.validated(
-            _validation_key(data_path, image_folder, encoder_list, limit), validate
-        )
+        key = _validation_key(data_path, image_folder, encoder_list, limit)
+        kept, report = cache.validated((*key, equal_answers), validate)
     if report.count:
         logger.warning("%s", report.summary())
     report.enforce(max_skip_fraction)
     return ConversationDataset(kept, report)
 
 
-def _validate(records, image_folder, encoder_list) -> tuple[list[Conversation], SkipReport]:
+def _validate(
+    records, image_folder, encoders: Mapping[str, SampleEncoder], equal_answers: bool
+) -> tuple[list[Conversation], SkipReport]:
     report = SkipReport(total=len(records))
     kept = []
     rows = tqdm(
@@ -503,14 +513,24 @@ def _validate(records, image_folder, encoder_list) -> tuple[list[Conversation], 
         try:
             conversation = parse_record(record, index, image_folder)
             images = open_images(conversation)
-            for encoder in encoder_list:
-                encoder.encode_cached(conversation, images)
+            encoded = {name: e.encode_cached(conversation, images) for name, e in encoders.items()}
+            if equal_answers:
+                _check_equal_answers(encoded)
         except SkipSample as skip:
             sample_id = record.get("id") if record.get("id") is not None else index
             report.add(skip.reason, str(sample_id), skip.detail)
             continue
         kept.append(conversation)
     return kept, report
+
+
+def _check_equal_answers(encoded: Mapping[str, Encoded]) -> None:
+    counts = {name: int(supervised(e.labels).sum()) for name, e in encoded.items()}
+    if len(set(counts.values())) > 1:
+        raise SkipSample(
+            "too_long",
+            f"max_length cuts the answer unequally: answer tokens kept per model {counts}",
+        )
 
 
 def _validation_key(data_path, image_folder, encoders, limit) -> tuple:
@@ -631,14 +651,15 @@ class KDCollator:
     """Collates raw conversations into a student batch and, optionally, a teacher batch.
 
     Output: the student's model inputs and `labels` at the top level (so the
-    Trainer sees them), the teacher's under "teacher", and per-sample metadata:
-    `sample_index` (row in the data file), `sample_ids` and `image_counts`.
+    Trainer sees them), the teacher's under "teacher" (several teachers: a dict of
+    batches by teacher name), and per-sample metadata: `sample_index` (row in the data
+    file), `sample_ids` and `image_counts`.
     """
 
     def __init__(
         self,
         student: SampleEncoder,
-        teacher: SampleEncoder | None = None,
+        teacher: SampleEncoder | Mapping[str, SampleEncoder] | None = None,
         *,
         student_padding_side: str = "right",
         teacher_padding_side: str = "right",
@@ -660,12 +681,20 @@ class KDCollator:
                 ) from skip
         return encoded
 
+    def _teacher_batch(self, encoder: SampleEncoder, conversations) -> dict:
+        encoded = self._encode_all(encoder, conversations)
+        return pad_encoded(encoded, encoder, self.teacher_padding_side)
+
     def __call__(self, conversations: Sequence[Conversation]) -> dict:
         encoded = self._encode_all(self.student, conversations)
         batch = pad_encoded(encoded, self.student, self.student_padding_side)
-        if self.teacher is not None:
-            teacher_encoded = self._encode_all(self.teacher, conversations)
-            batch["teacher"] = pad_encoded(teacher_encoded, self.teacher, self.teacher_padding_side)
+        if isinstance(self.teacher, Mapping):
+            batch["teacher"] = {
+                name: self._teacher_batch(encoder, conversations)
+                for name, encoder in self.teacher.items()
+            }
+        elif self.teacher is not None:
+            batch["teacher"] = self._teacher_batch(self.teacher, conversations)
         batch["sample_index"] = torch.tensor([c.index for c in conversations], dtype=torch.long)
         batch["sample_ids"] = [c.id for c in conversations]
         batch["image_counts"] = torch.tensor([e.image_count for e in encoded], dtype=torch.long)

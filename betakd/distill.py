@@ -9,7 +9,7 @@ outside (see ``betakd.teachers``). The student is saved on its own with
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from betakd import align, chunked, energies
+from betakd import align, chunked, energies, weighting
 from betakd.align import AlignedPositions
 from betakd.features import FeatureChannel
 from betakd.models import FamilyAdapter, forward_inputs, slice_vocab
@@ -36,7 +36,8 @@ class ChannelValues:
     energies: dict[str, Tensor]  # teacher channel -> [B]
     representation: Tensor | None  # [B, D] for an instance weighting
     counts: Tensor  # [B] supervised answer tokens per sample
-    teacher_nll: Tensor | None = None  # [B] teacher's NLL of the answers, for data trust
+    # Teacher's NLL of the answers, for data trust: [B], or [B, K] per weighted channel.
+    teacher_nll: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class LogitChannelSpec:
     energy: str
     options: dict
     answer_only: bool
+    teacher: str | None = None  # which teacher it reads (None: the single teacher)
 
 
 class DistillationHead(nn.Module):
@@ -55,12 +57,25 @@ class DistillationHead(nn.Module):
         objective: DistillationObjective,
         logit_channels: Sequence[LogitChannelSpec],
         feature_channels: dict[str, FeatureChannel],
+        feature_teachers: Mapping[str, str | None] | None = None,
     ) -> None:
+        """``feature_teachers``: feature channel -> the teacher it reads (default: the
+        single teacher for every one)."""
         super().__init__()
         self.objective = objective
         self.logit_channels = list(logit_channels)
         self.energy_fns = {c.name: energies.get(c.energy, **c.options) for c in logit_channels}
         self.features = nn.ModuleDict(feature_channels)
+        feature_teachers = dict(feature_teachers or {})
+        self.channel_teachers: dict[str, str | None] = {
+            **{c.name: c.teacher for c in self.logit_channels},
+            **{name: feature_teachers.get(name) for name in feature_channels},
+        }
+
+    @property
+    def teachers(self) -> list[str | None]:
+        """The teachers the channels read, each once, in channel order."""
+        return list(dict.fromkeys(self.channel_teachers.values()))
 
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / HEAD_FILE
@@ -185,7 +200,20 @@ class DistillationModule(nn.Module):
         )
 
     def _teacher_nll(self, teacher: TeacherTargets, aligned: AlignedPositions) -> Tensor:
-        """The teacher's mean NLL of each sample's answer tokens ``[B]``."""
+        """Each teacher's mean NLL of each sample's answer tokens: ``[B]`` for a single
+        teacher, else ``[B, K]`` with the NLL of the teacher of each weighted channel."""
+        nll = {name: self._answer_nll(teacher.of(name), aligned) for name in self.head.teachers}
+        if teacher.members is None:
+            return nll[None]
+        channels = self.head.objective.weighting.weighted_channels
+        # The CE column has no teacher; the weighting does not apply a trust to it.
+        first = next(iter(nll.values()))
+        columns = [
+            nll[self.head.channel_teachers[c]] if c != weighting.CE else first for c in channels
+        ]
+        return torch.stack(columns, dim=1)
+
+    def _answer_nll(self, teacher: TeacherTargets, aligned: AlignedPositions) -> Tensor:
         if teacher.tokens is None:
             raise ValueError("a trust measured against the data needs the teacher's logits")
         nll = chunked.teacher_token_nll(
@@ -205,13 +233,17 @@ class DistillationModule(nn.Module):
         )
         ce = per_sample_mean(ce_tokens, aligned.batch_index[answer], aligned.batch_size)
         result = {}
-        if self.head.logit_channels:
-            if teacher.tokens is None:
-                raise ValueError(f"channels {self._logit_names()} need teacher logits")
-            teacher_logits = teacher.tokens.logits(0, teacher.tokens.num_tokens, self.vocab_rows)
+        built: dict[str | None, Tensor] = {}
         for spec in self.head.logit_channels:
+            if spec.teacher not in built:
+                tokens = teacher.of(spec.teacher).tokens
+                if tokens is None:
+                    raise ValueError(f"channels {self._logit_names()} need teacher logits")
+                built[spec.teacher] = tokens.logits(0, tokens.num_tokens, self.vocab_rows)
             rows = aligned.is_answer if spec.answer_only else slice(None)
-            per_token = self.head.energy_fns[spec.name](student_logits[rows], teacher_logits[rows])
+            per_token = self.head.energy_fns[spec.name](
+                student_logits[rows], built[spec.teacher][rows]
+            )
             result[spec.name] = per_sample_mean(
                 per_token, aligned.batch_index[rows], aligned.batch_size
             )
@@ -224,14 +256,19 @@ class DistillationModule(nn.Module):
         if not bool(aligned.is_answer.all()):
             raise ValueError("chunked energies cover answer tokens only")
         names = self._logit_names()
-        if names and teacher.tokens is None:
+        tokens = {c.teacher: teacher.of(c.teacher).tokens for c in self.head.logit_channels}
+        if any(t is None for t in tokens.values()):
             raise ValueError(f"channels {names} need teacher logits")
         head = self.student.get_output_embeddings()
+        single = teacher.members is None
         result = chunked.chunked_channels(
             aligned.student(out.hidden_states[-1]),
             head.weight[: self.vocab_rows],
-            teacher.tokens if names else None,
+            tokens.get(None) if single else tokens,
             energies={name: self.head.energy_fns[name] for name in names},
+            energy_teachers=None
+            if single
+            else {c.name: c.teacher for c in self.head.logit_channels},
             labels=aligned.token_ids,
             bias=None if head.bias is None else head.bias[: self.vocab_rows],
             chunk_size=self.chunk_size,
@@ -246,14 +283,19 @@ class DistillationModule(nn.Module):
     def _feature_energies(
         self, out, teacher: TeacherTargets, image_counts: Sequence[int]
     ) -> dict[str, Tensor]:
-        if teacher.visual is None:
-            raise ValueError("feature channels need the teacher's visual tokens")
         student_visual = self.adapter.visual_tokens(out, image_counts)
-        pooled = align.pool_visual_pair(student_visual, teacher.visual)
+        pooled = {}
         result = {}
         for name, channel in self.head.features.items():
+            source = self.head.channel_teachers[name]
+            if source not in pooled:
+                visual = teacher.of(source).visual
+                if visual is None:
+                    raise ValueError("feature channels need the teacher's visual tokens")
+                pooled[source] = align.pool_visual_pair(student_visual, visual)
+            pair = pooled[source]
             # Samples without an image have no visual tokens: their feature energy is 0.
-            result[name] = channel(pooled.student, pooled.teacher) * pooled.mask
+            result[name] = channel(pair.student, pair.teacher) * pair.mask
         return result
 
     # Trainer compatibility: gradient checkpointing and config live on the student.

@@ -293,7 +293,7 @@ class _CosineDistance(torch.autograd.Function):
         grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
             along = torch.linalg.vecdot(u, diff).unsqueeze(-1)
-            grad_a = torch.addcmul(diff, u, along, value=-1).mul_(grad / r_a)
+            grad_a = u.mul(-along).add_(diff).mul_(grad / r_a)
         if ctx.needs_input_grad[1]:
             v = u - diff
             along = torch.linalg.vecdot(v, diff).unsqueeze(-1)

@@ -188,8 +188,11 @@ def tokenizer_of(processor):
 # Vocabulary
 
 
-def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
-    """Logit KD needs token i to mean the same string for both models."""
+def check_same_vocabulary(
+    student_tokenizer, teacher_tokenizer, teacher_name: str | None = None
+) -> None:
+    """Logit KD needs token i to mean the same string for both models (``teacher_name``:
+    which of several teachers, for the message)."""
     student_vocab = tokenizer_of(student_tokenizer).get_vocab()
     teacher_vocab = tokenizer_of(teacher_tokenizer).get_vocab()
     if student_vocab == teacher_vocab:
@@ -199,8 +202,9 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer) -> None:
     moved = sorted(
         t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t]
     )
+    teacher = "teacher" if teacher_name is None else f"teacher {teacher_name!r}"
     raise ValueError(
-        "student and teacher vocabularies differ, so their logits cannot be compared: "
+        f"student and {teacher} vocabularies differ, so their logits cannot be compared: "
         f"student has {len(student_vocab)} tokens, teacher {len(teacher_vocab)}; "
         f"only in student: {only_student[:5]}, only in teacher: {only_teacher[:5]}, "
         f"same token with another id: {moved[:5]}"

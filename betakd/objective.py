@@ -101,7 +101,8 @@ class DistillationObjective(nn.Module):
         num_items: samples (``reduction="sample"``) or tokens (``"token"``) in the whole
             accumulated batch; defaults to this micro-batch's.
         teacher_nll: the teacher's per-sample NLL of the answers ``[B]``, for a trust
-            measured against the data.
+            measured against the data; with several teachers ``[B, K]``, per weighted
+            channel its own teacher's.
         """
         losses, valid = self.channel_energies(ce, energies, counts)
         out = self.weighting(losses, representation, teacher_nll)

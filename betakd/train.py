@@ -28,6 +28,7 @@ from betakd.teachers import (
     CacheError,
     OnlineTeacher,
     TeacherCache,
+    TeacherEnsemble,
     TeacherSource,
 )
 from betakd.teachers.cache_format import data_fingerprint
@@ -122,29 +123,56 @@ def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
 
 def check_model_paths(config: cfg.TrainConfig) -> None:
     """A model path that looks local must exist; hub ids are left to transformers."""
-    for key, path in (("student.path", config.student.path), ("teacher.path", config.teacher.path)):
-        if path is not None:
-            models.check_model_path(key, path)
+    models.check_model_path("student.path", config.student.path)
+    for plan in config.teacher_plans():
+        if plan.settings.path is not None:
+            models.check_model_path(f"{plan.key}.path", plan.settings.path)
 
 
 @dataclass
 class TeacherSide:
-    """What the recipe builds for the teacher, whichever its source."""
+    """What the recipe builds for the teachers, whichever their sources."""
 
     source: TeacherSource
-    encoder: SampleEncoder | None  # None for a cache: no teacher batch is built
+    # The teacher's encoder (several teachers: by name, online ones only); None when no
+    # teacher batch is built (a cache).
+    encoder: SampleEncoder | dict[str, SampleEncoder] | None
     vocab_rows: int  # the shared vocabulary (logit columns beyond it are padding)
-    visual_dim: int | None
+    visual_dims: dict[str | None, int | None]  # per teacher (None: the single teacher)
     representation_dim: int
 
 
 def build_teacher(
     config: cfg.TrainConfig, student: models.LoadedModel, data_cache: DataCache | None = None
 ) -> TeacherSide:
-    """The config's teacher source (``teacher.source``: online or cache) for ``student``."""
-    if config.teacher.source == "cache":
-        return _cached_teacher(config, student)
-    return _online_teacher(config, student, data_cache)
+    """The config's teacher sources (each ``source``: online or cache) for ``student``;
+    several teachers become one :class:`~betakd.teachers.TeacherEnsemble`."""
+    sides = {
+        plan.name: _teacher_of_plan(config, plan, student, data_cache)
+        for plan in config.teacher_plans()
+    }
+    if config.teachers is None:
+        return sides[None]
+    representation_from = config.representation_teachers() if _representation(config) else []
+    encoders = {name: side.encoder for name, side in sides.items() if side.encoder is not None}
+    return TeacherSide(
+        source=TeacherEnsemble({n: side.source for n, side in sides.items()}, representation_from),
+        encoder=encoders or None,
+        vocab_rows=min(side.vocab_rows for side in sides.values()),
+        visual_dims={name: side.visual_dims[name] for name, side in sides.items()},
+        representation_dim=sum(sides[n].representation_dim for n in representation_from) or 1,
+    )
+
+
+def _teacher_of_plan(
+    config: cfg.TrainConfig,
+    plan: cfg.TeacherPlan,
+    student: models.LoadedModel,
+    data_cache: DataCache | None,
+) -> TeacherSide:
+    if plan.settings.source == "cache":
+        return _cached_teacher(config, plan, student)
+    return _online_teacher(config, plan, student, data_cache)
 
 
 def build_trainer(
@@ -175,8 +203,10 @@ def build_trainer(
     )
     teacher = build_teacher(config, student, data_cache)
     encoders = {"student": student_encoder}
-    if teacher.encoder is not None:
+    if isinstance(teacher.encoder, SampleEncoder):
         encoders["teacher"] = teacher.encoder
+    elif teacher.encoder is not None:
+        encoders.update({f"teacher {name}": e for name, e in teacher.encoder.items()})
     dataset = build_dataset(
         config.data.train_file,
         config.data.image_folder,
@@ -184,19 +214,22 @@ def build_trainer(
         max_skip_fraction=config.data.max_skip_fraction,
         limit=config.data.limit,
         cache=data_cache,
+        # Several teachers supervise the same student tokens: no answer may be cut for one.
+        equal_answers=config.teachers is not None,
     )
     logger.info("training samples: %d (%s)", len(dataset), dataset.report.summary())
-    if isinstance(teacher.source, CachedTeacher):
-        conversations = dataset.conversations
-        teacher.source.cache.check_covers(
-            [c.index for c in conversations], [c.id for c in conversations]
-        )
+    conversations = dataset.conversations
+    for source in _sources(teacher.source):
+        if isinstance(source, CachedTeacher):
+            source.cache.check_covers(
+                [c.index for c in conversations], [c.id for c in conversations]
+            )
     # The head (adapters, weighting network) initialises from the global RNG: seed it so
     # that a run is reproducible and equal configs start from equal heads.
     set_seed(args.seed)
     head = build_head(
         config,
-        teacher_dim=teacher.visual_dim,
+        teacher_dims=teacher.visual_dims,
         student_dim=student.visual_width,
         rep_dim=teacher.representation_dim,
     )
@@ -229,61 +262,83 @@ def build_trainer(
     )
 
 
+def _sources(source: TeacherSource) -> list[TeacherSource]:
+    return list(source.members.values()) if isinstance(source, TeacherEnsemble) else [source]
+
+
 def build_head(
-    config: cfg.TrainConfig, *, teacher_dim: int | None, student_dim: int | None, rep_dim: int
+    config: cfg.TrainConfig,
+    *,
+    teacher_dims: Mapping[str | None, int | None],
+    student_dim: int | None,
+    rep_dim: int,
 ) -> DistillationHead:
-    """The weighting and feature adapters the config's channels and weighting ask for."""
-    channels = config.channels
-    specs = [
-        LogitChannelSpec(c.channel, c.energy, dict(c.options), c.positions == "answer")
-        for c in channels.logits
-    ]
+    """The weighting and feature adapters the config's channels and weighting ask for
+    (``teacher_dims``: each teacher's visual width, None for a text-only one)."""
+    specs = []
     feats = {}
-    for f in channels.features:
-        if teacher_dim is None or student_dim is None:
-            raise ValueError(
-                f"feature channel {f.name!r} needs visual tokens, but a model has none "
-                "(text-only student or teacher)"
+    feature_teachers = {}
+    for plan in config.teacher_plans():
+        specs += [
+            LogitChannelSpec(
+                plan.channel(c.channel),
+                c.energy,
+                dict(c.options),
+                c.positions == "answer",
+                plan.name,
             )
-        feats[f.name] = FeatureChannel(
-            teacher_dim,
-            student_dim,
-            f.energy,
-            adapter=f.adapter,
-            normalize=f.normalize,
-            rank=f.rank,
-        )
+            for c in plan.logits
+        ]
+        teacher_dim = teacher_dims.get(plan.name)
+        for f in plan.features:
+            name = plan.channel(f.name)
+            if teacher_dim is None or student_dim is None:
+                raise ValueError(
+                    f"feature channel {name!r} needs visual tokens, but a model has none "
+                    "(text-only student or teacher)"
+                )
+            feats[name] = FeatureChannel(
+                teacher_dim,
+                student_dim,
+                f.energy,
+                adapter=f.adapter,
+                normalize=f.normalize,
+                rank=f.rank,
+            )
+            feature_teachers[name] = plan.name
     options = dict(config.weighting.options)
     if config.weighting.needs_representation:
         options.setdefault("input_dim", rep_dim)
-    built = weighting.build(config.weighting.name, ["ce", *channels.names()], **options)
+    built = weighting.build(config.weighting.name, ["ce", *config.channel_names()], **options)
     objective = DistillationObjective(built, reduction=config.weighting.reduction)
-    return DistillationHead(objective, specs, feats)
+    return DistillationHead(objective, specs, feats, feature_teachers)
 
 
-def instance_representation(config: cfg.TrainConfig) -> str | None:
+def _representation(config: cfg.TrainConfig) -> str | None:
     """The weighting's ``h(x)``, when it has one."""
     return config.weighting.representation if config.weighting.needs_representation else None
 
 
-def teacher_contents(config: cfg.TrainConfig) -> CacheContents:
-    """What the config's channels and weighting need from the teacher."""
+def teacher_contents(config: cfg.TrainConfig, plan: cfg.TeacherPlan) -> CacheContents:
+    """What one teacher's channels and the weighting need from it."""
+    wants_representation = plan.name in config.representation_teachers()
     return CacheContents(
-        logits=bool(config.channels.logits),
-        visual=bool(config.channels.features),
-        representation=instance_representation(config),
+        logits=bool(plan.logits),
+        visual=bool(plan.features),
+        representation=_representation(config) if wants_representation else None,
     )
 
 
-def cache_contents(config: cfg.TrainConfig) -> CacheContents:
-    """What a teacher cache for the config holds; prompt positions cannot be cached."""
-    for i, channel in enumerate(config.channels.logits):
+def cache_contents(config: cfg.TrainConfig, plan: cfg.TeacherPlan) -> CacheContents:
+    """What a cache of one teacher holds for the config; prompt positions cannot be cached."""
+    for i, channel in enumerate(plan.logits):
         if channel.positions != "answer":
+            where = "channels" if plan.name is None else f"{plan.key}.channels"
             raise CacheError(
-                f"channels.logits.{i}.positions: {channel.positions!r} needs the teacher at "
+                f"{where}.logits.{i}.positions: {channel.positions!r} needs the teacher at "
                 "prompt positions; the cache holds answer tokens only (use an online teacher)"
             )
-    return teacher_contents(config)
+    return teacher_contents(config, plan)
 
 
 def config_data_fingerprint(config: cfg.TrainConfig, tokenizer) -> dict:
@@ -293,26 +348,35 @@ def config_data_fingerprint(config: cfg.TrainConfig, tokenizer) -> dict:
 
 
 def _online_teacher(
-    config: cfg.TrainConfig, student: models.LoadedModel, data_cache: DataCache | None
+    config: cfg.TrainConfig,
+    plan: cfg.TeacherPlan,
+    student: models.LoadedModel,
+    data_cache: DataCache | None,
 ) -> TeacherSide:
+    settings = plan.settings
     teacher = models.load(
-        config.teacher.path,
-        dtype=config.teacher.dtype,
-        trust_remote_code=config.teacher.trust_remote_code,
+        settings.path,
+        dtype=settings.dtype,
+        trust_remote_code=settings.trust_remote_code,
         frozen=True,
-        key="teacher.path",
+        key=f"{plan.key}.path",
     )
-    models.check_same_vocabulary(student.processor, teacher.processor)
+    models.check_same_vocabulary(student.processor, teacher.processor, teacher_name=plan.name)
     vocab = models.vocab_rows(student.processor, student.model, teacher.model)
     return TeacherSide(
         source=online_source(
-            config, teacher, vocab, config.channels.chunk_size, student_adapter=student.adapter
+            config,
+            plan,
+            teacher,
+            vocab,
+            config.channels.chunk_size,
+            student_adapter=student.adapter,
         ),
         encoder=SampleEncoder(
             teacher.processor, teacher.adapter, config.data.max_length, data_cache
         ),
         vocab_rows=vocab,
-        visual_dim=teacher.visual_width,
+        visual_dims={plan.name: teacher.visual_width},
         representation_dim=representation_dim(
             config.weighting.representation, teacher.model.config
         ),
@@ -321,15 +385,16 @@ def _online_teacher(
 
 def online_source(
     config: cfg.TrainConfig,
+    plan: cfg.TeacherPlan,
     teacher: models.LoadedModel,
     vocab: int,
     chunk_size: int | None,
     *,
     student_adapter: models.FamilyAdapter | None = None,
 ) -> OnlineTeacher:
-    """The loaded teacher as an online source of what the config's channels and
-    weighting need (``chunk_size``: see :class:`~betakd.teachers.OnlineTeacher`)."""
-    needs = teacher_contents(config)
+    """One loaded teacher as an online source of what its channels and the weighting
+    need (``chunk_size``: see :class:`~betakd.teachers.OnlineTeacher`)."""
+    needs = teacher_contents(config, plan)
     return OnlineTeacher(
         teacher.model,
         teacher.adapter,
@@ -339,22 +404,26 @@ def online_source(
         representation=needs.representation,
         chunk_size=chunk_size,
         student_adapter=student_adapter,
-        include_prompt=any(c.positions != "answer" for c in config.channels.logits),
+        include_prompt=any(c.positions != "answer" for c in plan.logits),
     )
 
 
-def _cached_teacher(config: cfg.TrainConfig, student: models.LoadedModel) -> TeacherSide:
-    """teacher.source: cache -- no teacher model is loaded. The cache must have been
-    written for this data, tokenizer (the student's: both share one vocabulary), teacher
-    and top k, and hold what the channels and weighting need."""
-    needs = cache_contents(config)
+def _cached_teacher(
+    config: cfg.TrainConfig, plan: cfg.TeacherPlan, student: models.LoadedModel
+) -> TeacherSide:
+    """source: cache -- no teacher model is loaded. The cache must have been written for
+    this data, tokenizer (the student's: both share one vocabulary), teacher and top k,
+    and hold what the teacher's channels and the weighting need."""
+    needs = cache_contents(config, plan)
+    where = "channels" if plan.name is None else f"{plan.key}.channels"
     if needs.visual and not student.adapter.multimodal:
-        raise CacheError("channels.features: the student is text-only, it has no visual tokens")
-    cache = TeacherCache(config.teacher.cache_dir)
+        raise CacheError(f"{where}.features: the student is text-only, it has no visual tokens")
+    settings = plan.settings
+    cache = TeacherCache(settings.cache_dir)
     cache.check_fingerprint(
         config_data_fingerprint(config, student.processor),
-        teacher_path=config.teacher.path,
-        top_k=config.teacher.cache_top_k if needs.logits else None,
+        teacher_path=settings.path,
+        top_k=settings.cache_top_k if needs.logits else None,
     )
     vocab = models.vocab_rows(student.processor, student.model)
     source = CachedTeacher(
@@ -368,7 +437,7 @@ def _cached_teacher(config: cfg.TrainConfig, student: models.LoadedModel) -> Tea
         source=source,
         encoder=None,
         vocab_rows=vocab,
-        visual_dim=cache.teacher_visual_dim,
+        visual_dims={plan.name: cache.teacher_visual_dim},
         representation_dim=cache.representation_dim or 1,
     )
 

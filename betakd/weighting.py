@@ -401,12 +401,12 @@ class Weighting(nn.Module):
                 f"expected losses of shape [B, {len(self.channels)}] for channels "
                 f"{self.channels}, got {tuple(losses.shape)}"
             )
-        if self.needs_teacher_nll and (
-            teacher_nll is None or teacher_nll.shape != losses[:, 0].shape
-        ):
+        shapes = ((losses.shape[0],), (losses.shape[0], len(self.weighted_channels)))
+        if self.needs_teacher_nll and (teacher_nll is None or teacher_nll.shape not in shapes):
             raise ValueError(
                 "trust with reference 'data' needs the teacher's per-sample NLL of the answers "
-                f"(shape [{losses.shape[0]}]), got "
+                f"(shape [{losses.shape[0]}], or [{losses.shape[0]}, "
+                f"{len(self.weighted_channels)}] with one teacher per weighted channel), got "
                 f"{None if teacher_nll is None else tuple(teacher_nll.shape)}"
             )
         with torch.autocast(device_type=losses.device.type, enabled=False):
@@ -473,7 +473,7 @@ class Weighting(nn.Module):
             ],
             device=losses.device,
         )
-        return torch.where(applies, tau[:, None], ones)
+        return torch.where(applies, tau if tau.dim() == 2 else tau[:, None], ones)
 
     def weighted_losses(self, losses: Tensor) -> Tensor:
         return losses[:, self.weighted_mask]

@@ -427,3 +427,66 @@ def test_single_pass_twice_through_a_retained_graph():
     for got_first, got_second, want in zip(first, second, dense[2]):
         assert_close(got_first, want)
         assert_close(got_second, want)
+
+
+@pytest.mark.parametrize("single_pass", [False, True])
+def test_energies_of_two_teachers_read_each_its_own_logits(single_pass):
+    """Each energy against its own teacher, a chunk at a time, equals the dense energies
+    of the student's logits against that teacher's full logits (values and gradients)."""
+    case = make_case(seed=3)
+    g = torch.Generator().manual_seed(4)
+    other_hidden, other_weight = torch.randn(N, 8, generator=g), torch.randn(V, 8, generator=g)
+    fkl, cosine = energies.get("fkl"), energies.get("cosine_logits")
+    weights = torch.stack([case["w_ce"], case["w_energy"], case["w_energy"].flip(0)], dim=1)
+
+    def dense():
+        logits = F.linear(case["hidden"], case["weight"], case["bias"])
+        first = F.linear(case["t_hidden"], case["t_weight"][:V])
+        second = F.linear(other_hidden, other_weight)
+        ce = F.cross_entropy(logits, case["labels"], reduction="none")
+        return torch.stack([ce, fkl(logits, first), cosine(logits, second)], dim=1)
+
+    def chunks():
+        out = chunked.chunked_channels(
+            case["hidden"],
+            case["weight"],
+            {
+                "big": HiddenStateLogits(case["t_hidden"], case["t_weight"]),
+                "ocr": HiddenStateLogits(other_hidden, other_weight),
+            },
+            energies={"big/fkl": fkl, "ocr/cosine": cosine},
+            energy_teachers={"big/fkl": "big", "ocr/cosine": "ocr"},
+            labels=case["labels"],
+            bias=case["bias"],
+            chunk_size=7,
+            upstream=weights if single_pass else None,
+        )
+        assert list(out.energies) == ["big/fkl", "ocr/cosine"]
+        return torch.stack([out.ce, out.energies["big/fkl"], out.energies["ocr/cosine"]], dim=1)
+
+    results = []
+    for compute in (dense, chunks):
+        values = compute()
+        grads = torch.autograd.grad((weights * values).sum(), student_params(case))
+        results.append((values.detach(), grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=RTOL, atol=1e-6)
+    for g_got, g_want in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g_got, g_want, rtol=1e-4, atol=1e-6)
+
+
+def test_several_teachers_need_each_energys_teacher():
+    case = make_case()
+    teachers = {"big": HiddenStateLogits(case["t_hidden"], case["t_weight"])}
+    with pytest.raises(ValueError, match=r"energy_teachers must name the teacher of \['kd'\]"):
+        chunked.chunked_channels(
+            case["hidden"], case["weight"], teachers, energies={"kd": energies.get("fkl")}
+        )
+    with pytest.raises(ValueError, match=r"unknown teachers \['ocr'\]"):
+        chunked.chunked_channels(
+            case["hidden"],
+            case["weight"],
+            teachers,
+            energies={"kd": energies.get("fkl")},
+            energy_teachers={"kd": "ocr"},
+        )

@@ -145,6 +145,27 @@ def test_truncation_keeps_images_and_cuts_answer(llava_files, tiny_model_dir, tm
     assert (batch["labels"] != IGNORE_INDEX).sum() > 0
 
 
+def test_an_answer_cut_for_one_model_only_is_a_counted_skip_with_equal_answers(
+    llava_pair, llava_files, tmp_path
+):
+    """The student's 16 image tokens leave room for the whole answer, the teacher's 64
+    do not: trimmed alignment by default, a too_long skip when several teachers need
+    every model to keep the same answer tokens."""
+    llava_files.write_image(tmp_path / "i.png")
+    records = [
+        llava_files.record("long", "Describe.", "a long answer " * 8, "i.png"),
+        llava_files.record("short", "Colour?", "red", "i.png"),
+    ]
+    data = llava_files.write_records(tmp_path / "d.json", records)
+    student, teacher = (encoder_for(p, max_length=110) for p in llava_pair)
+    encoders = {"student": student, "teacher big": teacher}
+    assert len(build_dataset(data, tmp_path, encoders, max_skip_fraction=1.0)) == 2
+    dataset = build_dataset(data, tmp_path, encoders, max_skip_fraction=1.0, equal_answers=True)
+    assert [c.id for c in dataset] == ["short"]
+    (skip,) = dataset.report.skipped["too_long"]
+    assert skip.startswith("long:") and "'teacher big'" in skip, skip
+
+
 def test_teacher_and_student_batches_differ_in_image_tokens(llava_pair, vqa_data):
     student, teacher = (encoder_for(p) for p in llava_pair)
     data_file, images = vqa_data

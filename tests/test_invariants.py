@@ -42,9 +42,13 @@ def test_accumulation_equals_one_large_batch(weighting, llava_pair, sixteen_samp
         heads.append({k: v.clone() for k, v in result.trainer.head.state_dict().items()})
     for other in trajectories[1:]:
         assert other == pytest.approx(trajectories[0], abs=1e-5)
+    # Per-sample closed-form betas (d / 2l, 25-50 here) follow the energies and amplify
+    # their rounding: measured 1.0e-5 with one thread, 2.9e-6 with two; the others stay
+    # near 1e-6. A normalisation error would differ by orders of magnitude more.
+    atol = 3e-5 if weighting == "closed_form" else 1e-5
     for other in heads[1:]:
         for key, value in heads[0].items():
-            torch.testing.assert_close(other[key], value, rtol=0, atol=1e-5)
+            torch.testing.assert_close(other[key], value, rtol=0, atol=atol)
 
 
 ROBUST = [

@@ -175,6 +175,20 @@ def test_data_trust_comes_from_the_teacher_nll_and_applies_to_every_teacher_chan
     assert not W.build("task", CHANNELS, trust={"reference": "data"}).needs_energy_scale
 
 
+def test_data_trust_of_several_teachers_takes_each_channels_own_teacher_nll():
+    """[B, K] NLLs: each weighted channel's beta is scaled by the trust in its teacher."""
+    x = losses()
+    g = torch.Generator().manual_seed(5)
+    nll = torch.rand(x.shape[0], 2, generator=g, dtype=torch.float64) * 5
+    trust = {"reference": "data", "kind": "gamma", "rho": 0.5}
+    wt = calibrated("closed_form", prior_rate_scale=0.5, trust=trust)
+    out = wt(x, None, nll)
+    own = 0.5 / (x[:, 1:] + 0.5 * SCALE)
+    torch.testing.assert_close(out.betas[:, 1:], own * 0.5 / (nll + 0.5))
+    with pytest.raises(ValueError, match=r"or \[6, 2\] with one teacher per weighted channel"):
+        wt(x, None, nll[:, :1].repeat(1, 3))
+
+
 def test_mixture_trust_is_the_posterior_of_a_two_component_mixture():
     """tau = P(teacher | answer) = pi p_t / (pi p_t + (1 - pi) q), with the threshold
     log(pi / ((1 - pi) q)) folding prior odds and the alternative's likelihood q."""

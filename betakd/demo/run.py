@@ -441,9 +441,25 @@ def run_demo(
 ) -> dict:
     """Run the selected strategies for every seed, then write results.json, report.md
     and plots."""
+    with one_thread():
+        return _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Tiny models: one thread each (runs go to ``jobs`` processes); the caller's thread
+    count comes back afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -> dict:
     from tqdm.auto import tqdm
 
-    torch.set_num_threads(1)  # tiny models: one thread each; runs go to `jobs` processes
     started = time.time()
     config = demo_config(quick, overrides)
     changes = dict(QUICK) if quick else {}

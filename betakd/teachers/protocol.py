@@ -9,7 +9,8 @@ call nothing else, so a new source (a served teacher, several teachers, a scorer
 student samples) needs no change to either.
 
 Implementations: :class:`~betakd.teachers.online.OnlineTeacher` (a frozen model run on
-every step) and :class:`~betakd.teachers.cache_reader.CachedTeacher` (the offline cache).
+every step), :class:`~betakd.teachers.cache_reader.CachedTeacher` (the offline cache)
+and :class:`~betakd.teachers.ensemble.TeacherEnsemble` (several named sources at once).
 Everything a source returns is detached: the teacher never receives gradients.
 """
 
@@ -34,6 +35,18 @@ class TeacherTargets:
     tokens: TeacherLogits | None
     visual: list[Tensor] | None  # per sample [n_i, d_teacher]
     representation: Tensor | None  # [B, D], detached float32
+    # Several teachers (betakd.teachers.ensemble): each one's targets by name; tokens and
+    # visual are then None and representation is what the weighting sees.
+    members: dict[str, TeacherTargets] | None = None
+
+    def of(self, teacher: str | None) -> TeacherTargets:
+        """The named teacher's targets; None names the one teacher of a single source."""
+        if teacher is None and self.members is None:
+            return self
+        if teacher is None or self.members is None or teacher not in self.members:
+            have = "one unnamed teacher" if self.members is None else sorted(self.members)
+            raise KeyError(f"no targets of teacher {teacher!r}; the source has {have}")
+        return self.members[teacher]
 
 
 @dataclass
@@ -43,7 +56,9 @@ class BatchMeta:
     sample_ids: Sequence[str]
     sample_index: Tensor  # [B] rows in the data file
     image_counts: list[int]
-    teacher_batch: dict | None = None  # the teacher's own encoding, when the collator made one
+    # The teacher's own encoding, when the collator made one; with several teachers, a
+    # dict of them by teacher name.
+    teacher_batch: dict | None = None
 
     @classmethod
     def pop_from(cls, inputs: dict) -> BatchMeta:

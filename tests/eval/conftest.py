@@ -8,10 +8,13 @@ import torch
 from PIL import Image
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _one_thread():
-    # The test machines are small and shared.
+    # The test machines are small and shared; the other tests keep the default count.
+    previous = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
