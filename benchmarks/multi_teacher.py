@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--samples", type=int, default=48, help="samples in the data set")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
+    p.add_argument("--steps", type=int, default=16, help="timed steps per variant")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
     p.add_argument("--threads", type=int, default=1, help="see teacher_cache.py")
     p.add_argument("--root", default=None, help=argparse.SUPPRESS)  # models and data
