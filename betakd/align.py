@@ -221,13 +221,17 @@ def _segment_mean(values: torch.Tensor, batch_index: torch.Tensor, batch_size: i
     return sums / counts.view(-1, *([1] * (values.dim() - 1)))
 
 
-def pooled_answer_hidden(hidden: torch.Tensor, aligned: AlignedPositions) -> torch.Tensor:
-    """Teacher hidden states [B, T, d] averaged over its aligned positions -> [B, d].
+def pooled_answer_hidden(
+    hidden: torch.Tensor, aligned: AlignedPositions, side: str = "teacher"
+) -> torch.Tensor:
+    """Hidden states [B, T, d] averaged over the aligned positions -> [B, d] (``side``:
+    whose positions, the teacher's or the student's).
 
     The positions are those whose outputs predict the answer tokens (p - 1),
-    i.e. the states the teacher's answer distributions come from.
+    i.e. the states the answer distributions come from.
     """
-    rows = aligned.teacher(hidden.detach()).float()
+    pick = aligned.teacher if side == "teacher" else aligned.student
+    rows = pick(hidden.detach()).float()
     return _segment_mean(rows, aligned.batch_index, aligned.batch_size)
 
 

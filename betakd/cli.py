@@ -101,13 +101,21 @@ _register_subcommands()
     help="Also record per-slice gradient norms of every channel (slower).",
 )
 @click.option(
+    "--scenario",
+    type=click.Choice(["default", "two-teachers"]),
+    default="default",
+    show_default=True,
+    help="two-teachers: a student distilled from two teachers blind on different slices "
+    "(defaults.yaml's two_teachers section; --strategies does not apply).",
+)
+@click.option(
     "--output",
     type=click.Path(file_okay=False),
-    default="betakd-demo",
-    show_default=True,
-    help="Folder for report.md, results.json, plots and runs.",
+    default=None,
+    help="Folder for report.md, results.json, plots and runs [betakd-demo, or "
+    "betakd-demo-two-teachers for that scenario].",
 )
-def demo(quick, seeds, strategies, overrides, jobs, diagnose, output) -> None:
+def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) -> None:
     """Distill an easy-VQA student with several weightings and report which won.
 
     Converts easy-VQA (from the easy-vqa package) to LLaVA format with 20% noisy
@@ -119,18 +127,32 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, output) -> None:
     """
     from betakd.demo.config import DemoConfigError
     from betakd.demo.run import run_demo
+    from betakd.demo.two_teachers import run_two_teachers
 
     names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
     try:
-        results = run_demo(
-            output,
-            quick=quick,
-            seeds=range(seeds) if seeds else None,
-            strategies=names,
-            overrides=list(overrides),
-            jobs=jobs,
-            diagnose=diagnose,
-        )
+        if scenario == "two-teachers":
+            if names or diagnose:
+                raise click.UsageError("--strategies and --diagnose apply to the default scenario")
+            output = output or "betakd-demo-two-teachers"
+            results = run_two_teachers(
+                output,
+                quick=quick,
+                seeds=range(seeds) if seeds else None,
+                overrides=list(overrides),
+                jobs=jobs,
+            )
+        else:
+            output = output or "betakd-demo"
+            results = run_demo(
+                output,
+                quick=quick,
+                seeds=range(seeds) if seeds else None,
+                strategies=names,
+                overrides=list(overrides),
+                jobs=jobs,
+                diagnose=diagnose,
+            )
     except DemoConfigError as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"report: {output}/report.md ({results['wall_seconds']:.0f} s)")

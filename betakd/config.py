@@ -202,6 +202,9 @@ class TeacherPlan:
 
 
 Representation = Literal["teacher_visual", "teacher_answer_hidden", "teacher_confidence"]
+# In weighting.representation_from: the student's own representation (detached).
+STUDENT = "student"
+STUDENT_REPRESENTATIONS = ("teacher_visual", "teacher_answer_hidden")
 
 
 class WeightingSettings(Strict):
@@ -219,11 +222,12 @@ class WeightingSettings(Strict):
         "scale before training (used by prior_rate_scale, trust and scale_momentum)",
     )
     representation: Representation = "teacher_visual"
-    representation_teachers: list[str] | None = Field(
+    representation_from: list[str] | None = Field(
         None,
         min_length=1,
         description="with several teachers: whose representation h(x) is, concatenated in "
-        "this order (default: the first teacher's)",
+        "this order: teacher names, then optionally `student` (the student's own, "
+        "detached; default: the first teacher's)",
     )
     reduction: Literal["sample", "token"] = "sample"
     init_from: str | None = Field(
@@ -278,9 +282,9 @@ class TrainConfig(Strict):
         if (self.teacher is None) == (self.teachers is None):
             raise ValueError("give either `teacher` (one) or `teachers` (a list), not both")
         if self.teachers is None:
-            if self.weighting.representation_teachers is not None:
+            if self.weighting.representation_from is not None:
                 raise ValueError(
-                    "weighting.representation_teachers names teachers of `teachers`; "
+                    "weighting.representation_from names teachers of `teachers`; "
                     "with a single `teacher` leave it out"
                 )
             return self
@@ -293,11 +297,9 @@ class TrainConfig(Strict):
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
             raise ValueError(f"teachers: names must be unique; repeated: {repeated}")
-        unknown = sorted(set(self.weighting.representation_teachers or []) - set(names))
-        if unknown:
-            raise ValueError(
-                f"weighting.representation_teachers: unknown teachers {unknown}; teachers: {names}"
-            )
+        if STUDENT in names:
+            raise ValueError(f"teachers: {STUDENT!r} names the student's representation")
+        self._check_representation_from(names)
         for plan in self.teacher_plans():
             prompt = [c.channel for c in plan.logits if c.positions != "answer"]
             if prompt and len(names) > 1:
@@ -342,11 +344,27 @@ class TrainConfig(Strict):
         """Every teacher channel's name as logs, metrics and the head know it."""
         return [name for plan in self.teacher_plans() for name in plan.channel_names]
 
-    def representation_teachers(self) -> list[str | None]:
-        """Whose ``h(x)`` the instance weighting sees (None: the single ``teacher``)."""
+    def _check_representation_from(self, names: list[str]) -> None:
+        sources = self.weighting.representation_from or []
+        unknown = sorted(set(sources) - set(names) - {STUDENT})
+        if unknown:
+            raise ValueError(
+                f"weighting.representation_from: unknown teachers {unknown}; teachers: {names}"
+            )
+        if STUDENT in sources[:-1]:
+            raise ValueError(f"weighting.representation_from: {STUDENT!r} comes last")
+        if STUDENT in sources and self.weighting.representation not in STUDENT_REPRESENTATIONS:
+            raise ValueError(
+                f"weighting.representation_from: the student's representation is one of "
+                f"{STUDENT_REPRESENTATIONS}, not {self.weighting.representation!r}"
+            )
+
+    def representation_sources(self) -> list[str | None]:
+        """Whose ``h(x)`` the instance weighting sees, in order (None: the single
+        ``teacher``; ``student``: the student's own, last)."""
         if self.teachers is None:
             return [None]
-        return list(self.weighting.representation_teachers or [self.teachers[0].name])
+        return list(self.weighting.representation_from or [self.teachers[0].name])
 
     def _probe_options(self) -> dict[str, Any]:
         options = dict(self.weighting.options)

@@ -122,7 +122,11 @@ class DistillationModule(nn.Module):
         vocab_rows: int,
         chunk_size: int | None = None,
         chunk_compile: bool = False,
+        student_representation: str | None = None,
     ) -> None:
+        """``student_representation``: a kind of :func:`betakd.align.instance_representation`
+        (``teacher_visual`` or ``teacher_answer_hidden``) taken of the student, detached,
+        and appended to the teacher's for the weighting; None: the teacher's alone."""
         super().__init__()
         self.student = student
         self.head = head
@@ -130,6 +134,7 @@ class DistillationModule(nn.Module):
         self.vocab_rows = vocab_rows
         self.chunk_size = chunk_size
         self.chunk_compile = chunk_compile
+        self.student_representation = student_representation
 
     def forward(
         self,
@@ -170,7 +175,10 @@ class DistillationModule(nn.Module):
         chunked_mode = self.chunk_size is not None
         # Chunked: only the last position's logits are built; the hidden states feed chunks.
         extra = {"output_hidden_states": True, "logits_to_keep": 1} if chunked_mode else {}
+        if self.student_representation == "teacher_answer_hidden":
+            extra["output_hidden_states"] = True
         out = self.student(**forward_inputs(batch, self.adapter), **extra)
+        representation = self._representation(out, teacher, aligned, image_counts)
         features = self._feature_energies(out, teacher, image_counts) if self.head.features else {}
         counts = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size)
         teacher_nll = (
@@ -186,7 +194,7 @@ class DistillationModule(nn.Module):
                 return self.head.objective(
                     ce,
                     {**logit_energies, **detached},
-                    teacher.representation,
+                    representation,
                     counts=counts,
                     num_items=num_items,
                     teacher_nll=teacher_nll,
@@ -196,8 +204,25 @@ class DistillationModule(nn.Module):
         else:
             ce, logit_energies = self._dense_channels(out, teacher, aligned)
         return ChannelValues(
-            ce, {**logit_energies, **features}, teacher.representation, counts, teacher_nll
+            ce, {**logit_energies, **features}, representation, counts, teacher_nll
         )
+
+    def _representation(
+        self, out, teacher: TeacherTargets, aligned: AlignedPositions, image_counts
+    ) -> Tensor | None:
+        """The weighting's ``h(x)``: the teacher's, then the student's own (detached)."""
+        if self.student_representation is None:
+            return teacher.representation
+        if self.student_representation == "teacher_answer_hidden":
+            own = align.pooled_answer_hidden(out.hidden_states[-1], aligned, side="student")
+        elif self.student_representation == "teacher_visual":
+            own = align.pooled_visual(self.adapter.visual_tokens(out, image_counts))
+        else:
+            raise ValueError(f"no student representation of kind {self.student_representation!r}")
+        own = own.detach().float()
+        if teacher.representation is None:
+            return own
+        return torch.cat([teacher.representation, own.to(teacher.representation.device)], dim=1)
 
     def _teacher_nll(self, teacher: TeacherTargets, aligned: AlignedPositions) -> Tensor:
         """Each teacher's mean NLL of each sample's answer tokens: ``[B]`` for a single

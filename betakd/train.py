@@ -153,14 +153,15 @@ def build_teacher(
     }
     if config.teachers is None:
         return sides[None]
-    representation_from = config.representation_teachers() if _representation(config) else []
+    sources = config.representation_sources() if _representation(config) else []
+    representation_from = [name for name in sources if name != cfg.STUDENT]
     encoders = {name: side.encoder for name, side in sides.items() if side.encoder is not None}
     return TeacherSide(
         source=TeacherEnsemble({n: side.source for n, side in sides.items()}, representation_from),
         encoder=encoders or None,
         vocab_rows=min(side.vocab_rows for side in sides.values()),
         visual_dims={name: side.visual_dims[name] for name, side in sides.items()},
-        representation_dim=sum(sides[n].representation_dim for n in representation_from) or 1,
+        representation_dim=sum(sides[n].representation_dim for n in representation_from),
     )
 
 
@@ -227,11 +228,15 @@ def build_trainer(
     # The head (adapters, weighting network) initialises from the global RNG: seed it so
     # that a run is reproducible and equal configs start from equal heads.
     set_seed(args.seed)
+    student_representation = _student_representation(config)
+    rep_dim = teacher.representation_dim
+    if student_representation is not None:
+        rep_dim += representation_dim(student_representation, student.model.config)
     head = build_head(
         config,
         teacher_dims=teacher.visual_dims,
         student_dim=student.visual_width,
-        rep_dim=teacher.representation_dim,
+        rep_dim=max(rep_dim, 1),
     )
     if config.weighting.init_from:
         head.load(config.weighting.init_from)
@@ -246,6 +251,7 @@ def build_trainer(
             teacher.vocab_rows,
             chunk_size=config.channels.chunk_size,
             chunk_compile=config.channels.chunk_compile,
+            student_representation=student_representation,
         ),
         args=args,
         train_dataset=dataset,
@@ -319,9 +325,15 @@ def _representation(config: cfg.TrainConfig) -> str | None:
     return config.weighting.representation if config.weighting.needs_representation else None
 
 
+def _student_representation(config: cfg.TrainConfig) -> str | None:
+    """The kind of the student's own part of ``h(x)``, when the weighting has one."""
+    wanted = cfg.STUDENT in config.representation_sources()
+    return _representation(config) if wanted else None
+
+
 def teacher_contents(config: cfg.TrainConfig, plan: cfg.TeacherPlan) -> CacheContents:
     """What one teacher's channels and the weighting need from it."""
-    wants_representation = plan.name in config.representation_teachers()
+    wants_representation = plan.name in config.representation_sources()
     return CacheContents(
         logits=bool(plan.logits),
         visual=bool(plan.features),

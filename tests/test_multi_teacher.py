@@ -16,6 +16,7 @@ from betakd.align import AlignedPositions
 from betakd.cache_cli import cache_teacher
 from betakd.cli import main
 from betakd.distill import HEAD_FILE
+from betakd.models import forward_inputs
 from betakd.teachers import BatchMeta, TeacherEnsemble, TeacherTargets
 from betakd.teachers.cache_format import CacheError
 from betakd.tiny import save_tiny_model, train_tokenizer
@@ -95,9 +96,9 @@ def test_channel_names_carry_the_teachers_and_the_single_form_is_unchanged(
 ):
     config = cfg.validate(two_teacher_raw(trio, vqa_data, tmp_path))
     assert config.channel_names() == ["big/cosine_probs", "big/visual", "qwen/fkl"]
-    assert config.representation_teachers() == ["big"]
+    assert config.representation_sources() == ["big"]
     single = cfg.validate(single_teacher_raw(trio, "big", vqa_data, tmp_path, ["fkl"]))
-    assert single.channel_names() == ["fkl"] and single.representation_teachers() == [None]
+    assert single.channel_names() == ["fkl"] and single.representation_sources() == [None]
 
 
 @pytest.mark.parametrize(
@@ -108,7 +109,7 @@ def test_channel_names_carry_the_teachers_and_the_single_form_is_unchanged(
         (lambda r: r["teachers"][1].update(name="big"), "repeated: ['big']"),
         (lambda r: r["teachers"][1].update(name="a/b"), "teachers.1.name"),
         (
-            lambda r: r["weighting"].update(representation_teachers=["nobody"]),
+            lambda r: r["weighting"].update(representation_from=["nobody"]),
             "unknown teachers ['nobody']",
         ),
         (
@@ -194,7 +195,7 @@ def test_two_teachers_of_different_families_train_and_are_named_everywhere(
 ):
     raw = two_teacher_raw(trio, vqa_data, tmp_path / "out", "instance", {"hidden": 8})
     raw["weighting"]["representation"] = "teacher_answer_hidden"
-    raw["weighting"]["representation_teachers"] = ["big", "qwen"]
+    raw["weighting"]["representation_from"] = ["big", "qwen"]
     result = run_training(cfg.validate(raw))
     logged = {key for entry in result.log_history for key in entry}
     for channel in ("big/cosine_probs", "big/visual", "qwen/fkl"):
@@ -329,3 +330,40 @@ def test_cache_teacher_command_picks_a_teacher_by_name(trio, vqa_data, tmp_path)
     done = runner.invoke(main, ["cache-teacher", str(path), "--teacher", "qwen", "--no-progress"])
     assert done.exit_code == 0, done.output
     assert (tmp_path / "qwen-cache" / "index.json").is_file()
+
+
+def test_the_instance_representation_can_append_the_students_own(trio, vqa_data, tmp_path):
+    """h(x) = [teacher big's pooled answer hidden states, the student's own (detached)],
+    against the student's hidden states pooled by hand at its aligned positions."""
+    raw = two_teacher_raw(trio, vqa_data, tmp_path / "out", "instance", {"hidden": 8})
+    raw["weighting"].update(
+        representation="teacher_answer_hidden", representation_from=["big", "student"]
+    )
+    config = cfg.validate(raw)
+    trainer = build_trainer(config, training_arguments(config))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    inputs, aligned, targets, image_counts = trainer.loss_inputs(batch)
+    module = trainer.distillation_module
+    with torch.no_grad():
+        values = module.channel_values(inputs, aligned, targets, image_counts)
+        hidden = module.student(**forward_inputs(inputs, module.adapter), output_hidden_states=True)
+    last = hidden.hidden_states[-1]
+    own = torch.stack(
+        [
+            last[b, aligned.student_pos[aligned.batch_index == b]].float().mean(dim=0)
+            for b in range(aligned.batch_size)
+        ]
+    )
+    teacher_part = targets.of("big").representation
+    torch.testing.assert_close(values.representation, torch.cat([teacher_part, own], dim=1))
+    assert not values.representation.requires_grad
+    net = trainer.head.objective.weighting.net[1]
+    assert net.in_features == teacher_part.shape[1] + last.shape[-1]
+    run_training(config)
+
+    raw["weighting"]["representation_from"] = ["student", "big"]
+    with pytest.raises(cfg.ConfigError, match="'student' comes last"):
+        cfg.validate(raw)
+    raw["weighting"].update(representation="teacher_confidence", representation_from=["student"])
+    with pytest.raises(cfg.ConfigError, match="the student's representation is one of"):
+        cfg.validate(raw)

@@ -72,6 +72,22 @@ class DemoChannels:
 
 
 @dataclass(frozen=True)
+class TwoTeachers:
+    """``betakd demo --scenario two-teachers``: a second teacher, blind on another slice,
+    and the runs that compare learning from one, the other, or both."""
+
+    second_blind_value: str = "green"  # teacher b never sees these (a: data.blind_value)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    fixed_sweep: tuple[float, ...] = (0.3, 1.0, 3.0)  # equal weight of both teachers
+    single: str = "robust_instance"  # the weighting (a strategy name) of one-teacher runs
+    task: str = "task"  # the strategies whose weightings the two-teacher runs use
+    instance: str = "robust_instance"
+    # A fixed strategy (kd_weight, options) run on both teachers as an ablation; None: none.
+    ablation: str | None = "fixed_trust"
+    representation_from: tuple[str, ...] = ("a",)  # h(x) of instance runs
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
     vocab_size: int = 512
@@ -87,6 +103,7 @@ class DemoConfig:
     channels: DemoChannels = field(default_factory=DemoChannels)
     strategies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     run: tuple[str, ...] = ()
+    two_teachers: TwoTeachers = field(default_factory=TwoTeachers)
 
     def data_key(self) -> str:
         return self.data.key()
@@ -121,6 +138,7 @@ SECTIONS = {
     "teacher_training": TeacherTraining,
     "student_training": StudentTraining,
     "channels": DemoChannels,
+    "two_teachers": TwoTeachers,
 }
 PLAIN = {"tokenizer", "image_size", "strategies", "run"}
 

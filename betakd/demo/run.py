@@ -15,6 +15,7 @@ import multiprocessing
 import random
 import shutil
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -126,6 +127,13 @@ def _as_sample(record: dict, image_folder: Path) -> Sample:
 
 def evaluate(model_dir: Path, records: list[dict], image_folder: Path, batch_size: int) -> dict:
     """Generation-based exact match (%): overall, per question type, blind slice vs rest."""
+    return accuracy_by_slice(predict(model_dir, records, image_folder, batch_size), records)
+
+
+def predict(
+    model_dir: Path, records: list[dict], image_folder: Path, batch_size: int
+) -> dict[str, str]:
+    """Each test record's generated answer, by record id (greedy, ``betakd eval``'s harness)."""
     from betakd.models import load_model, load_processor
 
     model = load_model(model_dir, dtype="float32", frozen=True)
@@ -134,18 +142,22 @@ def evaluate(model_dir: Path, records: list[dict], image_folder: Path, batch_siz
     predictions = generate(
         model, processor, samples, batch_size=batch_size, max_new_tokens=4, progress=False
     )
-    by_id = {p["question_id"]: p["text"] for p in predictions}
-    return accuracy_by_slice(by_id, records)
+    return {p["question_id"]: p["text"] for p in predictions}
+
+
+def percent_correct(predictions: dict[str, str], rows: list[dict]) -> float | None:
+    """Exact match (%) of the predictions on ``rows``; None for no rows."""
+    if not rows:
+        return None
+    hits = sum(
+        easyvqa.is_correct(predictions[r["id"]], r["conversations"][1]["value"]) for r in rows
+    )
+    return round(100.0 * hits / len(rows), 2)
 
 
 def accuracy_by_slice(predictions: dict[str, str], records: list[dict]) -> dict:
     def pct(rows: list[dict]) -> float | None:
-        if not rows:
-            return None
-        hits = sum(
-            easyvqa.is_correct(predictions[r["id"]], r["conversations"][1]["value"]) for r in rows
-        )
-        return round(100.0 * hits / len(rows), 2)
+        return percent_correct(predictions, rows)
 
     outside = [r for r in records if not r["meta"]["blind"]]
     inside = [r for r in records if r["meta"]["blind"]]
@@ -184,31 +196,41 @@ def train_config(
             if cache_dir is not None
             else {"path": str(teacher)}
         ),
-        "data": {
-            "train_file": str(data.train_student),
-            "image_folder": str(data.image_folder),
-            "limit": settings.train_limit,
-        },
+        "data": data_block(data, settings),
         "channels": strategy.channels(config.channels),
         "weighting": strategy.weighting_block(config.channels, settings.weighting_learning_rate),
-        "training": {
-            "output_dir": str(out),
-            "max_steps": settings.steps,
-            "per_device_train_batch_size": settings.batch_size,
-            "learning_rate": settings.learning_rate,
-            "lr_scheduler_type": "cosine",
-            "warmup_steps": 0.05,
-            "logging_steps": settings.logging_steps,
-            "save_strategy": "no",
-            "report_to": "none",
-            "use_cpu": True,
-            "seed": seed,
-            "data_seed": seed,
-            "disable_tqdm": True,
-            "dataloader_num_workers": 0,
-        },
+        "training": training_block(settings, seed, out),
     }
     return cfg.validate(raw, source=f"demo strategy {strategy.name} seed {seed}")
+
+
+def data_block(data: DemoData, settings: DemoSettings) -> dict:
+    """The ``data`` block of every demo run: the student's training split."""
+    return {
+        "train_file": str(data.train_student),
+        "image_folder": str(data.image_folder),
+        "limit": settings.train_limit,
+    }
+
+
+def training_block(settings: DemoSettings, seed: int, out: Path) -> dict:
+    """The ``training`` block of every demo run (``transformers.TrainingArguments``)."""
+    return {
+        "output_dir": str(out),
+        "max_steps": settings.steps,
+        "per_device_train_batch_size": settings.batch_size,
+        "learning_rate": settings.learning_rate,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0.05,
+        "logging_steps": settings.logging_steps,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": seed,
+        "data_seed": seed,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+    }
 
 
 def beta_history(history: list[dict], channels: list[str]) -> dict[str, list[list[float]]]:
@@ -226,11 +248,11 @@ def beta_history(history: list[dict], channels: list[str]) -> dict[str, list[lis
     return result
 
 
-def slice_history(history: list[dict], channels: list[str]) -> dict:
+def slice_history(history: list[dict], channels: list[str], slices: Sequence[str] = SLICES) -> dict:
     """Per channel and slice: [step, mean beta, mean energy] at every logging step."""
     result: dict = {}
     for channel in channels:
-        for name in SLICES:
+        for name in slices:
             beta_key = f"group/{name}/{channel}/beta_mean"
             rows = [
                 [h["step"], h[beta_key], h[f"group/{name}/{channel}/energy"]]
@@ -242,9 +264,9 @@ def slice_history(history: list[dict], channels: list[str]) -> dict:
     return result
 
 
-def final_betas(trainer, records: list[dict], batch_size: int = 256) -> dict:
-    """Each training sample's betas under the trained student and weighting, per channel:
-    ROC AUC of "lower beta" for the blind slice and for noisy labels, and slice means."""
+def training_betas(trainer, batch_size: int = 256) -> tuple[list[str], torch.Tensor, list[str]]:
+    """Every training sample's betas ``[N, C]`` under the trained student and weighting,
+    with the channel names and the sample ids."""
     dataset = trainer.train_dataset
     channels = trainer.distillation_module.head.objective.channels
     betas = []
@@ -254,9 +276,15 @@ def final_betas(trainer, records: list[dict], batch_size: int = 256) -> dict:
             rows = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
             out = trainer.model(*trainer.loss_inputs(trainer.data_collator(rows)))
             betas.append(out.betas.float().cpu())
-    betas = torch.cat(betas)
+    return list(channels), torch.cat(betas), [dataset[i].id for i in range(len(dataset))]
+
+
+def final_betas(trainer, records: list[dict], batch_size: int = 256) -> dict:
+    """Each training sample's betas under the trained student and weighting, per channel:
+    ROC AUC of "lower beta" for the blind slice and for noisy labels, and slice means."""
+    channels, betas, ids = training_betas(trainer, batch_size)
     by_id = {r["id"]: slice_of(r) for r in records}
-    slices = [by_id[dataset[i].id] for i in range(len(dataset))]
+    slices = [by_id[i] for i in ids]
     table = {}
     for k, channel in enumerate(channels):
         if channel == "ce":
@@ -288,16 +316,52 @@ class Job:
     tests: list
 
 
+def train_logged(config: cfg.TrainConfig, run_dir: Path, groups: dict, callbacks=()) -> tuple:
+    """``run_training`` in a worker, its log in ``<run_dir>.log`` (the demo's console
+    shows progress); returns the result and the training seconds."""
+    from betakd.train import run_training
+
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with (
+        open(run_dir.parent / f"{run_dir.name}.log", "w") as log,
+        contextlib.redirect_stdout(log),
+        contextlib.redirect_stderr(log),
+    ):
+        result = run_training(config, sample_groups=groups, callbacks=list(callbacks))
+    return result, time.time() - start
+
+
+def prepare_worker(run_dir: Path) -> None:
+    """One thread, quiet libraries, and no scratch from an earlier demo in ``run_dir``."""
+    torch.set_num_threads(1)
+    _quiet_workers()
+    shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def run_in_pool(function, jobs: list, workers: int, describe) -> list:
+    """``function(job)`` for every job in ``workers`` spawned processes, with a progress
+    bar; results in the order of ``jobs``. ``describe(result)``: its progress label."""
+    from tqdm.auto import tqdm
+
+    results: dict[int, object] = {}
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(function, job): i for i, job in enumerate(jobs)}
+        progress = tqdm(as_completed(futures), total=len(futures), desc="betakd demo", unit="run")
+        for future in progress:
+            results[futures[future]] = future.result()
+            progress.set_postfix(last=describe(results[futures[future]]))
+    return [results[i] for i in range(len(jobs))]
+
+
 def run_job(job: Job) -> RunRecord:
     """Train one strategy with one seed, evaluate it, and summarise its weights."""
     from betakd.demo.diagnostics import SliceGradients
-    from betakd.train import run_training
 
-    torch.set_num_threads(1)
-    _quiet_workers()
     strategy, settings = job.strategy, job.settings
     run_dir = job.out / "runs" / f"{strategy.name}-seed{job.seed}"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own scratch from an earlier demo
+    prepare_worker(run_dir)
     config = train_config(
         strategy,
         job.seed,
@@ -319,16 +383,7 @@ def run_job(job: Job) -> RunRecord:
             name: [i for i, r in enumerate(records) if slice_of(r) == name][:32] for name in SLICES
         }
         callbacks.append(SliceGradients(probes, every=max(1, settings.steps // 10)))
-    start = time.time()
-    # Each run's training log goes next to its folder; the demo's console shows progress.
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with (
-        open(run_dir.parent / f"{run_dir.name}.log", "w") as log,
-        contextlib.redirect_stdout(log),
-        contextlib.redirect_stderr(log),
-    ):
-        result = run_training(config, sample_groups=groups, callbacks=callbacks)
-    seconds = time.time() - start
+    result, seconds = train_logged(config, run_dir, groups, callbacks)
     channels = config.channels.names()
     record = RunRecord(
         strategy=strategy.name,
@@ -394,20 +449,21 @@ def ensure_teacher_cache(
     data: DemoData,
     settings,
     representation: str = "teacher_visual",
+    teacher_key: str | None = None,
 ) -> Path:
     """The teacher's outputs on the student's training data, computed once and cached.
 
     Every KD run then reads the teacher from this cache (`teacher.source: cache`), which
     is what makes dozens of runs fit in minutes on a CPU. One cache per instance
-    representation h(x); each holds logits and visual tokens too.
+    representation h(x); each holds logits and visual tokens too. ``teacher_key``: of a
+    teacher other than ``config``'s (whose data ``data`` still is).
     """
     from betakd.cache_cli import cache_teacher
 
     limit = settings.train_limit or "all"
     suffix = "" if representation == "teacher_visual" else f"-{representation}"
-    cache_dir = cache_root() / (
-        f"demo-teacher-cache-{config.teacher_key()}-{config.data_key()}-{limit}{suffix}"
-    )
+    key = teacher_key or config.teacher_key()
+    cache_dir = cache_root() / f"demo-teacher-cache-{key}-{config.data_key()}-{limit}{suffix}"
     writer = {
         "student": {"path": str(student_init)},
         "teacher": {"path": str(teacher), "cache_dir": str(cache_dir)},
@@ -458,8 +514,6 @@ def one_thread():
 
 
 def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -> dict:
-    from tqdm.auto import tqdm
-
     started = time.time()
     config = demo_config(quick, overrides)
     changes = dict(QUICK) if quick else {}
@@ -490,18 +544,9 @@ def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -
         for seed in settings.seeds
         for s in chosen
     ]  # fmt: skip
-    runs: list[RunRecord] = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=settings.jobs, mp_context=context) as pool:
-        futures = {pool.submit(run_job, job): job for job in jobs_list}
-        progress = tqdm(as_completed(futures), total=len(futures), desc="betakd demo", unit="run")
-        for future in progress:
-            record = future.result()
-            runs.append(record)
-            progress.set_postfix(last=f"{record.strategy}/{record.seed}")
-            logger.info("%s seed %d: %s", record.strategy, record.seed, record.accuracy)
-    order = {(j.strategy.name, j.seed): i for i, j in enumerate(jobs_list)}
-    runs.sort(key=lambda r: order[(r.strategy, r.seed)])
+    runs = run_in_pool(run_job, jobs_list, settings.jobs, lambda r: f"{r.strategy}/{r.seed}")
+    for record in runs:
+        logger.info("%s seed %d: %s", record.strategy, record.seed, record.accuracy)
 
     results = {
         "settings": asdict(settings),

@@ -8,8 +8,8 @@ from betakd.cli import main
 from betakd.demo.config import load_demo_config
 
 
-def test_quick_demo_writes_report_results_and_plots(tmp_path, monkeypatch):
-    monkeypatch.setenv("BETAKD_CACHE", str(tmp_path / "cache"))
+def test_quick_demo_writes_report_results_and_plots(tmp_path, monkeypatch, demo_cache_dir):
+    monkeypatch.setenv("BETAKD_CACHE", str(demo_cache_dir))
     out = tmp_path / "demo"
     result = CliRunner().invoke(main, ["demo", "--quick", "--output", str(out)])
     assert result.exit_code == 0, result.output
