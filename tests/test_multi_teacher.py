@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from betakd import config as cfg
+from betakd import models
 from betakd.align import AlignedPositions
 from betakd.cache_cli import cache_teacher
 from betakd.cli import main
@@ -293,10 +294,31 @@ def test_accumulation_equals_one_large_batch_with_two_teachers(
         torch.testing.assert_close(heads[1][key], value, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "weighting,options",
+    [
+        ("equal", {}),
+        ("fixed", {"weights": {"big/cosine_probs": 2.0, "big/visual": 0.5, "qwen/fkl": 1.0}}),
+        ("closed_form", {"per": "sample"}),
+        ("reference", {"level": "task"}),
+        ("task", {"trust": {"reference": "data"}}),
+    ],
+)
+def test_every_weighting_weighs_the_channels_of_both_teachers(
+    weighting, options, trio, vqa_data, tmp_path
+):
+    raw = two_teacher_raw(trio, vqa_data, tmp_path / "out", weighting, options)
+    result = run_training(cfg.validate(raw))
+    last = [h for h in result.log_history if "qwen/fkl/beta_mean" in h][-1]
+    assert all(f"{c}/weighted" in last for c in ("big/cosine_probs", "big/visual", "qwen/fkl"))
+    if weighting == "fixed":
+        assert (last["big/cosine_probs/beta_mean"], last["qwen/fkl/beta_mean"]) == (2.0, 1.0)
+
+
 # --------------------------------------------------------------------------- caches
 
 
-def test_a_cached_teacher_and_an_online_teacher_together(trio, vqa_data, tmp_path):
+def test_a_cached_teacher_and_an_online_teacher_together(trio, vqa_data, tmp_path, monkeypatch):
     raw = two_teacher_raw(trio, vqa_data, tmp_path / "online")
     raw["teachers"][0].update(cache_dir=str(tmp_path / "big-cache"), cache_top_k=512)
     config = cfg.validate(raw)
@@ -308,7 +330,14 @@ def test_a_cached_teacher_and_an_online_teacher_together(trio, vqa_data, tmp_pat
     raw["teachers"][0]["source"] = "cache"
     raw["training"]["output_dir"] = str(tmp_path / "mixed")
     mixed_config = cfg.validate(raw)
+    loaded = []
+    original = models.load
+    monkeypatch.setattr(
+        models, "load", lambda *a, key, **k: loaded.append(key) or original(*a, key=key, **k)
+    )
     mixed = channel_values(mixed_config)
+    # No model of the cached teacher is loaded.
+    assert loaded == ["student.path", "teachers.1.path"], loaded
     # The online teacher's channel is the same computation; the cached one's reads the
     # stored log-probabilities (every token: top k = the vocabulary) at storage precision.
     torch.testing.assert_close(mixed.energies["qwen/fkl"], online.energies["qwen/fkl"])
