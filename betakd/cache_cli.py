@@ -16,6 +16,7 @@ from betakd import chunked, models
 from betakd import config as cfg
 from betakd.cli_options import config_overrides, load_config
 from betakd.data import DataCache, SampleEncoder, build_dataset
+from betakd.models import ModelError
 from betakd.teachers import CacheError, write_cache
 from betakd.teachers.cache_format import (
     DEFAULT_BATCH_SIZE,
@@ -167,6 +168,6 @@ def cache_teacher_command(
             progress=not no_progress,
             teacher_name=teacher_name,
         )
-    except (CacheError, FileNotFoundError) as err:
+    except (CacheError, FileNotFoundError, ModelError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"teacher cache written to {path}")

@@ -34,6 +34,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     CONFIG keys (see README, "Config schema"):
       student:   path, dtype, trust_remote_code, lora
       teacher:   path, dtype, trust_remote_code, source (online|cache), cache_dir
+      teachers:  several: [{name, <teacher keys>, channels: {logits, features}}]
       data:      train_file (LLaVA JSON/JSONL), image_folder, max_length,
                  max_skip_fraction, limit
       channels:  logits: [{energy, name, positions, options}],
@@ -48,12 +49,13 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
         click.echo(f"{config}: valid")
         return
     from betakd.data import DataError
+    from betakd.models import ModelError
     from betakd.teachers import CacheError
     from betakd.train import OutputDirError, run_training
 
     try:
         result = run_training(cfg, resume=resume)
-    except (OutputDirError, FileNotFoundError, CacheError, DataError) as err:
+    except (OutputDirError, FileNotFoundError, CacheError, DataError, ModelError) as err:
         # What a user must fix in their files or settings: one line, no traceback.
         raise click.ClickException(str(err)) from err
     click.echo(f"student saved to {result.output_dir} ({result.skips.summary()})")

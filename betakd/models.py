@@ -57,6 +57,11 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
 _OWN_PROCESSORS = {"Qwen2VLImageOnlyProcessor": Qwen2VLImageOnlyProcessor}
 
 
+class ModelError(ValueError):
+    """A model betakd cannot use as brought (a family it does not know, a processor
+    without a chat template, a teacher of another vocabulary); the message names it."""
+
+
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str:
     """Accept a torch dtype, a name ("bfloat16", "bf16", ...) or "auto"."""
     if dtype is None or dtype == "auto":
@@ -132,9 +137,24 @@ def load(
 ) -> LoadedModel:
     """Model, processor and adapter from one folder (or hub id); see :func:`load_model`."""
     check_model_path(key, path)
-    processor = load_processor(path, trust_remote_code=trust_remote_code)
-    model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, frozen=frozen)
-    return LoadedModel(model, processor, get_adapter(model, processor))
+    try:
+        processor = load_processor(path, trust_remote_code=trust_remote_code)
+        check_chat_template(processor)
+        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, frozen=frozen)
+        return LoadedModel(model, processor, get_adapter(model, processor))
+    except ModelError as err:
+        raise ModelError(f"{key} ({path}): {err}") from err
+
+
+def check_chat_template(processor) -> None:
+    """Prompts are built with the processor's chat template (the training data's turns
+    and the evaluation prompts), so a model without one cannot be used."""
+    templates = (getattr(processor, "chat_template", None), tokenizer_of(processor).chat_template)
+    if not any(templates):
+        raise ModelError(
+            "the processor has no chat template, which betakd builds every prompt with; set "
+            "processor.chat_template (or the tokenizer's) and save it with the model"
+        )
 
 
 def default_device(device: str | torch.device | None = None) -> torch.device:
@@ -203,7 +223,7 @@ def check_same_vocabulary(
         t for t in set(student_vocab) & set(teacher_vocab) if student_vocab[t] != teacher_vocab[t]
     )
     teacher = "teacher" if teacher_name is None else f"teacher {teacher_name!r}"
-    raise ValueError(
+    raise ModelError(
         f"student and {teacher} vocabularies differ, so their logits cannot be compared: "
         f"student has {len(student_vocab)} tokens, teacher {len(teacher_vocab)}; "
         f"only in student: {only_student[:5]}, only in teacher: {only_teacher[:5]}, "
@@ -330,9 +350,9 @@ def adapter_spec(config: PretrainedConfig) -> FamilySpec:
     if not is_multimodal_config(config):
         return _SPECS["causal_lm"]
     supported = sorted(k for k in _SPECS if k != "causal_lm")
-    raise ValueError(
-        f"model type {model_type!r} is not supported for distillation; supported VLMs: {supported} "
-        "and any text-only causal LM"
+    raise ModelError(
+        f"model type {model_type!r} is not supported for distillation (betakd does not know "
+        f"where its image tokens are); supported VLMs: {supported} and any text-only causal LM"
     )
 
 

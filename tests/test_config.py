@@ -83,5 +83,11 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")))
-def test_shipped_example_configs_validate(path):
-    cfg.load_config(path)
+def test_shipped_example_configs_pass_train_check(path):
+    """`betakd train RECIPE --check`, offline: hub ids need no download to validate."""
+    from click.testing import CliRunner
+
+    from betakd.cli import main
+
+    result = CliRunner().invoke(main, ["train", str(path), "--check"])
+    assert result.exit_code == 0 and result.output.strip().endswith("valid"), result.output

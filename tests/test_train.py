@@ -360,3 +360,38 @@ def test_a_new_teacher_source_needs_no_change_to_the_trainer(llava_pair, vqa_dat
     averaged = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=4)
     # The mean of identical log-probabilities is the teacher's own distribution.
     torch.testing.assert_close(averaged, single, rtol=1e-6, atol=1e-6)
+
+
+def one_line_error(config_path: Path) -> str:
+    """`betakd train` fails with exit code 1 and a single `Error:` line, no traceback."""
+    result = CliRunner().invoke(main, ["train", str(config_path)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: "), result.output
+    return last
+
+
+def test_models_betakd_cannot_use_are_named_in_one_line(
+    llava_pair, vqa_data, tmp_path, monkeypatch
+):
+    import shutil
+
+    from betakd import models
+
+    data, images = vqa_data
+    plain = tmp_path / "no-template"
+    shutil.copytree(llava_pair[0], plain)
+    (plain / "chat_template.jinja").unlink()
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        cfg.yaml.safe_dump(kd_raw((plain, llava_pair[1]), data, images, tmp_path / "o"))
+    )
+    line = one_line_error(path)
+    assert "student.path" in line and "no chat template" in line, line
+
+    # A family whose image tokens betakd does not know (here: LLaVA, made unknown).
+    monkeypatch.delitem(models._SPECS, "llava")
+    path.write_text(cfg.yaml.safe_dump(kd_raw(llava_pair, data, images, tmp_path / "o2")))
+    line = one_line_error(path)
+    assert "student.path" in line and "'llava' is not supported" in line, line

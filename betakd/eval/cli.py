@@ -140,7 +140,10 @@ def _load_model(model_path: str, device: str | None, dtype: str) -> tuple[Any, A
     # Imported here so that `betakd --help` does not pay for torch and transformers.
     from betakd import models
 
-    loaded = models.load(model_path, dtype=dtype, frozen=True, key="--model")
+    try:
+        loaded = models.load(model_path, dtype=dtype, frozen=True, key="--model")
+    except (FileNotFoundError, models.ModelError) as err:
+        raise click.ClickException(str(err)) from err
     loaded.model.to(models.default_device(device))
     return loaded.model, loaded.processor
 
