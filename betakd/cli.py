@@ -52,10 +52,18 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     from betakd.models import ModelError
     from betakd.teachers import CacheError
     from betakd.train import OutputDirError, run_training
+    from betakd.trainer import EngineError
 
     try:
         result = run_training(cfg, resume=resume)
-    except (OutputDirError, FileNotFoundError, CacheError, DataError, ModelError) as err:
+    except (
+        OutputDirError,
+        FileNotFoundError,
+        CacheError,
+        DataError,
+        ModelError,
+        EngineError,
+    ) as err:
         # What a user must fix in their files or settings: one line, no traceback.
         raise click.ClickException(str(err)) from err
     click.echo(f"student saved to {result.output_dir} ({result.skips.summary()})")

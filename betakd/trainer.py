@@ -41,6 +41,10 @@ class NonFiniteLossError(RuntimeError):
     """A step produced a NaN or infinite loss and the policy is to stop."""
 
 
+class EngineError(RuntimeError):
+    """The run asks for an engine that accelerate does not run it with."""
+
+
 class BetaKDTrainer(Trainer):
     def __init__(
         self,
@@ -57,6 +61,15 @@ class BetaKDTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not isinstance(self.model, DistillationModule):
             raise TypeError("BetaKDTrainer trains a betakd.distill.DistillationModule")
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            # accelerate enables FSDP on GPUs and other accelerators only; elsewhere it would
+            # quietly run data parallel instead.
+            raise EngineError(
+                "training.fsdp is set, but accelerate runs this job as "
+                f"{self.accelerator.distributed_type.value} (it enables FSDP on GPUs and "
+                "other accelerators, not on CPUs): remove training.fsdp to train data "
+                "parallel, or run on GPUs"
+            )
         self.teacher = teacher.prepare(self.accelerator)
         self.head_learning_rate = head_learning_rate
         self.head_weight_decay = head_weight_decay

@@ -73,3 +73,24 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(
         head_one = load_file(tmp_path / f"{weighting}-one" / HEAD_FILE)
         for key, value in head_one.items():
             torch.testing.assert_close(head_ddp[key], value, rtol=0, atol=1e-4)
+
+
+def test_fsdp_on_cpus_is_refused_rather_than_run_as_ddp(llava_pair, sixteen_samples, tmp_path):
+    """accelerate enables FSDP on accelerators only; on CPU processes it would quietly
+    train data parallel, so betakd stops with one line that says so."""
+    data, images = sixteen_samples
+    path = write_kd_config(
+        tmp_path / "fsdp.yaml", llava_pair, data, images, tmp_path / "fsdp", "task", {},
+        per_device_train_batch_size=2, max_steps=1, fsdp="full_shard",
+        fsdp_config={"fsdp_version": 2},
+    )  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "betakd.cli", "train", str(path),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode != 0
+    assert "Error: training.fsdp is set, but accelerate runs this job as MULTI_CPU" in (
+        done.stderr + done.stdout
+    ), done.stderr[-3000:]
