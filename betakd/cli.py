@@ -136,7 +136,7 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
     betakd/demo/defaults.yaml and can be changed with --set.
     """
     from betakd.demo.config import DemoConfigError
-    from betakd.demo.run import run_demo
+    from betakd.demo.run import DemoRunError, run_demo
     from betakd.demo.two_teachers import run_two_teachers
 
     names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
@@ -163,7 +163,7 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
                 jobs=jobs,
                 diagnose=diagnose,
             )
-    except DemoConfigError as err:
+    except (DemoConfigError, DemoRunError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(f"report: {output}/report.md ({results['wall_seconds']:.0f} s)")
 

@@ -341,6 +341,19 @@ def _plot_gradients(results: dict, path: Path) -> bool:
     return True
 
 
+def failed_runs(results: dict) -> list[str]:
+    """The report's lines on runs that failed (none: no lines)."""
+    failed = results.get("failed") or []
+    if not failed:
+        return []
+    return [
+        f"## Failed runs ({len(failed)}; every table below leaves them out)",
+        "",
+        *[f"- {f['run']}: {f['error']} (log: {f['log']})" for f in failed],
+        "",
+    ]
+
+
 def write_report(results: dict, out: Path) -> Path:
     """report.md plus PNG plots in ``out``."""
     runs = results["runs"]
@@ -361,6 +374,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"{results['teacher']['seconds_this_run']:.0f} s this run)."
         + (" **Quick smoke run: numbers are not meaningful.**" if results["quick"] else ""),
         "",
+        *failed_runs(results),
         "## Setup",
         f"- Student training data: {manifest['counts']['train_student']} "
         f"{'/'.join(manifest['config']['qtypes'])} questions"

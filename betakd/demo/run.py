@@ -339,20 +339,54 @@ def prepare_worker(run_dir: Path) -> None:
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def run_in_pool(function, jobs: list, workers: int, describe) -> list:
+class DemoRunError(RuntimeError):
+    """Some runs of a demo failed; the other runs' results and report were written."""
+
+
+@dataclass
+class FailedRun:
+    run: str  # <strategy>-seed<k>, the name of its folder and log under runs/
+    error: str
+    log: str
+
+
+def run_in_pool(function, jobs: list, workers: int, name, out: Path) -> tuple[list, list]:
     """``function(job)`` for every job in ``workers`` spawned processes, with a progress
-    bar; results in the order of ``jobs``. ``describe(result)``: its progress label."""
+    bar. Returns the results of the runs that finished, in the order of ``jobs``, and a
+    :class:`FailedRun` for each that raised: one run's failure does not lose the others.
+    ``name(job)``: the run's name (its log is ``out/runs/<name>.log``)."""
     from tqdm.auto import tqdm
 
     results: dict[int, object] = {}
+    failures: list[FailedRun] = []
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
         futures = {pool.submit(function, job): i for i, job in enumerate(jobs)}
         progress = tqdm(as_completed(futures), total=len(futures), desc="betakd demo", unit="run")
         for future in progress:
-            results[futures[future]] = future.result()
-            progress.set_postfix(last=describe(results[futures[future]]))
-    return [results[i] for i in range(len(jobs))]
+            index = futures[future]
+            run = name(jobs[index])
+            try:
+                results[index] = future.result()
+            # Any run error: recorded, and raised after the others (raise_for_failures).
+            except Exception as err:  # noqa: BLE001
+                log = out / "runs" / f"{run}.log"
+                error = " ".join(line.strip() for line in str(err).splitlines())
+                failures.append(FailedRun(run, f"{type(err).__name__}: {error}", str(log)))
+                logger.error("run %s failed: %s (log: %s)", run, err, log)
+            progress.set_postfix(last=run)
+    return [results[i] for i in sorted(results)], failures
+
+
+def raise_for_failures(failures: list, total: int, out: Path) -> None:
+    """After the report of the finished runs is written: one error naming the others."""
+    if failures:
+        first = failures[0]
+        raise DemoRunError(
+            f"{len(failures)} of {total} runs failed ({', '.join(f.run for f in failures)}); "
+            f"first: {first.error} (log: {first.log}). {out}/results.json "
+            "and report.md hold the other runs"
+        )
 
 
 def run_job(job: Job) -> RunRecord:
@@ -360,7 +394,7 @@ def run_job(job: Job) -> RunRecord:
     from betakd.demo.diagnostics import SliceGradients
 
     strategy, settings = job.strategy, job.settings
-    run_dir = job.out / "runs" / f"{strategy.name}-seed{job.seed}"
+    run_dir = job.out / "runs" / job_name(job)
     prepare_worker(run_dir)
     config = train_config(
         strategy,
@@ -544,7 +578,7 @@ def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -
         for seed in settings.seeds
         for s in chosen
     ]  # fmt: skip
-    runs = run_in_pool(run_job, jobs_list, settings.jobs, lambda r: f"{r.strategy}/{r.seed}")
+    runs, failures = run_in_pool(run_job, jobs_list, settings.jobs, job_name, out)
     for record in runs:
         logger.info("%s seed %d: %s", record.strategy, record.seed, record.accuracy)
 
@@ -563,12 +597,18 @@ def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -
         },
         "data": data.manifest,
         "runs": [asdict(r) for r in runs],
+        "failed": [asdict(f) for f in failures],
         "wall_seconds": round(time.time() - started, 1),
         "machine": report.machine_description(),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
     report.write_report(results, out)
+    raise_for_failures(failures, len(jobs_list), out)
     return results
+
+
+def job_name(job: Job) -> str:
+    return f"{job.strategy.name}-seed{job.seed}"
 
 
 def student_init(config: DemoConfig, out: Path, seed: int) -> Path:

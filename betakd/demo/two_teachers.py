@@ -46,6 +46,7 @@ from betakd.demo.run import (
     percent_correct,
     predict,
     prepare_worker,
+    raise_for_failures,
     run_in_pool,
     settings_from,
     slice_history,
@@ -209,7 +210,7 @@ def train_config(job: ScenarioJob, out: Path) -> cfg.TrainConfig:
 
 def run_job(job: ScenarioJob) -> ScenarioRecord:
     """Train one run with one seed, evaluate it, and summarise its betas per slice."""
-    run_dir = job.out / "runs" / f"{job.run.name}-seed{job.seed}"
+    run_dir = job.out / "runs" / job_name(job)
     prepare_worker(run_dir)
     config = train_config(job, run_dir)
     records = read_jsonl(job.data.train_student)
@@ -319,7 +320,7 @@ def run_two_teachers(
             for seed in settings.seeds
             for run in runs
         ]  # fmt: skip
-        records = run_in_pool(run_job, job_list, settings.jobs, lambda r: f"{r.run}/{r.seed}")
+        records, failures = run_in_pool(run_job, job_list, settings.jobs, job_name, out)
         results = {
             "scenario": "two-teachers",
             "settings": asdict(settings),
@@ -334,12 +335,18 @@ def run_two_teachers(
             },
             "data": data.manifest,
             "runs": [asdict(r) for r in records],
+            "failed": [asdict(f) for f in failures],
             "wall_seconds": round(time.time() - started, 1),
             "machine": report.machine_description(),
         }
         (out / "results.json").write_text(json.dumps(results, indent=2))
         write_report(results, out)
+        raise_for_failures(failures, len(job_list), out)
         return results
+
+
+def job_name(job: ScenarioJob) -> str:
+    return f"{job.run.name}-seed{job.seed}"
 
 
 def _representation(runs: list[ScenarioRun]) -> str:
@@ -522,6 +529,7 @@ def write_report(results: dict, out: Path) -> Path:
             if results["quick"]
             else []
         ),
+        *report.failed_runs(results),
         "## Accuracy (test exact match %, mean ± std over seeds)",
         "",
         accuracy_table(results, stats),

@@ -51,3 +51,21 @@ def test_bad_overrides_and_strategies_are_named_errors(tmp_path):
         main, ["demo", "--quick", "--set", "student_training.stepz=3", "--output", str(tmp_path)]
     )
     assert result.exit_code != 0 and "stepz" in result.output
+
+
+def test_a_failing_run_loses_no_other_run(tmp_path, monkeypatch, demo_cache_dir):
+    """One strategy's run fails (its weighting option is invalid, which only `betakd
+    train` checks, inside the run): the other runs are reported, the failure is named in
+    one line, results.json and report.md list it, and the exit code says it."""
+    monkeypatch.setenv("BETAKD_CACHE", str(demo_cache_dir))
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--strategies", "ce_only,task", "--output", str(out)]
+    args += ["--set", "strategies.task.weighting.options.bogus=1"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1, result.output
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("Error: 1 of 2 runs failed (task-seed0)") and "bogus" in last, last
+    results = json.loads((out / "results.json").read_text())
+    assert [r["strategy"] for r in results["runs"]] == ["ce_only"]
+    assert [f["run"] for f in results["failed"]] == ["task-seed0"]
+    assert "## Failed runs (1" in (out / "report.md").read_text()
