@@ -154,42 +154,46 @@ def pool_tokens(tokens: torch.Tensor, n_out: int) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PooledVisual:
-    """Student and teacher visual tokens on a common grid; rows without image are zeros."""
+    """Student and teacher visual tokens, each sample pooled to its own common grid and
+    padded to the batch's largest; padding and samples without image are zeros."""
 
     student: torch.Tensor  # [B, n, d_student]
     teacher: torch.Tensor  # [B, n, d_teacher]
     mask: torch.Tensor  # [B] bool, True where the sample has visual tokens
+    tokens: torch.Tensor  # [B, n] bool, True for each sample's own pooled tokens
 
 
 def pool_visual_pair(
     student_tokens: Sequence[torch.Tensor], teacher_tokens: Sequence[torch.Tensor]
 ) -> PooledVisual:
-    """Pool both sides of every sample to the smallest token count in the batch.
+    """Pool both sides of every sample to the smaller of its two token counts.
 
     Inputs are per-sample lists of [n_i, d] (as `FamilyAdapter.visual_tokens`
-    returns). Dynamic-resolution towers give samples different counts; one
-    common count lets the batch stack.
+    returns). Dynamic-resolution towers and image splitting give samples different
+    counts; each sample keeps its own grid (a sample's energy does not depend on the
+    others in its batch), and ``tokens`` marks the rows that are not padding.
     """
     if len(student_tokens) != len(teacher_tokens):
         raise ValueError(f"{len(student_tokens)} student vs {len(teacher_tokens)} teacher samples")
     has = [s.shape[0] > 0 and t.shape[0] > 0 for s, t in zip(student_tokens, teacher_tokens)]
     if not any(has):
         raise ValueError("no sample in the batch has visual tokens")
-    n = min(
-        min(s.shape[0], t.shape[0]) for s, t, h in zip(student_tokens, teacher_tokens, has) if h
-    )
+    counts = [
+        min(s.shape[0], t.shape[0]) if h else 0
+        for s, t, h in zip(student_tokens, teacher_tokens, has)
+    ]
+    n = max(counts)
     reference_s = next(s for s, h in zip(student_tokens, has) if h)
     reference_t = next(t for t, h in zip(teacher_tokens, has) if h)
-    student, teacher = [], []
-    for s, t, h in zip(student_tokens, teacher_tokens, has):
-        if h:
-            student.append(pool_tokens(s, n))
-            teacher.append(pool_tokens(t, n))
-        else:
-            student.append(reference_s.new_zeros(n, reference_s.shape[1]))
-            teacher.append(reference_t.new_zeros(n, reference_t.shape[1]))
-    mask = torch.tensor(has, device=reference_s.device)
-    return PooledVisual(torch.stack(student), torch.stack(teacher), mask)
+    student = reference_s.new_zeros(len(has), n, reference_s.shape[1])
+    teacher = reference_t.new_zeros(len(has), n, reference_t.shape[1])
+    for row, (s, t, count) in enumerate(zip(student_tokens, teacher_tokens, counts)):
+        if count:
+            student[row, :count] = pool_tokens(s, count)
+            teacher[row, :count] = pool_tokens(t, count)
+    device = reference_s.device
+    tokens = torch.arange(n, device=device)[None, :] < torch.tensor(counts, device=device)[:, None]
+    return PooledVisual(student, teacher, torch.tensor(has, device=device), tokens)
 
 
 # ---------------------------------------------------------------------------

@@ -320,7 +320,7 @@ class DistillationModule(nn.Module):
                 pooled[source] = align.pool_visual_pair(student_visual, visual)
             pair = pooled[source]
             # Samples without an image have no visual tokens: their feature energy is 0.
-            result[name] = channel(pair.student, pair.teacher) * pair.mask
+            result[name] = channel(pair.student, pair.teacher, pair.tokens) * pair.mask
         return result
 
     # Trainer compatibility: gradient checkpointing and config live on the student.

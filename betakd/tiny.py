@@ -42,7 +42,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 
 from betakd.models import Qwen2VLImageOnlyProcessor
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "llama")
+# "idefics3_split": Idefics3 with image splitting on (as SmolVLM's processors default to):
+# an image becomes tiles plus a global view, so image-token counts follow image sizes.
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "idefics3_split", "llama")
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<|pad|>"
@@ -320,7 +322,7 @@ def _build_qwen_vl(tokenizer, dims: TinyDims, image_size: int, family: str):
     return model, processor
 
 
-def _build_idefics3(tokenizer, dims: TinyDims, image_size: int):
+def _build_idefics3(tokenizer, dims: TinyDims, image_size: int, splitting: bool = False):
     scale = 2
     grid = _check_square(image_size, dims.patch_size, scale)
     vision = Idefics3VisionConfig(
@@ -341,9 +343,11 @@ def _build_idefics3(tokenizer, dims: TinyDims, image_size: int):
     )
     model = Idefics3ForConditionalGeneration(config)
     tok = _family_tokenizer(tokenizer, "idefics3")
+    # With splitting, images up to twice the tile size become up to 2 x 2 tiles (each
+    # image_size square) plus the whole image resized to one tile.
     image_processor = Idefics3ImageProcessorPil(
-        do_image_splitting=False,
-        size={"longest_edge": image_size},
+        do_image_splitting=splitting,
+        size={"longest_edge": 2 * image_size if splitting else image_size},
         max_image_size={"longest_edge": image_size},
     )
     processor = Idefics3Processor(
@@ -366,6 +370,7 @@ _BUILDERS = {
     "qwen2_vl": partial(_build_qwen_vl, family="qwen2_vl"),
     "qwen2_5_vl": partial(_build_qwen_vl, family="qwen2_5_vl"),
     "idefics3": _build_idefics3,
+    "idefics3_split": partial(_build_idefics3, splitting=True),
     "llama": _build_llama,
 }
 

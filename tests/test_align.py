@@ -179,15 +179,23 @@ def test_pool_visual_pair_masks_text_only_samples():
     pooled = pool_visual_pair(student, teacher)
     assert pooled.student.shape == (3, 16, 4) and pooled.teacher.shape == (3, 16, 8)
     assert pooled.mask.tolist() == [True, False, True]
+    assert pooled.tokens.sum(dim=1).tolist() == [16, 0, 16]
     assert torch.equal(pooled.student[0], student[0])
     assert torch.allclose(pooled.teacher[2], pool_tokens(teacher[2], 16))
 
 
-def test_pool_visual_pair_uses_smallest_count_in_batch():
+def test_pool_visual_pair_keeps_each_samples_own_grid():
+    """Each sample pools to the smaller of its own two counts (16 and 9 here), whatever
+    the rest of the batch has; shorter grids are zero-padded and masked out."""
     student = [torch.randn(16, 4), torch.randn(9, 4)]
     teacher = [torch.randn(64, 8), torch.randn(36, 8)]
     pooled = pool_visual_pair(student, teacher)
-    assert pooled.student.shape == (2, 9, 4) and pooled.teacher.shape == (2, 9, 8)
+    assert pooled.student.shape == (2, 16, 4) and pooled.teacher.shape == (2, 16, 8)
+    assert pooled.tokens.sum(dim=1).tolist() == [16, 9] and not pooled.tokens[1, 9:].any()
+    assert torch.equal(pooled.student[1, :9], student[1])
+    torch.testing.assert_close(pooled.teacher[1, :9], pool_tokens(teacher[1], 9))
+    torch.testing.assert_close(pooled.teacher[0], pool_tokens(teacher[0], 16))
+    assert not pooled.student[1, 9:].any() and not pooled.teacher[1, 9:].any()
     with pytest.raises(ValueError, match="no sample"):
         pool_visual_pair([torch.empty(0, 4)], [torch.empty(0, 8)])
 
