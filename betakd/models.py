@@ -291,6 +291,23 @@ def _pad_images_vision(per_sample: Sequence[dict[str, torch.Tensor]]) -> dict[st
     return batch
 
 
+def _pad_tiles_vision(per_sample: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Any-resolution tiles (LLaVA-NeXT): ``pixel_values [images, tiles, C, H, W]`` with a
+    tile count per image, zero-padded to the batch's most; the model reads each image's
+    real count from ``image_sizes [images, 2]``, concatenated."""
+    present = [s for s in per_sample if s]
+    if not present:
+        return {}
+    pixels = [s["pixel_values"] for s in present]
+    most = max(p.shape[1] for p in pixels)
+    padded = pixels[0].new_zeros(sum(p.shape[0] for p in pixels), most, *pixels[0].shape[2:])
+    row = 0
+    for p in pixels:
+        padded[row : row + p.shape[0], : p.shape[1]] = p
+        row += p.shape[0]
+    return {"pixel_values": padded, "image_sizes": torch.cat([s["image_sizes"] for s in present])}
+
+
 @dataclass(frozen=True)
 class FamilySpec:
     """What one model family needs; see `FamilyAdapter` for the bound version."""
@@ -311,6 +328,14 @@ class FamilySpec:
 
 _SPECS = {
     "llava": FamilySpec("llava", True, visual_unit="image"),
+    # Any-resolution tiling: image-token counts follow each image's size.
+    "llava_next": FamilySpec(
+        "llava_next",
+        True,
+        visual_unit="image",
+        collate_vision=_pad_tiles_vision,
+        vision_keys=("pixel_values", "image_sizes"),
+    ),
     "qwen2_vl": FamilySpec(
         "qwen2_vl",
         True,

@@ -1,6 +1,6 @@
 """Tiny randomly initialised models of real families, built offline.
 
-Tests, benchmarks and the demo need real architectures (LLaVA, Qwen2-VL,
+Tests, benchmarks and the demo need real architectures (LLaVA, LLaVA-NeXT, Qwen2-VL,
 Qwen2.5-VL, Idefics3, Llama) without downloading weights. Everything here builds from
 configs, uses one byte-level BPE tokenizer trained on the spot, and saves with
 ``save_pretrained`` so that the Auto classes reload it with ``HF_HUB_OFFLINE=1``.
@@ -28,6 +28,9 @@ from transformers import (
     LlamaForCausalLM,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -38,13 +41,24 @@ from transformers import (
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+from transformers.models.llava_next.image_processing_pil_llava_next import (
+    LlavaNextImageProcessorPil,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from betakd.models import Qwen2VLImageOnlyProcessor
 
 # "idefics3_split": Idefics3 with image splitting on (as SmolVLM's processors default to):
 # an image becomes tiles plus a global view, so image-token counts follow image sizes.
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "idefics3_split", "llama")
+FAMILIES = (
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "idefics3",
+    "idefics3_split",
+    "llama",
+)
 
 IMAGE_TOKEN = "<image>"
 PAD_TOKEN = "<|pad|>"
@@ -88,6 +102,7 @@ DEFAULT_TEXTS = (
 # processor expands it into that model's image tokens.
 _IMAGE_MARKUP = {
     "llava": IMAGE_TOKEN,
+    "llava_next": IMAGE_TOKEN,
     "qwen2_vl": VISION_START + IMAGE_TOKEN + VISION_END,
     "qwen2_5_vl": VISION_START + IMAGE_TOKEN + VISION_END,
     "idefics3": IMAGE_TOKEN,
@@ -247,6 +262,48 @@ def _build_llava(tokenizer, dims: TinyDims, image_size: int):
     return model, processor
 
 
+def _build_llava_next(tokenizer, dims: TinyDims, image_size: int):
+    """LLaVA-NeXT: an image becomes a base view plus the tiles of the grid (from
+    ``image_grid_pinpoints``) that fits its aspect ratio, so the token count follows
+    the image's size."""
+    _check_square(image_size, dims.patch_size)
+    pinpoints = [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
+    vision = CLIPVisionConfig(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=2 * dims.vision_hidden,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.heads,
+        image_size=image_size,
+        patch_size=dims.patch_size,
+        projection_dim=dims.vision_hidden,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer, dims),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        tie_word_embeddings=False,
+    )
+    model = LlavaNextForConditionalGeneration(config)
+    tok = _family_tokenizer(tokenizer, "llava_next")
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=dims.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
 def _qwen_vision_config(family: str, dims: TinyDims, merge: int) -> dict:
     common = {
         "depth": dims.vision_layers,
@@ -367,6 +424,7 @@ def _build_llama(tokenizer, dims: TinyDims, image_size: int):
 
 _BUILDERS = {
     "llava": _build_llava,
+    "llava_next": _build_llava_next,
     "qwen2_vl": partial(_build_qwen_vl, family="qwen2_vl"),
     "qwen2_5_vl": partial(_build_qwen_vl, family="qwen2_5_vl"),
     "idefics3": _build_idefics3,

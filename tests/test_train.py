@@ -59,7 +59,9 @@ def losses_on_repeated_batch(config, steps=6):
     return values, trainer
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3", "idefics3_split"])
+@pytest.mark.parametrize(
+    "family", ["llava", "llava_next", "qwen2_vl", "idefics3", "idefics3_split"]
+)
 @pytest.mark.parametrize("weighting", sorted(WEIGHTINGS))
 def test_every_family_trains_with_every_weighting(
     family, weighting, tiny_model_dir, vqa_data, tmp_path

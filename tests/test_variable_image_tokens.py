@@ -1,5 +1,6 @@
 """Image-token counts that differ per sample within a batch and between teacher and
-student: Idefics3 with image splitting on (SmolVLM's processors split by default)."""
+student: LLaVA-NeXT (any-resolution tiles) and Idefics3 with image splitting on
+(SmolVLM's processors split by default)."""
 
 from __future__ import annotations
 
@@ -27,9 +28,13 @@ def ragged_images(tmp_path, llava_files):
     return llava_files.write_records(tmp_path / "data.json", records), tmp_path / "images"
 
 
-@pytest.fixture(scope="module")
-def split_pair(tiny_model_dir):
-    return tiny_model_dir("idefics3_split", "student"), tiny_model_dir("idefics3_split", "teacher")
+FAMILIES = ["llava_next", "idefics3_split"]
+
+
+@pytest.fixture(params=FAMILIES)
+def split_pair(request, tiny_model_dir):
+    """A student and a teacher of the family (the teacher's patches are half as wide)."""
+    return tiny_model_dir(request.param, "student"), tiny_model_dir(request.param, "teacher")
 
 
 def image_token_counts(trainer, batch, key=None):
