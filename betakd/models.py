@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    LlavaOnevisionProcessor,
     PretrainedConfig,
     PreTrainedModel,
     ProcessorMixin,
@@ -52,9 +53,35 @@ class Qwen2VLImageOnlyProcessor(Qwen2VLProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
+class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
+    """LLaVA-OneVision processor for images only (no video processor, as above)."""
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_image_tokens=None,
+        vision_feature_select_strategy=None,
+        chat_template=None,
+        vision_aspect_ratio="anyres_max_9",
+        **kwargs,
+    ):
+        self.num_image_tokens = num_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token = getattr(tokenizer, "image_token", None) or "<image>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<video>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        self.vision_aspect_ratio = vision_aspect_ratio
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+
 # Processor classes of this package, found by the `processor_class` that
 # save_pretrained writes; everything else loads through AutoProcessor.
-_OWN_PROCESSORS = {"Qwen2VLImageOnlyProcessor": Qwen2VLImageOnlyProcessor}
+_OWN_PROCESSORS = {
+    "Qwen2VLImageOnlyProcessor": Qwen2VLImageOnlyProcessor,
+    "LlavaOnevisionImageOnlyProcessor": LlavaOnevisionImageOnlyProcessor,
+}
 
 
 class ModelError(ValueError):
@@ -331,6 +358,13 @@ _SPECS = {
     # Any-resolution tiling: image-token counts follow each image's size.
     "llava_next": FamilySpec(
         "llava_next",
+        True,
+        visual_unit="image",
+        collate_vision=_pad_tiles_vision,
+        vision_keys=("pixel_values", "image_sizes"),
+    ),
+    "llava_onevision": FamilySpec(
+        "llava_onevision",
         True,
         visual_unit="image",
         collate_vision=_pad_tiles_vision,

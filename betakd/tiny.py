@@ -1,6 +1,6 @@
 """Tiny randomly initialised models of real families, built offline.
 
-Tests, benchmarks and the demo need real architectures (LLaVA, LLaVA-NeXT, Qwen2-VL,
+Tests, benchmarks and the demo need real architectures (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
 Qwen2.5-VL, Idefics3, Llama) without downloading weights. Everything here builds from
 configs, uses one byte-level BPE tokenizer trained on the spot, and saves with
 ``save_pretrained`` so that the Auto classes reload it with ``HF_HUB_OFFLINE=1``.
@@ -31,6 +31,8 @@ from transformers import (
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
     LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerFast,
@@ -38,21 +40,26 @@ from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil,
 )
+from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+    LlavaOnevisionImageProcessorPil,
+)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from betakd.models import Qwen2VLImageOnlyProcessor
+from betakd.models import LlavaOnevisionImageOnlyProcessor, Qwen2VLImageOnlyProcessor
 
 # "idefics3_split": Idefics3 with image splitting on (as SmolVLM's processors default to):
 # an image becomes tiles plus a global view, so image-token counts follow image sizes.
 FAMILIES = (
     "llava",
     "llava_next",
+    "llava_onevision",
     "qwen2_vl",
     "qwen2_5_vl",
     "idefics3",
@@ -103,6 +110,7 @@ DEFAULT_TEXTS = (
 _IMAGE_MARKUP = {
     "llava": IMAGE_TOKEN,
     "llava_next": IMAGE_TOKEN,
+    "llava_onevision": IMAGE_TOKEN,
     "qwen2_vl": VISION_START + IMAGE_TOKEN + VISION_END,
     "qwen2_5_vl": VISION_START + IMAGE_TOKEN + VISION_END,
     "idefics3": IMAGE_TOKEN,
@@ -304,6 +312,45 @@ def _build_llava_next(tokenizer, dims: TinyDims, image_size: int):
     return model, processor
 
 
+def _build_llava_onevision(tokenizer, dims: TinyDims, image_size: int):
+    """LLaVA-OneVision: SigLIP tiles as in LLaVA-NeXT (a base view plus the grid that
+    fits each image), all patch features kept ("full"); images only (no video
+    processor, see :class:`betakd.models.LlavaOnevisionImageOnlyProcessor`)."""
+    grid = _check_square(image_size, dims.patch_size)
+    pinpoints = [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
+    vision = SiglipVisionConfig(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=2 * dims.vision_hidden,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.heads,
+        image_size=image_size,
+        patch_size=dims.patch_size,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=_text_config(tokenizer, dims),
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_grid_pinpoints=pinpoints,
+        tie_word_embeddings=False,
+    )
+    model = LlavaOnevisionForConditionalGeneration(config)
+    tok = _family_tokenizer(tokenizer, "llava_onevision")
+    image_processor = LlavaOnevisionImageProcessorPil(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
+    )
+    processor = LlavaOnevisionImageOnlyProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        num_image_tokens=grid * grid,
+        vision_feature_select_strategy="full",
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
 def _qwen_vision_config(family: str, dims: TinyDims, merge: int) -> dict:
     common = {
         "depth": dims.vision_layers,
@@ -425,6 +472,7 @@ def _build_llama(tokenizer, dims: TinyDims, image_size: int):
 _BUILDERS = {
     "llava": _build_llava,
     "llava_next": _build_llava_next,
+    "llava_onevision": _build_llava_onevision,
     "qwen2_vl": partial(_build_qwen_vl, family="qwen2_vl"),
     "qwen2_5_vl": partial(_build_qwen_vl, family="qwen2_5_vl"),
     "idefics3": _build_idefics3,

@@ -28,7 +28,7 @@ def ragged_images(tmp_path, llava_files):
     return llava_files.write_records(tmp_path / "data.json", records), tmp_path / "images"
 
 
-FAMILIES = ["llava_next", "idefics3_split"]
+FAMILIES = ["llava_next", "llava_onevision", "idefics3_split"]
 
 
 @pytest.fixture(params=FAMILIES)
