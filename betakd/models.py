@@ -344,7 +344,9 @@ class FamilySpec:
     # Unit of `out.image_outputs.pooler_output`: one tensor per "image" or per "sample".
     visual_unit: str | None = None
     collate_vision: Callable[[Sequence[dict]], dict] = _concat_vision
-    needs_mm_token_type_ids: bool = False
+    # The forward input that marks image tokens, computed from the padded ids (Qwen2-VL:
+    # mm_token_type_ids; Gemma 3: token_type_ids, which it needs to train); None: none.
+    image_type_ids: str | None = None
     # Config attributes naming token ids that belong to an image besides the image token.
     image_token_attrs: tuple[str, ...] = ()
     # Token strings that belong to an image (looked up in the tokenizer).
@@ -363,6 +365,14 @@ _SPECS = {
         collate_vision=_pad_tiles_vision,
         vision_keys=("pixel_values", "image_sizes"),
     ),
+    # Fixed tokens per image (pan and scan off); image tokens between begin/end markers.
+    "gemma3": FamilySpec(
+        "gemma3",
+        True,
+        visual_unit="image",
+        image_type_ids="token_type_ids",
+        image_token_attrs=("boi_token_index", "eoi_token_index"),
+    ),
     "llava_onevision": FamilySpec(
         "llava_onevision",
         True,
@@ -374,7 +384,7 @@ _SPECS = {
         "qwen2_vl",
         True,
         visual_unit="image",
-        needs_mm_token_type_ids=True,
+        image_type_ids="mm_token_type_ids",
         image_token_attrs=("vision_start_token_id", "vision_end_token_id"),
         vision_keys=("pixel_values", "image_grid_thw"),
     ),
@@ -442,8 +452,9 @@ class FamilyAdapter:
 
     def extra_inputs(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         """Forward inputs that depend on the final (padded) token ids."""
-        if self.spec.needs_mm_token_type_ids:
-            return {"mm_token_type_ids": (input_ids == self.image_token_id).to(torch.int32)}
+        if self.spec.image_type_ids is not None:
+            marks = (input_ids == self.image_token_id).to(torch.int32)
+            return {self.spec.image_type_ids: marks}
         return {}
 
     def collate_vision(self, per_sample: Sequence[dict[str, torch.Tensor]]) -> dict:
@@ -528,6 +539,6 @@ def forward_inputs(batch: dict[str, torch.Tensor], adapter: FamilyAdapter) -> di
     Image inputs are absent from a batch without images; the model then runs text-only.
     """
     keys = ("input_ids", "attention_mask", *adapter.spec.vision_keys)
-    if adapter.spec.needs_mm_token_type_ids:
-        keys = (*keys, "mm_token_type_ids")
+    if adapter.spec.image_type_ids is not None:
+        keys = (*keys, adapter.spec.image_type_ids)
     return {k: batch[k] for k in keys if k in batch}

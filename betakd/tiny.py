@@ -12,6 +12,7 @@ any two models built from the same tokenizer can be teacher and student.
 from __future__ import annotations
 
 import copy
+import tempfile
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -20,6 +21,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3Processor,
+    Gemma3TextConfig,
     Idefics3Config,
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
@@ -43,6 +48,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil,
@@ -60,6 +66,7 @@ FAMILIES = (
     "llava",
     "llava_next",
     "llava_onevision",
+    "gemma3",
     "qwen2_vl",
     "qwen2_5_vl",
     "idefics3",
@@ -111,6 +118,7 @@ _IMAGE_MARKUP = {
     "llava": IMAGE_TOKEN,
     "llava_next": IMAGE_TOKEN,
     "llava_onevision": IMAGE_TOKEN,
+    "gemma3": "<start_of_image>",
     "qwen2_vl": VISION_START + IMAGE_TOKEN + VISION_END,
     "qwen2_5_vl": VISION_START + IMAGE_TOKEN + VISION_END,
     "idefics3": IMAGE_TOKEN,
@@ -351,6 +359,68 @@ def _build_llava_onevision(tokenizer, dims: TinyDims, image_size: int):
     return model, processor
 
 
+# Gemma 3's processor finds its image markers as named special tokens of the tokenizer.
+GEMMA3_TOKENS = {
+    "boi_token": "<start_of_image>",
+    "eoi_token": "<end_of_image>",
+    "image_token": "<image_soft_token>",
+}
+
+
+def _gemma3_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """The shared tokenizer plus Gemma 3's three image tokens (ids after the shared ones),
+    named so that ``tokenizer.boi_token_id`` etc. exist, as in Gemma's own tokenizer."""
+    tok = _family_tokenizer(tokenizer, "gemma3")
+    tok.add_special_tokens({"additional_special_tokens": list(GEMMA3_TOKENS.values())})
+    with tempfile.TemporaryDirectory() as folder:
+        tok.save_pretrained(folder)
+        return PreTrainedTokenizerFast.from_pretrained(folder, extra_special_tokens=GEMMA3_TOKENS)
+
+
+def _build_gemma3(tokenizer, dims: TinyDims, image_size: int):
+    """Gemma 3: SigLIP patches average-pooled to a fixed number of tokens per image
+    (pan and scan off), between begin/end-of-image tokens."""
+    grid = _check_square(image_size, dims.patch_size)
+    tok = _gemma3_tokenizer(tokenizer)
+    text = Gemma3TextConfig(
+        vocab_size=len(tok),
+        hidden_size=dims.hidden,
+        intermediate_size=2 * dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=1,
+        head_dim=dims.hidden // dims.heads,
+        sliding_window=64,
+        pad_token_id=tok.pad_token_id,
+    )
+    vision = SiglipVisionConfig(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=2 * dims.vision_hidden,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.heads,
+        image_size=image_size,
+        patch_size=dims.patch_size,
+    )
+    tokens_per_image = max(1, (grid // 2) ** 2)
+    config = Gemma3Config(
+        text_config=text,
+        vision_config=vision,
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=tok.boi_token_id,
+        eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id,
+        tie_word_embeddings=False,
+    )
+    model = Gemma3ForConditionalGeneration(config)
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}),
+        tokenizer=tok,
+        image_seq_length=tokens_per_image,
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
 def _qwen_vision_config(family: str, dims: TinyDims, merge: int) -> dict:
     common = {
         "depth": dims.vision_layers,
@@ -473,6 +543,7 @@ _BUILDERS = {
     "llava": _build_llava,
     "llava_next": _build_llava_next,
     "llava_onevision": _build_llava_onevision,
+    "gemma3": _build_gemma3,
     "qwen2_vl": partial(_build_qwen_vl, family="qwen2_vl"),
     "qwen2_5_vl": partial(_build_qwen_vl, family="qwen2_5_vl"),
     "idefics3": _build_idefics3,

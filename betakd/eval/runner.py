@@ -120,9 +120,14 @@ def render_prompt(processor: Any, sample: Sample) -> str:
 
 def _encode(processor: Any, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
     prompts = [render_prompt(processor, s) for s in batch]
+    # Per prompt, as the training encoder passes them (Gemma 3 and Idefics3 read the
+    # nesting; the others flatten it).
     images = [
-        load_image(s.image, f"question {s.question_id}") for s in batch if s.image is not None
+        [load_image(s.image, f"question {s.question_id}")] if s.image is not None else []
+        for s in batch
     ]
+    if not any(images):
+        images = []
     # The chat template already holds the special tokens (BOS etc.); adding
     # them again would change the prompt.
     kwargs: dict[str, Any] = {"padding": True, "return_tensors": "pt", "add_special_tokens": False}
