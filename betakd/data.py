@@ -260,7 +260,7 @@ class Encoded:
     input_ids: torch.Tensor  # [T]
     labels: torch.Tensor  # [T]
     vision: dict[str, torch.Tensor]  # image tensors as the processor returns them
-    image_count: int
+    image_count: int  # visual pieces (FamilyAdapter.visual_pieces): images, or tiles
 
 
 def _as_text_only(messages: Sequence[dict]) -> list[dict]:
@@ -397,7 +397,8 @@ class SampleEncoder:
             )
         if remaining:
             raise SkipSample("bad_record", f"{len(remaining)} images without a placeholder")
-        encoded = Encoded(torch.cat(ids), torch.cat(labels), vision, len(images))
+        pieces = self.adapter.visual_pieces(vision, len(images))
+        encoded = Encoded(torch.cat(ids), torch.cat(labels), vision, pieces)
         return self._fit(encoded, conversation.id)
 
     def _encode_text(self, text: str) -> torch.Tensor:
@@ -683,7 +684,10 @@ class KDCollator:
 
     def _teacher_batch(self, encoder: SampleEncoder, conversations) -> dict:
         encoded = self._encode_all(encoder, conversations)
-        return pad_encoded(encoded, encoder, self.teacher_padding_side)
+        batch = pad_encoded(encoded, encoder, self.teacher_padding_side)
+        # The teacher's own pieces: tile counts differ between families.
+        batch["image_counts"] = image_counts(encoded)
+        return batch
 
     def __call__(self, conversations: Sequence[Conversation]) -> dict:
         encoded = self._encode_all(self.student, conversations)
@@ -697,5 +701,10 @@ class KDCollator:
             batch["teacher"] = self._teacher_batch(self.teacher, conversations)
         batch["sample_index"] = torch.tensor([c.index for c in conversations], dtype=torch.long)
         batch["sample_ids"] = [c.id for c in conversations]
-        batch["image_counts"] = torch.tensor([e.image_count for e in encoded], dtype=torch.long)
+        batch["image_counts"] = image_counts(encoded)
         return batch
+
+
+def image_counts(encoded: Sequence[Encoded]) -> torch.Tensor:
+    """Each sample's visual pieces ``[B]`` (see :class:`Encoded`)."""
+    return torch.tensor([e.image_count for e in encoded], dtype=torch.long)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoProcessor,
+    InternVLProcessor,
     LlavaOnevisionProcessor,
     PretrainedConfig,
     PreTrainedModel,
@@ -76,11 +78,37 @@ class LlavaOnevisionImageOnlyProcessor(LlavaOnevisionProcessor):
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
 
+class InternVLImageOnlyProcessor(InternVLProcessor):
+    """InternVL processor for images only (no video processor, as above)."""
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        image_seq_length=256,
+        chat_template=None,
+        **kwargs,
+    ):
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.image_seq_length = image_seq_length
+        self.start_image_token = tokenizer.start_image_token
+        self.end_image_token = tokenizer.end_image_token
+        self.start_image_token_id = tokenizer.start_image_token_id
+        self.end_image_token_id = tokenizer.end_image_token_id
+        self.image_token = tokenizer.context_image_token
+        self.video_token = tokenizer.video_token
+        self.image_token_id = tokenizer.context_image_token_id
+        self.multimodal_pattern = re.compile(
+            f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})"
+        )
+
+
 # Processor classes of this package, found by the `processor_class` that
 # save_pretrained writes; everything else loads through AutoProcessor.
 _OWN_PROCESSORS = {
     "Qwen2VLImageOnlyProcessor": Qwen2VLImageOnlyProcessor,
     "LlavaOnevisionImageOnlyProcessor": LlavaOnevisionImageOnlyProcessor,
+    "InternVLImageOnlyProcessor": InternVLImageOnlyProcessor,
 }
 
 
@@ -341,7 +369,8 @@ class FamilySpec:
 
     name: str
     multimodal: bool
-    # Unit of `out.image_outputs.pooler_output`: one tensor per "image" or per "sample".
+    # Unit of `out.image_outputs.pooler_output`: one tensor per "image", per "sample", or
+    # per "tile" (InternVL: each tile of an image is an image of its own to the model).
     visual_unit: str | None = None
     collate_vision: Callable[[Sequence[dict]], dict] = _concat_vision
     # The forward input that marks image tokens, computed from the padded ids (Qwen2-VL:
@@ -364,6 +393,10 @@ _SPECS = {
         visual_unit="image",
         collate_vision=_pad_tiles_vision,
         vision_keys=("pixel_values", "image_sizes"),
+    ),
+    # Dynamic tiles, each a separate image to the vision tower (pixel_values rows).
+    "internvl": FamilySpec(
+        "internvl", True, visual_unit="tile", image_token_strings=("<img>", "</img>")
     ),
     # Fixed tokens per image (pan and scan off); image tokens between begin/end markers.
     "gemma3": FamilySpec(
@@ -457,6 +490,13 @@ class FamilyAdapter:
             return {self.spec.image_type_ids: marks}
         return {}
 
+    def visual_pieces(self, vision: dict[str, torch.Tensor], images: int) -> int:
+        """How many entries of the visual output one sample's images give: its images,
+        or its tiles where each tile is an image to the model (``visual_unit`` "tile")."""
+        if self.spec.visual_unit == "tile":
+            return int(vision["pixel_values"].shape[0]) if vision else 0
+        return images
+
     def collate_vision(self, per_sample: Sequence[dict[str, torch.Tensor]]) -> dict:
         """Batch the image tensors that the processor returned per sample."""
         return self.spec.collate_vision(per_sample)
@@ -469,7 +509,8 @@ class FamilyAdapter:
         return torch.isin(input_ids, ids)
 
     def visual_tokens(self, output, image_counts: Sequence[int]) -> list[torch.Tensor]:
-        """Projected visual tokens per sample, each [n_tokens, hidden] (n=0 without image).
+        """Projected visual tokens per sample, each [n_tokens, hidden] (n=0 without image);
+        ``image_counts``: each sample's :meth:`visual_pieces`.
 
         Comes from `out.image_outputs.pooler_output` (transformers 5): the
         projector's output, i.e. what is spliced into the language model.

@@ -1,12 +1,14 @@
 """Tiny randomly initialised models of real families, built offline.
 
-Tests, benchmarks and the demo need real architectures (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL,
-Qwen2.5-VL, Idefics3, Llama) without downloading weights. Everything here builds from
-configs, uses one byte-level BPE tokenizer trained on the spot, and saves with
-``save_pretrained`` so that the Auto classes reload it with ``HF_HUB_OFFLINE=1``.
+Tests, benchmarks and the demo need real architectures (LLaVA, LLaVA-NeXT,
+LLaVA-OneVision, Gemma 3, InternVL, Qwen2-VL, Qwen2.5-VL, Idefics3, Llama) without
+downloading weights. Everything here builds from configs, uses one byte-level BPE
+tokenizer trained on the spot, and saves with ``save_pretrained`` so that the Auto
+classes reload it with ``HF_HUB_OFFLINE=1``.
 
-All families share one tokenizer (same vocabulary, same special tokens), so
-any two models built from the same tokenizer can be teacher and student.
+All families share one tokenizer (same vocabulary, same special tokens), so any two
+models built from the same tokenizer can be teacher and student; Gemma 3 and InternVL
+append their own image tokens (``FAMILY_TOKENS``), so they pair within their family.
 """
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from transformers import (
     Idefics3ForConditionalGeneration,
     Idefics3Processor,
     Idefics3VisionConfig,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
+    InternVLVisionConfig,
     LlamaConfig,
     LlamaForCausalLM,
     LlavaConfig,
@@ -43,12 +48,14 @@ from transformers import (
     PreTrainedTokenizerFast,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
+    Qwen2Config,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     SiglipVisionConfig,
 )
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
 from transformers.models.llava_next.image_processing_pil_llava_next import (
     LlavaNextImageProcessorPil,
@@ -58,7 +65,11 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from betakd.models import LlavaOnevisionImageOnlyProcessor, Qwen2VLImageOnlyProcessor
+from betakd.models import (
+    InternVLImageOnlyProcessor,
+    LlavaOnevisionImageOnlyProcessor,
+    Qwen2VLImageOnlyProcessor,
+)
 
 # "idefics3_split": Idefics3 with image splitting on (as SmolVLM's processors default to):
 # an image becomes tiles plus a global view, so image-token counts follow image sizes.
@@ -67,6 +78,7 @@ FAMILIES = (
     "llava_next",
     "llava_onevision",
     "gemma3",
+    "internvl",
     "qwen2_vl",
     "qwen2_5_vl",
     "idefics3",
@@ -119,6 +131,7 @@ _IMAGE_MARKUP = {
     "llava_next": IMAGE_TOKEN,
     "llava_onevision": IMAGE_TOKEN,
     "gemma3": "<start_of_image>",
+    "internvl": "<IMG_CONTEXT>",
     "qwen2_vl": VISION_START + IMAGE_TOKEN + VISION_END,
     "qwen2_5_vl": VISION_START + IMAGE_TOKEN + VISION_END,
     "idefics3": IMAGE_TOKEN,
@@ -367,21 +380,35 @@ GEMMA3_TOKENS = {
 }
 
 
-def _gemma3_tokenizer(tokenizer: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
-    """The shared tokenizer plus Gemma 3's three image tokens (ids after the shared ones),
-    named so that ``tokenizer.boi_token_id`` etc. exist, as in Gemma's own tokenizer."""
-    tok = _family_tokenizer(tokenizer, "gemma3")
-    tok.add_special_tokens({"additional_special_tokens": list(GEMMA3_TOKENS.values())})
+# InternVL's: "<img>" + "<IMG_CONTEXT>" x n + "</img>" per tile (its video token exists in
+# the shared vocabulary).
+INTERNVL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+}
+# Image tokens that a family's tokenizer adds to the shared vocabulary.
+FAMILY_TOKENS = {"gemma3": GEMMA3_TOKENS, "internvl": INTERNVL_TOKENS}
+
+
+def _named_tokens_tokenizer(
+    tokenizer: PreTrainedTokenizerFast, family: str, named: dict[str, str]
+) -> PreTrainedTokenizerFast:
+    """The shared tokenizer plus a family's image tokens (ids after the shared ones),
+    named so that e.g. ``tokenizer.boi_token_id`` exists, as in the family's own
+    tokenizer (its processor reads them by name)."""
+    tok = _family_tokenizer(tokenizer, family)
+    tok.add_special_tokens({"additional_special_tokens": list(named.values())})
     with tempfile.TemporaryDirectory() as folder:
         tok.save_pretrained(folder)
-        return PreTrainedTokenizerFast.from_pretrained(folder, extra_special_tokens=GEMMA3_TOKENS)
+        return PreTrainedTokenizerFast.from_pretrained(folder, extra_special_tokens=named)
 
 
 def _build_gemma3(tokenizer, dims: TinyDims, image_size: int):
     """Gemma 3: SigLIP patches average-pooled to a fixed number of tokens per image
     (pan and scan off), between begin/end-of-image tokens."""
     grid = _check_square(image_size, dims.patch_size)
-    tok = _gemma3_tokenizer(tokenizer)
+    tok = _named_tokens_tokenizer(tokenizer, "gemma3", GEMMA3_TOKENS)
     text = Gemma3TextConfig(
         vocab_size=len(tok),
         hidden_size=dims.hidden,
@@ -416,6 +443,54 @@ def _build_gemma3(tokenizer, dims: TinyDims, image_size: int):
         image_processor=Gemma3ImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tok,
         image_seq_length=tokens_per_image,
+        chat_template=tok.chat_template,
+    )
+    return model, processor
+
+
+def _build_internvl(tokenizer, dims: TinyDims, image_size: int):
+    """InternVL: an image becomes 1-4 tiles of ``image_size`` (by its aspect ratio), each a
+    separate image to the vision tower, whose patch grid is pixel-shuffled to a quarter."""
+    grid = _check_square(image_size, dims.patch_size, 2)
+    named = {**INTERNVL_TOKENS, "video_token": VIDEO_TOKEN}
+    tok = _named_tokens_tokenizer(tokenizer, "internvl", named)
+    vision = InternVLVisionConfig(
+        hidden_size=dims.vision_hidden,
+        intermediate_size=2 * dims.vision_hidden,
+        num_hidden_layers=dims.vision_layers,
+        num_attention_heads=dims.heads,
+        image_size=[image_size, image_size],
+        patch_size=[dims.patch_size, dims.patch_size],
+    )
+    text = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=dims.hidden,
+        intermediate_size=2 * dims.hidden,
+        num_hidden_layers=dims.layers,
+        num_attention_heads=dims.heads,
+        num_key_value_heads=1,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = InternVLConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tok.context_image_token_id,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    model = InternVLForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=4,
+    )
+    processor = InternVLImageOnlyProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_length=(grid // 2) ** 2,
         chat_template=tok.chat_template,
     )
     return model, processor
@@ -544,6 +619,7 @@ _BUILDERS = {
     "llava_next": _build_llava_next,
     "llava_onevision": _build_llava_onevision,
     "gemma3": _build_gemma3,
+    "internvl": _build_internvl,
     "qwen2_vl": partial(_build_qwen_vl, family="qwen2_vl"),
     "qwen2_5_vl": partial(_build_qwen_vl, family="qwen2_5_vl"),
     "idefics3": _build_idefics3,

@@ -9,7 +9,7 @@ from PIL import Image
 from betakd.models import get_adapter, load_model, load_processor, tokenizer_of
 from betakd.tiny import (
     FAMILIES,
-    GEMMA3_TOKENS,
+    FAMILY_TOKENS,
     IMAGE_TOKEN,
     SPECIAL_TOKENS,
     TinyDims,
@@ -90,10 +90,10 @@ def test_save_and_offline_reload(family, tiny_model_dir, tiny_tokenizer):
     path = tiny_model_dir(family)
     model = load_model(path)
     processor = load_processor(path)
-    # The reloaded tokenizer is the shared one (template per family); Gemma 3 appends its
-    # three image tokens, every shared token keeping its id.
+    # The reloaded tokenizer is the shared one (template per family); Gemma 3 and InternVL
+    # append their image tokens, every shared token keeping its id.
     vocab, shared = tokenizer_of(processor).get_vocab(), tiny_tokenizer.get_vocab()
-    extra = set(GEMMA3_TOKENS.values()) if family == "gemma3" else set()
+    extra = set(FAMILY_TOKENS.get(family, {}).values())
     assert vocab.items() >= shared.items() and set(vocab) - set(shared) == extra
     assert processor.chat_template
     adapter = get_adapter(model, processor)

@@ -61,7 +61,16 @@ def losses_on_repeated_batch(config, steps=6):
 
 @pytest.mark.parametrize(
     "family",
-    ["llava", "llava_next", "llava_onevision", "gemma3", "qwen2_vl", "idefics3", "idefics3_split"],
+    [
+        "llava",
+        "llava_next",
+        "llava_onevision",
+        "gemma3",
+        "internvl",
+        "qwen2_vl",
+        "idefics3",
+        "idefics3_split",
+    ],
 )
 @pytest.mark.parametrize("weighting", sorted(WEIGHTINGS))
 def test_every_family_trains_with_every_weighting(

@@ -1,6 +1,7 @@
 """Image-token counts that differ per sample within a batch and between teacher and
-student: LLaVA-NeXT (any-resolution tiles) and Idefics3 with image splitting on
-(SmolVLM's processors split by default)."""
+student: LLaVA-NeXT and LLaVA-OneVision (any-resolution tiles), InternVL (dynamic tiles),
+Idefics3 with image splitting on (SmolVLM's processors split by default), and Gemma 3
+(a fixed count per model, the teacher's larger)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def ragged_images(tmp_path, llava_files):
 
 # Counts that follow each image's size; Gemma 3 (pan and scan off) has a fixed count per
 # model, the teacher's 4x the student's.
-RAGGED = ["llava_next", "llava_onevision", "idefics3_split"]
+RAGGED = ["llava_next", "llava_onevision", "internvl", "idefics3_split"]
 FAMILIES = [*RAGGED, "gemma3"]
 
 

@@ -89,7 +89,10 @@ class OnlineTeacher:
             include_prompt=self.include_prompt,
             sample_ids=meta.sample_ids,
         )
-        return aligned, self.targets(meta.teacher_batch, aligned, meta.image_counts)
+        # The teacher's own visual pieces (tiles differ between families), when collated.
+        counts = meta.teacher_batch.get("image_counts")
+        counts = meta.image_counts if counts is None else counts.tolist()
+        return aligned, self.targets(meta.teacher_batch, aligned, counts)
 
     @torch.no_grad()
     def targets(
