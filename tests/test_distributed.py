@@ -94,3 +94,58 @@ def test_fsdp_on_cpus_is_refused_rather_than_run_as_ddp(llava_pair, sixteen_samp
     assert "Error: training.fsdp is set, but accelerate runs this job as MULTI_CPU" in (
         done.stderr + done.stdout
     ), done.stderr[-3000:]
+
+
+def torchrun(*args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), "-m", "betakd.cli", "train", *args,
+    ]  # fmt: skip
+
+
+def test_ddp_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(
+    llava_pair, sixteen_samples, tmp_path
+):
+    """Both processes killed (SIGKILL to the launcher's process group) after a complete
+    checkpoint; `--resume` on two processes ends where an uninterrupted run ends."""
+    import signal
+    import time
+
+    from betakd.trainer import COMPLETE_MARKER
+
+    data, images = sixteen_samples
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 6}
+
+    def config(name: str) -> Path:
+        return write_kd_config(
+            tmp_path / f"{name}.yaml", llava_pair, data, images, tmp_path / name, "instance",
+            WEIGHTINGS["instance"], per_device_train_batch_size=2, learning_rate=1e-2, **extra,
+        )  # fmt: skip
+
+    straight = subprocess.run(torchrun(str(config("straight"))), env=env, capture_output=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    killed_config = config("killed")
+    process = subprocess.Popen(
+        torchrun(str(killed_config)), env=env, stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    marker = tmp_path / "killed" / "checkpoint-2" / COMPLETE_MARKER
+    deadline = time.monotonic() + 300
+    while not marker.is_file():
+        assert process.poll() is None, "the run ended before its first checkpoint"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (tmp_path / "killed" / "model.safetensors").exists(), "finished before the kill"
+
+    resumed = subprocess.run(
+        torchrun(str(killed_config), "--resume"), env=env, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for name in ("model.safetensors", HEAD_FILE):
+        a, b = load_file(tmp_path / "straight" / name), load_file(tmp_path / "killed" / name)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
