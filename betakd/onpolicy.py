@@ -1,0 +1,144 @@
+"""Student-generated answers in place of the data's: the sampling step of on-policy
+distillation (GKD; issue 12), for any supported family.
+
+:func:`sample_answers` generates each row's answer from the student, given the row's
+prompt (its tokens before the first supervised label: the conversation up to the first
+assistant answer, images included), in evaluation mode under ``no_grad``, batched with
+left padding and the KV cache, seeded so that a step's samples are reproducible.
+:func:`with_answers` writes answers into a collated batch (the student's, or a
+teacher's with its own image tokens): prompt + answer, labels on the answer only
+(end of turn included), right padding, whichever padding the batch had. Both batches then go through the usual
+alignment, teacher source and energies, unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from betakd.labels import IGNORE_INDEX, supervised
+from betakd.models import FamilyAdapter, forward_inputs
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How the student samples its answers (temperature 0: greedy)."""
+
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+def prompt_tokens(batch: dict) -> list[Tensor]:
+    """Each row's prompt: its real tokens (either padding side) before its first
+    supervised label."""
+    result = []
+    for row in range(batch["input_ids"].shape[0]):
+        real = batch["attention_mask"][row].bool()
+        ids, labels = batch["input_ids"][row][real], batch["labels"][row][real]
+        answer = supervised(labels)
+        if not bool(answer.any()):
+            raise ValueError(f"row {row} has no answer token to replace")
+        result.append(ids[: int(answer.int().argmax())].cpu())
+    return result
+
+
+def prompts(batch: dict, adapter: FamilyAdapter, pad_token_id: int) -> dict:
+    """The rows' prompts, left padded, with the batch's image inputs: generate's inputs."""
+    rows = prompt_tokens(batch)
+    width = max(r.numel() for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    attention = torch.zeros_like(input_ids)
+    for row, tokens in enumerate(rows):
+        input_ids[row, width - tokens.numel() :] = tokens
+        attention[row, width - tokens.numel() :] = 1
+    device = batch["input_ids"].device
+    inputs = forward_inputs(batch, adapter)
+    inputs.update(input_ids=input_ids.to(device), attention_mask=attention.to(device))
+    inputs.update(adapter.extra_inputs(inputs["input_ids"]))
+    return inputs
+
+
+@torch.no_grad()
+def sample_answers(
+    model,
+    adapter: FamilyAdapter,
+    batch: dict,
+    settings: GenerationSettings,
+    *,
+    pad_token_id: int,
+    eos_token_id: int | Sequence[int],
+    seed: int,
+) -> list[Tensor]:
+    """Each row's answer as the student generates it: token ids ``[n_i]``, the end of
+    sequence included when it was reached, padding excluded. The model's train/eval
+    mode is restored afterwards; the global RNG is left as it was."""
+    inputs = prompts(batch, adapter, pad_token_id)
+    sampling = settings.temperature > 0
+    options = {"do_sample": sampling, "num_beams": 1}
+    if sampling:
+        options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
+    was_training = model.training
+    model.eval()
+    devices = [model.device] if model.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            output = model.generate(
+                **inputs,
+                max_new_tokens=settings.max_new_tokens,
+                pad_token_id=pad_token_id,
+                eos_token_id=eos_token_id,
+                **options,
+            )
+    finally:
+        model.train(was_training)
+    new = output[:, inputs["input_ids"].shape[1] :].cpu()
+    stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id)
+    return [_until_stop(row, stops) for row in new]
+
+
+def _until_stop(tokens: Tensor, stops: set[int]) -> Tensor:
+    for i, token in enumerate(tokens.tolist()):
+        if token in stops:
+            return tokens[: i + 1]
+    return tokens
+
+
+def with_answers(
+    batch: dict, answers: Sequence[Tensor], adapter: FamilyAdapter, pad_token_id: int
+) -> dict:
+    """``batch`` with each row's answer replaced: its prompt, then ``answers[row]``
+    supervised, right padded; later turns are dropped. Image inputs are kept."""
+    prompt_rows = prompt_tokens(batch)
+    if len(answers) != len(prompt_rows):
+        raise ValueError(f"{len(answers)} answers for {len(prompt_rows)} rows")
+    rows = [torch.cat([p, a.cpu().long()]) for p, a in zip(prompt_rows, answers, strict=True)]
+    width = max(r.numel() for r in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    attention = torch.zeros_like(input_ids)
+    for row, (tokens, prompt) in enumerate(zip(rows, prompt_rows, strict=True)):
+        input_ids[row, : tokens.numel()] = tokens
+        labels[row, prompt.numel() : tokens.numel()] = tokens[prompt.numel() :]
+        attention[row, : tokens.numel()] = 1
+    device = batch["input_ids"].device
+    out = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    out.update(
+        input_ids=input_ids.to(device),
+        attention_mask=attention.to(device),
+        labels=labels.to(device),
+    )
+    out.update(adapter.extra_inputs(out["input_ids"]))
+    return out
