@@ -254,9 +254,9 @@ def _check_square(image_size: int, patch_size: int, factor: int = 1) -> int:
     return image_size // patch_size
 
 
-def _build_llava(tokenizer, dims: TinyDims, image_size: int):
-    grid = _check_square(image_size, dims.patch_size)
-    vision = CLIPVisionConfig(
+def _clip_vision_config(dims: TinyDims, image_size: int) -> CLIPVisionConfig:
+    """The CLIP tower of the LLaVA families."""
+    return CLIPVisionConfig(
         hidden_size=dims.vision_hidden,
         intermediate_size=2 * dims.vision_hidden,
         num_hidden_layers=dims.vision_layers,
@@ -265,6 +265,11 @@ def _build_llava(tokenizer, dims: TinyDims, image_size: int):
         patch_size=dims.patch_size,
         projection_dim=dims.vision_hidden,
     )
+
+
+def _build_llava(tokenizer, dims: TinyDims, image_size: int):
+    grid = _check_square(image_size, dims.patch_size)
+    vision = _clip_vision_config(dims, image_size)
     config = LlavaConfig(
         vision_config=vision,
         text_config=_text_config(tokenizer, dims),
@@ -297,15 +302,7 @@ def _build_llava_next(tokenizer, dims: TinyDims, image_size: int):
     the image's size."""
     _check_square(image_size, dims.patch_size)
     pinpoints = [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
-    vision = CLIPVisionConfig(
-        hidden_size=dims.vision_hidden,
-        intermediate_size=2 * dims.vision_hidden,
-        num_hidden_layers=dims.vision_layers,
-        num_attention_heads=dims.heads,
-        image_size=image_size,
-        patch_size=dims.patch_size,
-        projection_dim=dims.vision_hidden,
-    )
+    vision = _clip_vision_config(dims, image_size)
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=_text_config(tokenizer, dims),

@@ -1,10 +1,28 @@
-"""Training configs for tests: tiny student and teacher, cosine_probs + visual feature KD."""
+"""Training configs for tests: tiny student and teacher, cosine_probs + visual feature KD;
+and what tests of interrupted runs share."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
 from betakd import config as cfg
+from betakd.distill import HEAD_FILE
+
+# The `training` block of every test config (plus its output_dir).
+TRAINING = {
+    "per_device_train_batch_size": 2,
+    "max_steps": 4,
+    "learning_rate": 5e-3,
+    "logging_steps": 1,
+    "use_cpu": True,
+    "seed": 0,
+    "save_strategy": "no",
+    "disable_tqdm": True,
+    "report_to": "none",
+}
 
 
 def kd_raw(pair, data, images, out, weighting="task", options=None, **training) -> dict:
@@ -16,19 +34,7 @@ def kd_raw(pair, data, images, out, weighting="task", options=None, **training) 
         "data": {"train_file": str(data), "image_folder": images and str(images)},
         "channels": {"logits": [{"energy": "cosine_probs"}], "features": features},
         "weighting": {"name": weighting, "options": dict(options or {})},
-        "training": {
-            "output_dir": str(out),
-            "per_device_train_batch_size": 2,
-            "max_steps": 4,
-            "learning_rate": 5e-3,
-            "logging_steps": 1,
-            "use_cpu": True,
-            "seed": 0,
-            "save_strategy": "no",
-            "disable_tqdm": True,
-            "report_to": "none",
-            **training,
-        },
+        "training": {"output_dir": str(out), **TRAINING, **training},
     }
 
 
@@ -40,3 +46,19 @@ def write_kd_config(path: Path, *args, **kwargs) -> Path:
     """The same config as YAML, for the command line."""
     path.write_text(cfg.yaml.safe_dump(kd_raw(*args, **kwargs)))
     return path
+
+
+class StopAfter(TrainerCallback):
+    """Simulates a crash right after step ``step``."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("simulated interruption")
+
+
+def final_state(out: Path):
+    """The saved student's and head's tensors of a finished run."""
+    return load_file(out / "model.safetensors"), load_file(out / HEAD_FILE)

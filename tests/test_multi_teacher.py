@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from click.testing import CliRunner
+from kd_configs import TRAINING as SHARED_TRAINING
+from kd_configs import StopAfter, final_state
 from safetensors import safe_open
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from betakd import config as cfg
 from betakd import models
@@ -23,17 +22,7 @@ from betakd.teachers.cache_format import CacheError
 from betakd.tiny import save_tiny_model, train_tokenizer
 from betakd.train import build_trainer, run_training, training_arguments
 
-TRAINING = {
-    "per_device_train_batch_size": 2,
-    "max_steps": 3,
-    "learning_rate": 5e-3,
-    "logging_steps": 1,
-    "use_cpu": True,
-    "seed": 0,
-    "save_strategy": "no",
-    "disable_tqdm": True,
-    "report_to": "none",
-}
+TRAINING = {**SHARED_TRAINING, "max_steps": 3}
 
 
 @pytest.fixture(scope="module")
@@ -229,16 +218,7 @@ def test_a_teacher_with_another_vocabulary_fails_before_training_naming_it(
     assert not (tmp_path / "out").exists()
 
 
-def final_state(out: Path):
-    return load_file(out / "model.safetensors"), load_file(out / HEAD_FILE)
-
-
 def test_resume_and_init_from_with_two_teachers(trio, vqa_data, tmp_path):
-    class StopAfter(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == 3:
-                raise KeyboardInterrupt("simulated interruption")
-
     extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 5}
     opts = {"hidden": 8}
     run_training(
@@ -248,7 +228,7 @@ def test_resume_and_init_from_with_two_teachers(trio, vqa_data, tmp_path):
         two_teacher_raw(trio, vqa_data, tmp_path / "b", "instance", opts, **extra)
     )
     with pytest.raises(KeyboardInterrupt):
-        run_training(broken, callbacks=[StopAfter()])
+        run_training(broken, callbacks=[StopAfter(3)])
     run_training(broken, resume=True)
     (model_a, head_a), (model_b, head_b) = final_state(tmp_path / "a"), final_state(tmp_path / "b")
     for key in model_a:

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from kd_configs import kd_raw
+from kd_configs import StopAfter, final_state, kd_raw
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, TrainerCallback
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
 from betakd import config as cfg
 from betakd.cli import main
@@ -132,21 +132,6 @@ def test_saved_student_reloads_offline_and_head_is_separate(llava_pair, vqa_data
     assert (out / "betakd_config.yaml").is_file()
     logged = [h for h in result.log_history if "cosine_probs/beta_mean" in h]
     assert logged, result.log_history
-
-
-class StopAfter(TrainerCallback):
-    """Simulates a crash right after a checkpoint."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            raise KeyboardInterrupt("simulated interruption")
-
-
-def final_state(out: Path):
-    return load_file(out / "model.safetensors"), load_file(out / HEAD_FILE)
 
 
 def test_resume_matches_an_uninterrupted_run(llava_pair, vqa_data, tmp_path):
