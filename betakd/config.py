@@ -250,6 +250,41 @@ class WeightingSettings(Strict):
         )
 
 
+class GenerationOptions(Strict):
+    max_new_tokens: int = Field(
+        32, ge=1, description="longest student answer, end of turn included"
+    )
+    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    top_p: float = Field(1.0, gt=0, le=1)
+
+
+class PolicySettings(Strict):
+    """Whose answers the teacher scores: the data's (off-policy) or the student's own."""
+
+    mode: Literal["off_policy", "on_policy", "mixed"] = "off_policy"
+    student_fraction: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="mode mixed: probability that a batch (or sample) is answered by the "
+        "student (lambda; on_policy is 1, off_policy 0, whatever this says)",
+    )
+    per: Literal["batch", "sample"] = Field(
+        "batch", description="mixed: draw the choice once per batch (as GKD) or per sample"
+    )
+    ce: Literal["data", "none"] = Field(
+        "data",
+        description="the CE channel of a student-answered sample: CE on the data's answer "
+        "to the same prompt (an extra student pass), or none",
+    )
+    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+
+    @property
+    def on_policy(self) -> bool:
+        """Whether any step may be answered by the student."""
+        return self.mode == "on_policy" or (self.mode == "mixed" and self.student_fraction > 0)
+
+
 class NonFinitePolicy(Strict):
     action: Literal["stop", "skip"] = "stop"
 
@@ -264,6 +299,7 @@ class TrainConfig(Strict):
     channels: ChannelSettings = Field(default_factory=ChannelSettings)
     weighting: WeightingSettings = Field(default_factory=WeightingSettings)
     non_finite: NonFinitePolicy = Field(default_factory=NonFinitePolicy)
+    policy: PolicySettings = Field(default_factory=PolicySettings)
     training: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("training")
@@ -311,6 +347,19 @@ class TrainConfig(Strict):
                 raise ValueError(
                     f"chunk_size covers answer positions only; channels {prompt} ask for more"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _student_answers_need_online_teachers(self) -> TrainConfig:
+        if not self.policy.on_policy:
+            return self
+        cached = [p.key for p in self.teacher_plans() if p.settings.source == "cache"]
+        if cached:
+            raise ValueError(
+                f"policy.mode {self.policy.mode!r}: the teacher scores the student's own "
+                f"answers, new at every step, but {', '.join(cached)} reads an offline cache "
+                "of the data's answers; use source: online (or policy.mode: off_policy)"
+            )
         return self
 
     @model_validator(mode="after")

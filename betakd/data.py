@@ -446,12 +446,20 @@ class ConversationDataset(torch.utils.data.Dataset):
     def __init__(self, conversations: Sequence[Conversation], report: SkipReport):
         self.conversations = list(conversations)
         self.report = report
+        self._position = {c.index: i for i, c in enumerate(self.conversations)}
 
     def __len__(self) -> int:
         return len(self.conversations)
 
     def __getitem__(self, i: int) -> Conversation:
         return self.conversations[i]
+
+    def by_index(self, indices: Sequence[int]) -> list[Conversation]:
+        """The conversations at these rows of the data file (``Conversation.index``)."""
+        missing = [i for i in indices if i not in self._position]
+        if missing:
+            raise KeyError(f"rows {missing} of the data file are not in this data set")
+        return [self.conversations[self._position[i]] for i in indices]
 
 
 def build_dataset(

@@ -9,8 +9,8 @@ outside (see ``betakd.teachers``). The student is saved on its own with
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -38,6 +38,72 @@ class ChannelValues:
     counts: Tensor  # [B] supervised answer tokens per sample
     # Teacher's NLL of the answers, for data trust: [B], or [B, K] per weighted channel.
     teacher_nll: Tensor | None = None
+
+    def detached(self) -> ChannelValues:
+        return ChannelValues(
+            self.ce.detach(),
+            {name: value.detach() for name, value in self.energies.items()},
+            _maybe(self.representation, Tensor.detach),
+            self.counts,
+            _maybe(self.teacher_nll, Tensor.detach),
+        )
+
+    def rows(self, index: Tensor) -> ChannelValues:
+        """The values of rows ``index`` only."""
+        return ChannelValues(
+            self.ce[index],
+            {name: value[index] for name, value in self.energies.items()},
+            _maybe(self.representation, lambda r: r[index]),
+            self.counts[index],
+            _maybe(self.teacher_nll, lambda n: n[index]),
+        )
+
+
+def _maybe(value: Tensor | None, fn: Callable[[Tensor], Tensor]) -> Tensor | None:
+    return None if value is None else fn(value)
+
+
+GENERATED_CE = ("data", "none")
+
+
+@dataclass
+class GeneratedRows:
+    """The rows of a micro-batch answered by the student (on-policy), as the channels
+    need them: the student batch of those rows with the student's answers, aligned
+    with the teacher's targets for the same answers."""
+
+    rows: Tensor  # [P] rows of the data batch
+    batch: dict
+    aligned: AlignedPositions
+    teacher: TeacherTargets
+    image_counts: Sequence[int]
+
+
+def with_generated(
+    data: ChannelValues, generated: ChannelValues, rows: Tensor, ce: str
+) -> ChannelValues:
+    """One micro-batch's values when rows ``rows`` were answered by the student: their
+    energies and representation from ``generated`` (the student's answers, in row order
+    of ``rows``), everything else from ``data`` (the data's answers to the same prompts).
+
+    ``ce``: ``data`` keeps the data answer's CE for every row (Beta-KD's unweighted data
+    term keeps its meaning); ``none`` gives student-answered rows no CE (GKD's loss). A
+    row's token count (its weight under token reduction, and whether it counts) stays the
+    data answer's, as the trainer's normaliser counts the data's answer tokens.
+    """
+    if ce not in GENERATED_CE:
+        raise ValueError(f"ce must be one of {GENERATED_CE}, got {ce!r}")
+    energies = {
+        name: value.index_copy(0, rows, generated.energies[name].to(value.dtype))
+        for name, value in data.energies.items()
+    }
+    representation = data.representation
+    if representation is not None:
+        representation = representation.index_copy(
+            0, rows, generated.representation.to(representation.dtype)
+        )
+    ce_values = data.ce if ce == "data" else data.ce.index_fill(0, rows, 0.0)
+    return replace(data, ce=ce_values, energies=energies, representation=representation)
 
 
 @dataclass(frozen=True)
@@ -123,10 +189,13 @@ class DistillationModule(nn.Module):
         chunk_size: int | None = None,
         chunk_compile: bool = False,
         student_representation: str | None = None,
+        generated_ce: str = "data",
     ) -> None:
         """``student_representation``: a kind of :func:`betakd.align.instance_representation`
         (``teacher_visual`` or ``teacher_answer_hidden``) taken of the student, detached,
-        and appended to the teacher's for the weighting; None: the teacher's alone."""
+        and appended to the teacher's for the weighting; None: the teacher's alone.
+        ``generated_ce``: the CE of rows answered by the student (see
+        :func:`with_generated`)."""
         super().__init__()
         self.student = student
         self.head = head
@@ -135,6 +204,9 @@ class DistillationModule(nn.Module):
         self.chunk_size = chunk_size
         self.chunk_compile = chunk_compile
         self.student_representation = student_representation
+        if generated_ce not in GENERATED_CE:
+            raise ValueError(f"generated_ce must be one of {GENERATED_CE}, got {generated_ce!r}")
+        self.generated_ce = generated_ce
 
     def forward(
         self,
@@ -143,8 +215,19 @@ class DistillationModule(nn.Module):
         teacher: TeacherTargets,
         image_counts: Sequence[int],
         num_items: Tensor | int | None = None,
+        generated: GeneratedRows | None = None,
     ) -> ObjectiveOutput:
-        values = self.channel_values(batch, aligned, teacher, image_counts, num_items=num_items)
+        """The objective on a micro-batch; with ``generated``, its rows ``generated.rows``
+        take their energies from the student's own answers (:func:`with_generated`)."""
+        if generated is None:
+            values = self.channel_values(batch, aligned, teacher, image_counts, num_items=num_items)
+        else:
+            values = self._values_with_generated(
+                batch, aligned, teacher, image_counts, generated, num_items
+            )
+        return self.loss(values, num_items)
+
+    def loss(self, values: ChannelValues, num_items: Tensor | int | None) -> ObjectiveOutput:
         return self.head.objective(
             values.ce,
             values.energies,
@@ -154,6 +237,32 @@ class DistillationModule(nn.Module):
             teacher_nll=values.teacher_nll,
         )
 
+    def _values_with_generated(
+        self, batch, aligned, teacher, image_counts, generated: GeneratedRows, num_items
+    ) -> ChannelValues:
+        """Two student passes: the data's answers (CE, data trust, the other rows), then
+        the student's own answers of ``generated.rows`` (their energies). Each pass's
+        chunks assume the merged loss (the other pass's values held fixed)."""
+        rows, ce = generated.rows, self.generated_ce
+        data = self.channel_values(
+            batch,
+            aligned,
+            teacher,
+            image_counts,
+            num_items=num_items,
+            into=lambda d: with_generated(d, d.detached().rows(rows), rows, ce),
+        )
+        fixed = data.detached()
+        own = self.channel_values(
+            generated.batch,
+            generated.aligned,
+            generated.teacher,
+            generated.image_counts,
+            num_items=num_items,
+            into=lambda g: with_generated(fixed, g, rows, ce),
+        )
+        return with_generated(data, own, rows, ce)
+
     def channel_values(
         self,
         batch: dict,
@@ -162,6 +271,7 @@ class DistillationModule(nn.Module):
         image_counts: Sequence[int],
         *,
         num_items: Tensor | int | None = None,
+        into: Callable[[ChannelValues], ChannelValues] | None = None,
     ) -> ChannelValues:
         """The student's forward pass and every channel's per-sample value, unweighted.
 
@@ -171,6 +281,8 @@ class DistillationModule(nn.Module):
         two different values of them (it then cannot depend on them: the loss is affine
         in them). Whatever loss is built from the values later, gradients stay exact: the
         chunks recompute in backward if the gradient they receive is another one.
+        ``into`` maps these values to the ones the loss is built from (default: as they
+        are), for the chunks' assumed gradient.
         """
         chunked_mode = self.chunk_size is not None
         # Chunked: only the last position's logits are built; the hidden states feed chunks.
@@ -191,14 +303,10 @@ class DistillationModule(nn.Module):
             def loss_of(ce: Tensor, logit_energies: dict[str, Tensor]) -> Tensor:
                 """The objective's loss for given CE and logit energies, all else as is."""
                 detached = {name: value.detach() for name, value in features.items()}
-                return self.head.objective(
-                    ce,
-                    {**logit_energies, **detached},
-                    representation,
-                    counts=counts,
-                    num_items=num_items,
-                    teacher_nll=teacher_nll,
-                ).loss
+                values = ChannelValues(
+                    ce, {**logit_energies, **detached}, representation, counts, teacher_nll
+                )
+                return self.loss(into(values) if into else values, num_items).loss
 
             ce, logit_energies = self._chunked_channels(out, teacher, aligned, loss_of)
         else:

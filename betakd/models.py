@@ -574,6 +574,18 @@ def get_adapter(config_or_model, processor=None) -> FamilyAdapter:
     return FamilyAdapter(spec, image_token_id, frozenset(ids))
 
 
+def stop_token_ids(model, tokenizer) -> set[int]:
+    """The tokens that end a generated answer: the model's end-of-sequence ids (its
+    generation config's, else the tokenizer's) and the pad token."""
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    ids = {eos} if isinstance(eos, int) else set(eos or ())
+    if tokenizer.pad_token_id is not None:
+        ids.add(tokenizer.pad_token_id)
+    return ids
+
+
 def forward_inputs(batch: dict[str, torch.Tensor], adapter: FamilyAdapter) -> dict:
     """The model inputs of a collated batch (drops labels and metadata).
 

@@ -9,18 +9,27 @@ left padding and the KV cache, seeded so that a step's samples are reproducible.
 teacher's with its own image tokens): prompt + answer, labels on the answer only
 (end of turn included), right padding, whichever padding the batch had. Both batches then go through the usual
 alignment, teacher source and energies, unchanged.
+
+:class:`PolicyMix` decides which rows of a training step the student answers itself
+(GKD's student-data fraction lambda, per batch or per sample), from the run's seed, the
+optimizer step and the rows' sample indices only: a resumed run, another batch size or
+gradient accumulation choose the same rows, and so does every process of a
+data-parallel run for the per-batch choice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from betakd.labels import IGNORE_INDEX, supervised
 from betakd.models import FamilyAdapter, forward_inputs
+
+MODES = ("off_policy", "on_policy", "mixed")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,53 @@ class GenerationSettings:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class PolicyMix:
+    """Which rows of an optimizer step are answered by the student (on-policy).
+
+    ``mode``: ``off_policy`` (none), ``on_policy`` (all) or ``mixed``: each batch (``per
+    = "batch"``, as GKD) or each sample (``per = "sample"``) with probability
+    ``student_fraction``.
+    """
+
+    mode: str = "off_policy"
+    student_fraction: float = 0.5
+    per: str = "batch"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.per not in ("batch", "sample"):
+            raise ValueError(f"per must be 'batch' or 'sample', got {self.per!r}")
+        if not 0 <= self.student_fraction <= 1:
+            raise ValueError(f"student_fraction must be in [0, 1], got {self.student_fraction}")
+
+    @property
+    def fraction(self) -> float:
+        """The probability that a batch (or sample) is answered by the student."""
+        return {"off_policy": 0.0, "on_policy": 1.0}.get(self.mode, self.student_fraction)
+
+    def chosen(self, step: int, sample_index: Tensor) -> Tensor:
+        """``[B]`` bool: the rows the student answers at optimizer step ``step``."""
+        rows = sample_index.shape[0]
+        if self.fraction in (0.0, 1.0):
+            return torch.full((rows,), self.fraction == 1.0)
+        if self.per == "batch":
+            return torch.full((rows,), _uniform(self.seed, step) < self.fraction)
+        draws = [_uniform(self.seed, step, int(i)) for i in sample_index.tolist()]
+        return torch.tensor(draws) < self.fraction
+
+    def generation_seed(self, step: int, sample_index: Tensor) -> int:
+        """The sampling seed of the rows ``sample_index`` at ``step``."""
+        entropy = [self.seed, step, *(int(i) for i in sample_index.tolist())]
+        return int(np.random.SeedSequence(entropy).generate_state(1)[0])
+
+
+def _uniform(*entropy: int) -> float:
+    return float(np.random.default_rng(np.random.SeedSequence(list(entropy))).random())
 
 
 def prompt_tokens(batch: dict) -> list[Tensor]:
@@ -80,13 +136,19 @@ def sample_answers(
     pad_token_id: int,
     eos_token_id: int | Sequence[int],
     seed: int,
+    suppress_tokens: Collection[int] = (),
 ) -> list[Tensor]:
     """Each row's answer as the student generates it: token ids ``[n_i]``, the end of
     sequence included when it was reached, padding excluded. The model's train/eval
-    mode is restored afterwards; the global RNG is left as it was."""
+    mode is restored afterwards; the global RNG is left as it was.
+
+    ``suppress_tokens`` are never generated: image placeholders and markers, which in an
+    answer would ask the model for images that are not there."""
     inputs = prompts(batch, adapter, pad_token_id)
     sampling = settings.temperature > 0
     options = {"do_sample": sampling, "num_beams": 1}
+    if suppress_tokens:
+        options["suppress_tokens"] = sorted(suppress_tokens)
     if sampling:
         options.update(temperature=settings.temperature, top_p=settings.top_p, top_k=0)
     was_training = model.training
@@ -141,4 +203,24 @@ def with_answers(
         labels=labels.to(device),
     )
     out.update(adapter.extra_inputs(out["input_ids"]))
+    return out
+
+
+def answered_batch(
+    batch: dict,
+    answers: Sequence[Tensor],
+    student: tuple[FamilyAdapter, int],
+    teachers: tuple[FamilyAdapter, int] | Mapping[str, tuple[FamilyAdapter, int]] | None,
+) -> dict:
+    """A collated KD batch (student rows, the teacher's batch or batches by name, sample
+    metadata) with every row's answer replaced by ``answers``, each side with its own
+    image tokens. ``student`` and each teacher: (adapter, pad token id)."""
+    out = with_answers(batch, answers, *student)
+    if isinstance(teachers, Mapping):
+        out["teacher"] = {
+            name: with_answers(batch["teacher"][name], answers, *side)
+            for name, side in teachers.items()
+        }
+    elif teachers is not None:
+        out["teacher"] = with_answers(batch["teacher"], answers, *teachers)
     return out

@@ -22,6 +22,7 @@ from betakd.data import DataCache, KDCollator, SampleEncoder, SkipReport, build_
 from betakd.distill import DistillationHead, DistillationModule, LogitChannelSpec
 from betakd.features import FeatureChannel
 from betakd.objective import DistillationObjective
+from betakd.onpolicy import GenerationSettings, PolicyMix
 from betakd.teachers import (
     CacheContents,
     CachedTeacher,
@@ -252,6 +253,7 @@ def build_trainer(
             chunk_size=config.channels.chunk_size,
             chunk_compile=config.channels.chunk_compile,
             student_representation=student_representation,
+            generated_ce=config.policy.ce,
         ),
         args=args,
         train_dataset=dataset,
@@ -265,7 +267,15 @@ def build_trainer(
         sample_groups=sample_groups,
         non_finite=config.non_finite.action,
         callbacks=list(callbacks),
+        policy=policy_mix(config, args.seed),
+        generation=GenerationSettings(**config.policy.generation.model_dump()),
     )
+
+
+def policy_mix(config: cfg.TrainConfig, seed: int) -> PolicyMix:
+    """Which rows the student answers, drawn from the run's seed."""
+    policy = config.policy
+    return PolicyMix(policy.mode, policy.student_fraction, policy.per, seed)
 
 
 def _sources(source: TeacherSource) -> list[TeacherSource]:

@@ -15,7 +15,11 @@ checkpointing, ``report_to``, progress bars). What this subclass adds:
   optimizer step from the whole accumulated batch of every process;
 * checkpoints that hold a standard student (``save_pretrained``) plus
   ``betakd_head.safetensors``; resuming restores both;
-* a policy for non-finite losses: stop with the step and sample ids, or skip the step.
+* a policy for non-finite losses: stop with the step and sample ids, or skip the step;
+* on-policy and mixed distillation (``policy``): the rows a :class:`PolicyMix` chooses
+  are answered by the student (sampled without gradients, seeded per step and rows),
+  and the teacher scores those answers; logs carry the share of student-answered
+  samples, their mean length and every channel's metrics split on/off policy.
 """
 
 from __future__ import annotations
@@ -29,9 +33,12 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback
 
-from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule
+from betakd.data import KDCollator, SampleEncoder
+from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule, GeneratedRows
 from betakd.files import write_json_atomic
 from betakd.labels import supervised
+from betakd.models import stop_token_ids, tokenizer_of
+from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sample_answers
 from betakd.teachers.protocol import BatchMeta, TeacherSource
 
 logger = logging.getLogger(__name__)
@@ -56,8 +63,12 @@ class BetaKDTrainer(Trainer):
         non_finite: str = "stop",
         sample_groups: Mapping[str, str] | None = None,
         calibration_samples: int = 256,
+        policy: PolicyMix | None = None,
+        generation: GenerationSettings | None = None,
         **kwargs,
     ) -> None:
+        """``policy``: which rows the student answers itself (default: none, off-policy);
+        ``generation``: how it samples them."""
         super().__init__(*args, **kwargs)
         if not isinstance(self.model, DistillationModule):
             raise TypeError("BetaKDTrainer trains a betakd.distill.DistillationModule")
@@ -70,6 +81,10 @@ class BetaKDTrainer(Trainer):
                 "other accelerators, not on CPUs): remove training.fsdp to train data "
                 "parallel, or run on GPUs"
             )
+        self.policy = policy if policy is not None and policy.fraction > 0 else None
+        self.generation = generation or GenerationSettings()
+        if self.policy is not None:
+            self._check_can_generate()
         self.teacher = teacher.prepare(self.accelerator)
         self.head_learning_rate = head_learning_rate
         self.head_weight_decay = head_weight_decay
@@ -83,6 +98,7 @@ class BetaKDTrainer(Trainer):
         self._group_sums: dict[str, float] = defaultdict(float)
         self._group_counts: dict[str, int] = defaultdict(int)
         self._step_energy: list[torch.Tensor] | None = None
+        self._policy_sums: dict[str, float] = defaultdict(float)
         self.add_callback(_EnergyScaleCallback(self))
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TrainerAwareCallback):
@@ -106,7 +122,8 @@ class BetaKDTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs["sample_ids"]
-        out = model(*self.loss_inputs(inputs), num_items_in_batch)
+        generated = self.generated_rows(inputs) if model.training else None
+        out = model(*self.loss_inputs(inputs), num_items_in_batch, generated=generated)
         loss = out.loss
         if self.args.world_size > 1:
             # DDP averages gradients over processes; the loss is normalised by the global
@@ -116,7 +133,9 @@ class BetaKDTrainer(Trainer):
             loss = self._handle_non_finite(loss, sample_ids)
         elif model.training:
             self._accumulate_metrics(out.metrics)
-            self._accumulate_groups(out, sample_ids)
+            self._accumulate_groups(out, [self.sample_groups.get(str(i)) for i in sample_ids])
+            if self.policy is not None:
+                self._accumulate_policy(out, generated)
             self._accumulate_step_energy(out)
         return (loss, out) if return_outputs else loss
 
@@ -127,6 +146,76 @@ class BetaKDTrainer(Trainer):
         meta = BatchMeta.pop_from(inputs)
         aligned, targets = self.teacher(inputs, meta)
         return inputs, aligned, targets, meta.image_counts
+
+    # ----------------------------------------------------------------- on-policy
+
+    def generated_rows(self, inputs: dict) -> GeneratedRows | None:
+        """The rows of this micro-batch the policy gives to the student at this step,
+        answered by it and scored by the teacher; None when there are none."""
+        if self.policy is None:
+            return None
+        step = self.state.global_step
+        chosen = self.policy.chosen(step, inputs["sample_index"].cpu())
+        if not bool(chosen.any()):
+            return None
+        rows = chosen.nonzero().squeeze(1)
+        batch = inputs
+        if not bool(chosen.all()):
+            index = inputs["sample_index"][rows].tolist()
+            batch = self._prepare_inputs(self.data_collator(self.train_dataset.by_index(index)))
+        collator: KDCollator = self.data_collator
+        student = self.distillation_module.student
+        answers = sample_answers(
+            student,
+            self.distillation_module.adapter,
+            batch,
+            self.generation,
+            pad_token_id=collator.student.pad_token_id,
+            eos_token_id=sorted(self._stop_ids),
+            seed=self.policy.generation_seed(step, batch["sample_index"].cpu()),
+            suppress_tokens=self._image_token_ids,
+        )
+        answered = answered_batch(batch, answers, _side(collator.student), _sides(collator.teacher))
+        return GeneratedRows(rows.to(inputs["input_ids"].device), *self.loss_inputs(answered))
+
+    def _check_can_generate(self) -> None:
+        if not isinstance(self.data_collator, KDCollator):
+            raise TypeError("on-policy training needs betakd's KDCollator (it re-encodes answers)")
+        sharded = self.is_fsdp_enabled or (
+            self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        )
+        if sharded:
+            raise EngineError(
+                "policy.mode: the student generates its answers with its full parameters, "
+                "which FSDP and DeepSpeed ZeRO-3 shard; betakd does not gather them for "
+                "generation yet: use DDP or ZeRO-1/2, or policy.mode: off_policy"
+            )
+        student = self.distillation_module.student
+        self._stop_ids = stop_token_ids(student, tokenizer_of(self.data_collator.student.processor))
+        # Image tokens of any model: in an answer they would ask for images not there.
+        encoders = [self.data_collator.student, *_encoders(self.data_collator.teacher)]
+        self._image_token_ids = set().union(*(e.adapter.image_token_ids for e in encoders))
+        if not self._stop_ids:
+            raise ValueError("the student has no end-of-sequence or pad token to stop answers at")
+
+    def _accumulate_policy(self, out, generated: GeneratedRows | None) -> None:
+        """Share of student-answered samples, their answers' length and whether they
+        ended, and every channel's metrics on and off policy."""
+        rows = out.valid.shape[0]
+        on = torch.zeros(rows, dtype=torch.bool)
+        if generated is not None:
+            on[generated.rows.cpu()] = True
+            labels = supervised(generated.batch["labels"])
+            lengths = labels.sum(dim=1).float()
+            last = generated.batch["input_ids"].gather(1, (labels.cumsum(1).argmax(1))[:, None])
+            ended = torch.tensor([int(t) in self._stop_ids for t in last.squeeze(1).tolist()])
+            self._policy_sums["generated_tokens"] += float(lengths.sum())
+            self._policy_sums["ended"] += float(ended.sum())
+        self._policy_sums["samples"] += rows
+        self._policy_sums["on_policy"] += float(on.sum())
+        self._accumulate_groups(
+            out, ["on_policy" if flag else "off_policy" for flag in on.tolist()], prefix="policy"
+        )
 
     # ----------------------------------------------------------------- energy scales
 
@@ -221,16 +310,15 @@ class BetaKDTrainer(Trainer):
                 self._metric_sums[key] += value
         self._metric_count += 1
 
-    def _accumulate_groups(self, out, sample_ids) -> None:
-        """Per group of samples: sums of each channel's energy, beta and weighted term."""
-        if not self.sample_groups:
-            return
+    def _accumulate_groups(self, out, groups: list[str | None], prefix: str = "group") -> None:
+        """Per group of samples (``groups``: each row's, None for none): sums of each
+        channel's energy, beta and weighted term, logged as ``prefix/group/channel/...``."""
         channels = self.head.objective.channels
         energies, betas, valid = out.energies, out.betas, out.valid
-        for row, sample_id in enumerate(sample_ids):
-            group = self.sample_groups.get(str(sample_id))
-            if group is None or not bool(valid[row]):
+        for row, name in enumerate(groups):
+            if name is None or not bool(valid[row]):
                 continue
+            group = f"{prefix}/{name}"
             self._group_counts[group] += 1
             for k, channel in enumerate(channels):
                 energy, beta = float(energies[row, k]), float(betas[row, k])
@@ -245,12 +333,24 @@ class BetaKDTrainer(Trainer):
             self._metric_sums.clear()
             self._metric_count = 0
             for key, value in self._group_sums.items():
-                logs[f"group/{key}"] = value / self._group_counts[key.split("/")[0]]
+                logs[key] = value / self._group_counts["/".join(key.split("/")[:2])]
             self._group_sums.clear()
             self._group_counts.clear()
+            logs.update(self._policy_logs())
         if self.skipped_steps:
             logs["skipped_non_finite_steps"] = self.skipped_steps
         super().log(logs, *args, **kwargs)
+
+    def _policy_logs(self) -> dict[str, float]:
+        sums = self._policy_sums
+        if not sums:
+            return {}
+        logs = {"on_policy/share": sums["on_policy"] / max(sums["samples"], 1.0)}
+        if sums["on_policy"]:
+            logs["on_policy/mean_generated_tokens"] = sums["generated_tokens"] / sums["on_policy"]
+            logs["on_policy/ended_share"] = sums["ended"] / sums["on_policy"]
+        sums.clear()
+        return logs
 
     # ----------------------------------------------------------------- optimizer
 
@@ -345,3 +445,20 @@ def mark_complete(checkpoint: Path) -> None:
 
 def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / COMPLETE_MARKER).is_file()
+
+
+def _side(encoder: SampleEncoder) -> tuple:
+    """(adapter, pad token id): what re-encoding an answer needs of one model."""
+    return encoder.adapter, encoder.pad_token_id
+
+
+def _sides(teacher: SampleEncoder | Mapping[str, SampleEncoder] | None):
+    if isinstance(teacher, Mapping):
+        return {name: _side(encoder) for name, encoder in teacher.items()}
+    return None if teacher is None else _side(teacher)
+
+
+def _encoders(teacher: SampleEncoder | Mapping[str, SampleEncoder] | None) -> list:
+    if isinstance(teacher, Mapping):
+        return list(teacher.values())
+    return [] if teacher is None else [teacher]

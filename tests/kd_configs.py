@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from betakd import config as cfg
 from betakd.distill import HEAD_FILE
+from betakd.train import build_trainer, training_arguments
 
 # The `training` block of every test config (plus its output_dir).
 TRAINING = {
@@ -62,3 +64,19 @@ class StopAfter(TrainerCallback):
 def final_state(out: Path):
     """The saved student's and head's tensors of a finished run."""
     return load_file(out / "model.safetensors"), load_file(out / HEAD_FILE)
+
+
+def losses_on_repeated_batch(config, steps=6):
+    """Manual optimisation of one batch through the trainer's own loss and optimizer."""
+    trainer = build_trainer(config, training_arguments(config))
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    optimizer = trainer.create_optimizer()
+    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    values = []
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
+        loss.backward()
+        optimizer.step()
+        values.append(float(loss))
+    return values, trainer

@@ -91,6 +91,24 @@ def test_sampling_is_seeded_and_leaves_the_global_rng_alone(kd_batch):
     assert student.model.training is False  # the loaded model's mode is kept
 
 
+def test_image_tokens_are_never_generated(kd_batch):
+    """A student whose likeliest next token is the image placeholder (its output bias
+    raised) answers without it when told to suppress image tokens."""
+    batch, student, _, encoders = kd_batch
+    model, adapter = student.model, student.adapter
+    settings = GenerationSettings(max_new_tokens=3, temperature=0.0)
+    options = {"pad_token_id": encoders[0].pad_token_id, "eos_token_id": 2, "seed": 0}
+    head = model.get_output_embeddings()
+    with torch.no_grad():
+        head.weight[adapter.image_token_id] += 50 * head.weight.abs().max()
+    plain = sample_answers(model, adapter, batch, settings, **options)
+    assert all(adapter.image_token_id in a.tolist() for a in plain)
+    kept = sample_answers(
+        model, adapter, batch, settings, suppress_tokens=adapter.image_token_ids, **options
+    )
+    assert not any(set(a.tolist()) & adapter.image_token_ids for a in kept)
+
+
 def test_answers_replace_the_data_answers_in_both_batches(kd_batch):
     """Only the new answer tokens are supervised (prompt and padding never are), and the
     student's and the teacher's batches align on exactly those tokens."""

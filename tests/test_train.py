@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from kd_configs import StopAfter, final_state, kd_raw
+from kd_configs import StopAfter, final_state, kd_raw, losses_on_repeated_batch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -41,22 +41,6 @@ def make_config(student, teacher, data, image_folder, out, weighting="task", **t
     if image_folder is None and weighting == "fixed":
         raw["weighting"]["options"] = {"weights": {"cosine_probs": 2.0}}
     return cfg.validate(raw)
-
-
-def losses_on_repeated_batch(config, steps=6):
-    """Manual optimisation of one batch through the trainer's own loss and optimizer."""
-    trainer = build_trainer(config, training_arguments(config))
-    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
-    optimizer = trainer.create_optimizer()
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
-    values = []
-    for _ in range(steps):
-        optimizer.zero_grad()
-        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
-        loss.backward()
-        optimizer.step()
-        values.append(float(loss))
-    return values, trainer
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ from betakd.eval.records import (
     require,
 )
 from betakd.eval.samples import Sample, as_sample, load_image
-from betakd.models import tokenizer_of
+from betakd.models import stop_token_ids, tokenizer_of
 
 
 def generate(
@@ -90,7 +90,7 @@ def generate_batch(
             pad_token_id=tokenizer.pad_token_id,
         )
     new_tokens = output[:, inputs["input_ids"].shape[1] :]
-    stop = _stop_ids(model, tokenizer)
+    stop = stop_token_ids(model, tokenizer)
     return [_until_stop(row.tolist(), stop) for row in new_tokens]
 
 
@@ -160,16 +160,6 @@ def _left_padding(tokenizer: Any) -> Iterator[None]:
         tokenizer.padding_side = side
         if pad is None:
             tokenizer.pad_token = None
-
-
-def _stop_ids(model: Any, tokenizer: Any) -> set[int]:
-    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    ids = {eos} if isinstance(eos, int) else set(eos or ())
-    if tokenizer.pad_token_id is not None:
-        ids.add(tokenizer.pad_token_id)
-    return ids
 
 
 def _until_stop(ids: list[int], stop: set[int]) -> list[int]:
