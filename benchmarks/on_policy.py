@@ -9,9 +9,9 @@ busy machine slows all alike; medians of the timed steps):
 * ``off_policy``: the data's answers (one student pass, one teacher pass);
 * ``on_policy``: every row answered by the student (sampling, temperature 1), with
   ``ce: data`` (the default: a second student pass on the data's answers for CE);
-* ``on_policy_ce_none``: the same with ``ce: none`` (GKD's loss; the data pass still
-  runs, for the data's CE of the other rows and trust, and is what this saves nothing
-  of: betakd always runs it, see the README).
+* ``on_policy_ce_none``: the same with ``ce: none`` (GKD's loss): with the task
+  weighting (no data trust) nothing is read of the data's answers, so the step runs one
+  student and one teacher pass, on the student's answers.
 
 Generation alone is timed on the same batches with ``betakd.onpolicy.sample_answers``
 (the student in eval mode, ``no_grad``, KV cache, left padding): tokens per second over

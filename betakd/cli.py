@@ -112,18 +112,20 @@ _register_subcommands()
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["default", "two-teachers"]),
+    type=click.Choice(["default", "two-teachers", "on-policy"]),
     default="default",
     show_default=True,
     help="two-teachers: a student distilled from two teachers blind on different slices "
-    "(defaults.yaml's two_teachers section; --strategies does not apply).",
+    "(defaults.yaml's two_teachers section); on-policy: sentence answers, the recommended "
+    "weighting off-policy, on-policy and mixed (its on_policy section). --strategies and "
+    "--diagnose apply to the default scenario.",
 )
 @click.option(
     "--output",
     type=click.Path(file_okay=False),
     default=None,
     help="Folder for report.md, results.json, plots and runs [betakd-demo, or "
-    "betakd-demo-two-teachers for that scenario].",
+    "betakd-demo-<scenario> for the others].",
 )
 def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) -> None:
     """Distill an easy-VQA student with several weightings and report which won.
@@ -136,16 +138,18 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
     betakd/demo/defaults.yaml and can be changed with --set.
     """
     from betakd.demo.config import DemoConfigError
+    from betakd.demo.on_policy import run_on_policy
     from betakd.demo.run import DemoRunError, run_demo
     from betakd.demo.two_teachers import run_two_teachers
 
     names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
+    scenarios = {"two-teachers": run_two_teachers, "on-policy": run_on_policy}
     try:
-        if scenario == "two-teachers":
+        if scenario in scenarios:
             if names or diagnose:
                 raise click.UsageError("--strategies and --diagnose apply to the default scenario")
-            output = output or "betakd-demo-two-teachers"
-            results = run_two_teachers(
+            output = output or f"betakd-demo-{scenario}"
+            results = scenarios[scenario](
                 output,
                 quick=quick,
                 seeds=range(seeds) if seeds else None,

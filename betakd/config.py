@@ -272,6 +272,12 @@ class PolicySettings(Strict):
     per: Literal["batch", "sample"] = Field(
         "batch", description="mixed: draw the choice once per batch (as GKD) or per sample"
     )
+    start_step: int = Field(
+        0,
+        ge=0,
+        description="optimizer steps on the data's answers before the student answers any "
+        "(a warm start: GKD starts from a fine-tuned student)",
+    )
     ce: Literal["data", "none"] = Field(
         "data",
         description="the CE channel of a student-answered sample: CE on the data's answer "

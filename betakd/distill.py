@@ -210,17 +210,21 @@ class DistillationModule(nn.Module):
 
     def forward(
         self,
-        batch: dict,
-        aligned: AlignedPositions,
-        teacher: TeacherTargets,
-        image_counts: Sequence[int],
+        batch: dict | None,
+        aligned: AlignedPositions | None,
+        teacher: TeacherTargets | None,
+        image_counts: Sequence[int] | None,
         num_items: Tensor | int | None = None,
         generated: GeneratedRows | None = None,
     ) -> ObjectiveOutput:
         """The objective on a micro-batch; with ``generated``, its rows ``generated.rows``
-        take their energies from the student's own answers (:func:`with_generated`)."""
+        take their energies from the student's own answers (:func:`with_generated`).
+        ``batch`` (and the other data arguments) None: every row is the student's and no
+        value comes from the data's answers (``generated_ce`` none, no data trust)."""
         if generated is None:
             values = self.channel_values(batch, aligned, teacher, image_counts, num_items=num_items)
+        elif batch is None:
+            values = self._generated_only(generated, num_items)
         else:
             values = self._values_with_generated(
                 batch, aligned, teacher, image_counts, generated, num_items
@@ -236,6 +240,27 @@ class DistillationModule(nn.Module):
             num_items=num_items,
             teacher_nll=values.teacher_nll,
         )
+
+    def _generated_only(self, generated: GeneratedRows, num_items) -> ChannelValues:
+        """Every row answered by the student, without CE: one student pass."""
+        if self.generated_ce != "none":
+            raise ValueError("without the data's answers there is no CE: generated_ce must be none")
+        rows = generated.batch["input_ids"].shape[0]
+        if not torch.equal(generated.rows.cpu(), torch.arange(rows)):
+            raise ValueError("without the data's answers every row must be the student's")
+
+        def without_ce(values: ChannelValues) -> ChannelValues:
+            return replace(values, ce=torch.zeros_like(values.ce))
+
+        values = self.channel_values(
+            generated.batch,
+            generated.aligned,
+            generated.teacher,
+            generated.image_counts,
+            num_items=num_items,
+            into=without_ce,
+        )
+        return without_ce(values)
 
     def _values_with_generated(
         self, batch, aligned, teacher, image_counts, generated: GeneratedRows, num_items

@@ -55,13 +55,15 @@ class PolicyMix:
 
     ``mode``: ``off_policy`` (none), ``on_policy`` (all) or ``mixed``: each batch (``per
     = "batch"``, as GKD) or each sample (``per = "sample"``) with probability
-    ``student_fraction``.
+    ``student_fraction``; from optimizer step ``start_step`` on (before it, none: a
+    warm start on the data's answers, as GKD starts from a fine-tuned student).
     """
 
     mode: str = "off_policy"
     student_fraction: float = 0.5
     per: str = "batch"
     seed: int = 0
+    start_step: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,6 +72,8 @@ class PolicyMix:
             raise ValueError(f"per must be 'batch' or 'sample', got {self.per!r}")
         if not 0 <= self.student_fraction <= 1:
             raise ValueError(f"student_fraction must be in [0, 1], got {self.student_fraction}")
+        if self.start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {self.start_step}")
 
     @property
     def fraction(self) -> float:
@@ -79,6 +83,8 @@ class PolicyMix:
     def chosen(self, step: int, sample_index: Tensor) -> Tensor:
         """``[B]`` bool: the rows the student answers at optimizer step ``step``."""
         rows = sample_index.shape[0]
+        if step < self.start_step:
+            return torch.zeros(rows, dtype=torch.bool)
         if self.fraction in (0.0, 1.0):
             return torch.full((rows,), self.fraction == 1.0)
         if self.per == "batch":

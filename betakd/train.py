@@ -275,7 +275,7 @@ def build_trainer(
 def policy_mix(config: cfg.TrainConfig, seed: int) -> PolicyMix:
     """Which rows the student answers, drawn from the run's seed."""
     policy = config.policy
-    return PolicyMix(policy.mode, policy.student_fraction, policy.per, seed)
+    return PolicyMix(policy.mode, policy.student_fraction, policy.per, seed, policy.start_step)
 
 
 def _sources(source: TeacherSource) -> list[TeacherSource]:

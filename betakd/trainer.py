@@ -123,7 +123,9 @@ class BetaKDTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         sample_ids = inputs["sample_ids"]
         generated = self.generated_rows(inputs) if model.training else None
-        out = model(*self.loss_inputs(inputs), num_items_in_batch, generated=generated)
+        rows = inputs["input_ids"].shape[0]
+        data = self.loss_inputs(inputs) if self._needs_data(generated, rows) else (None,) * 4
+        out = model(*data, num_items_in_batch, generated=generated)
         loss = out.loss
         if self.args.world_size > 1:
             # DDP averages gradients over processes; the loss is normalised by the global
@@ -177,6 +179,22 @@ class BetaKDTrainer(Trainer):
         )
         answered = answered_batch(batch, answers, _side(collator.student), _sides(collator.teacher))
         return GeneratedRows(rows.to(inputs["input_ids"].device), *self.loss_inputs(answered))
+
+    def _needs_data(self, generated: GeneratedRows | None, rows: int) -> bool:
+        """Whether the step reads anything of the data's answers: not when the student
+        answered every row, their CE is dropped, no trust reads the teacher's likelihood
+        of the data's answers and every sample weighs the same (GKD's setting: one
+        student pass and one teacher pass instead of two)."""
+        if generated is None:
+            return True
+        objective = self.head.objective
+        every_row = generated.rows.numel() == rows
+        return not (
+            every_row
+            and self.distillation_module.generated_ce == "none"
+            and not objective.weighting.needs_teacher_nll
+            and objective.reduction == "sample"
+        )
 
     def _check_can_generate(self) -> None:
         if not isinstance(self.data_collator, KDCollator):

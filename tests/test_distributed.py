@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from kd_configs import write_kd_config
+from kd_configs import kd_raw, write_kd_config
 from safetensors.torch import load_file
 
 from betakd import config as cfg
@@ -73,6 +73,42 @@ def test_ddp_two_processes_equal_one_process_with_double_batch(
         head_one = load_file(tmp_path / f"{weighting}-one" / HEAD_FILE)
         for key, value in head_one.items():
             torch.testing.assert_close(head_ddp[key], value, rtol=0, atol=1e-4)
+
+
+def test_ddp_on_policy_steps_equal_one_process_with_double_batch(
+    llava_pair, sixteen_samples, tmp_path
+):
+    """Student-answered rows under DDP: each process generates its own rows' answers
+    (greedy, so a sample's answer does not depend on its batch) and the per-sample choice
+    follows the samples, so 2 x 2 equals 1 x 4."""
+    data, images = sixteen_samples
+    policy = {"mode": "mixed", "student_fraction": 0.5, "per": "sample",
+              "generation": {"max_new_tokens": 4, "temperature": 0.0}}  # fmt: skip
+    paths = {}
+    for name, batch in (("ddp", 2), ("one", 4)):
+        raw = kd_raw(llava_pair, data, images, tmp_path / name, "instance", {"hidden": 8},
+                     per_device_train_batch_size=batch, max_steps=3, learning_rate=1e-2)  # fmt: skip
+        raw["policy"] = policy
+        paths[name] = tmp_path / f"{name}.yaml"
+        paths[name].write_text(cfg.yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_port", str(free_port()), str(Path(__file__).with_name("ddp_worker.py")),
+        str(paths["ddp"]),
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    single = run_training(cfg.load_config(paths["one"]))
+    ddp_history = json.loads((tmp_path / "ddp" / "log_history.json").read_text())
+    losses_ddp = [h["loss"] for h in ddp_history if "loss" in h]
+    assert losses_ddp == pytest.approx(
+        [h["loss"] for h in single.log_history if "loss" in h], abs=1e-4
+    )
+    assert any(0 < h["on_policy/share"] for h in ddp_history if "on_policy/share" in h)
+    head_ddp, head_one = (load_file(tmp_path / n / HEAD_FILE) for n in ("ddp", "one"))
+    for key, value in head_one.items():
+        torch.testing.assert_close(head_ddp[key], value, rtol=0, atol=1e-4)
 
 
 def test_fsdp_on_cpus_is_refused_rather_than_run_as_ddp(llava_pair, sixteen_samples, tmp_path):

@@ -68,6 +68,8 @@ def test_policy_mix_draws_from_seed_step_and_samples_only():
     assert abs(float(per_batch[:, 0].float().mean()) - 0.3) < 0.06
     assert not PolicyMix("off_policy").chosen(0, index).any()
     assert PolicyMix("on_policy").chosen(0, index).all()
+    late = PolicyMix("on_policy", start_step=4)
+    assert not late.chosen(3, index).any() and late.chosen(4, index).all()
     assert mix.generation_seed(3, index) == mix.generation_seed(3, index.clone())
     assert mix.generation_seed(3, index) != mix.generation_seed(4, index)
 
@@ -279,3 +281,36 @@ def test_resuming_a_mixed_run_equals_the_uninterrupted_run(llava_pair, vqa_data,
         torch.testing.assert_close(model_b[key], model_a[key], rtol=0, atol=1e-6)
     for key in head_a:
         torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_without_ce_on_student_rows_the_data_pass_is_skipped_and_changes_nothing(
+    chunk_size, llava_pair, vqa_data, tmp_path
+):
+    """ce: none with every row the student's and no data trust: one student and one
+    teacher pass give the loss and gradients of the two-pass step."""
+    data, images = vqa_data
+    policy = {"mode": "on_policy", "ce": "none"}
+    config = policy_config(llava_pair, data, images, tmp_path / "o", policy, "instance",
+                           {"hidden": 8})  # fmt: skip
+    config.channels.chunk_size = chunk_size
+    trainer = build_trainer(config, training_arguments(config))
+    batch = trainer.data_collator(list(trainer.train_dataset)[:4])
+    answers = [torch.tensor([11 + row, 12, 13][: 1 + row % 3]) for row in range(4)]
+    generated = generated_rows_of(trainer, batch, [0, 1, 2, 3], answers)
+    assert not trainer._needs_data(generated, 4)
+    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    results = []
+    for data_part in (trainer.loss_inputs(batch), (None,) * 4):
+        trainer.model.zero_grad()
+        out = trainer.model(*data_part, num_items, generated=generated)
+        out.loss.backward()
+        grads = [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
+        results.append((out.loss.detach(), grads))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    trainer.model.generated_ce = "data"
+    assert trainer._needs_data(generated, 4)
+    trainer.model.generated_ce = "none"
+    assert trainer._needs_data(generated_rows_of(trainer, batch, [0, 1], answers[:2]), 4)

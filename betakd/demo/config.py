@@ -88,6 +88,24 @@ class TwoTeachers:
 
 
 @dataclass(frozen=True)
+class OnPolicy:
+    """``betakd demo --scenario on-policy``: the data's answers as short sentences, and
+    the recommended weighting trained off-policy, on-policy and mixed."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    strategy: str = "robust_instance"  # the weighting (a strategy name) of every KD run
+    modes: tuple[str, ...] = ("off_policy", "mixed", "on_policy")
+    student_fraction: float = 0.5  # lambda of the mixed runs
+    per: str = "batch"  # mixed: draw per batch (GKD) or per sample
+    ce: str = "data"  # the CE of student-answered samples: the data answer's, or none
+    max_new_tokens: int = 24  # the student's answers in training, and every test answer
+    temperature: float = 1.0
+    # One more run: on-policy after this many off-policy steps (a warm start); None: none.
+    warm_start_step: int | None = 125
+    blind_value: str | None = None  # the teacher's blind slice (None: it sees everything)
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
     vocab_size: int = 512
@@ -104,6 +122,7 @@ class DemoConfig:
     strategies: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     run: tuple[str, ...] = ()
     two_teachers: TwoTeachers = field(default_factory=TwoTeachers)
+    on_policy: OnPolicy = field(default_factory=OnPolicy)
 
     def data_key(self) -> str:
         return self.data.key()
@@ -139,6 +158,7 @@ SECTIONS = {
     "student_training": StudentTraining,
     "channels": DemoChannels,
     "two_teachers": TwoTeachers,
+    "on_policy": OnPolicy,
 }
 PLAIN = {"tokenizer", "image_size", "strategies", "run"}
 

@@ -30,7 +30,7 @@ import random
 import re
 import shutil
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,14 @@ ANSWERS_BY_QTYPE: dict[str, tuple[str, ...]] = {
     "presence": ("yes", "no"),
 }
 ATTRIBUTES: tuple[str, ...] = ("colour", "shape")
+# "word": easy-VQA's one-word answers; "sentence": a short description read from the
+# pixels, "<size> <colour> shape on the <side>" (several answer tokens, for on-policy
+# distillation, where a student's early mistakes can change what it says next).
+ANSWER_FORMATS: tuple[str, ...] = ("word", "sentence")
+SENTENCE_REQUEST = " Describe its size, colour and side."
+# A shape is "large" from this bounding-box side (pixels of the 64x64 image): the
+# median over easy-VQA's training images, so both sizes are about equally common.
+LARGE_FROM = 20
 FORMAT_VERSION = 1
 _NEGATION = re.compile(r"\b(not|no)\b")
 
@@ -86,8 +94,16 @@ class DemoDataConfig:
     teacher_max_train: int | None = None
     seed: int = 0
     prompt_suffix: str = ""
+    answer_format: str = "word"
 
     def __post_init__(self) -> None:
+        if self.answer_format not in ANSWER_FORMATS:
+            raise ValueError(
+                f"DemoDataConfig.answer_format must be one of {ANSWER_FORMATS}, "
+                f"got {self.answer_format!r}"
+            )
+        if self.answer_format != "word" and (self.noise_rate or self.teacher_noisy):
+            raise ValueError("DemoDataConfig: noisy answers are defined for one-word answers only")
         unknown = set(self.qtypes) - set(QTYPES)
         if unknown or not self.qtypes:
             raise ValueError(f"DemoDataConfig.qtypes: unknown {sorted(unknown)}; use {QTYPES}")
@@ -107,7 +123,14 @@ class DemoDataConfig:
 
     def key(self) -> str:
         """Short stable hash naming this configuration (and the format version)."""
-        return _short_hash({"v": FORMAT_VERSION, **asdict(self)})
+        return _short_hash({"v": FORMAT_VERSION, **self._fields()})
+
+    def _fields(self) -> dict:
+        # The default answer format is left out, so that keys made before it existed hold.
+        fields = asdict(self)
+        if fields["answer_format"] == "word":
+            del fields["answer_format"]
+        return fields
 
     def teacher_key(self) -> str:
         """Hash of only the fields that change the teacher's split.
@@ -121,6 +144,8 @@ class DemoDataConfig:
             "teacher_max_train": self.teacher_max_train,
             "prompt_suffix": self.prompt_suffix,
         }
+        if self.answer_format != "word":
+            fields["answer_format"] = self.answer_format
         if self.teacher_noisy:
             fields["noise"] = self.noise_rate
         if self.teacher_noisy or self.teacher_max_train is not None:
@@ -166,6 +191,7 @@ class Sample:
                 "blind": self.blind,
                 "colour": self.colour,
                 "shape": self.shape,
+                **self.extra,
             },
         }
 
@@ -217,6 +243,44 @@ def pixel_attributes(path: str | os.PathLike) -> tuple[str, str]:
     fill = mask.sum() / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
     shape = "rectangle" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
     return colour, shape
+
+
+def pixel_layout(path: str | os.PathLike) -> tuple[str, str]:
+    """(size, side) of the shape in an easy-VQA image: "large" when its bounding box is at
+    least LARGE_FROM pixels on a side, else "small"; "left" when the box's centre is left
+    of the image's, else "right"."""
+    rgb = np.asarray(Image.open(path).convert("RGB"))
+    masks = [np.all(rgb == value, axis=-1) for value in PALETTE.values()]
+    mask = max(masks, key=lambda m: int(m.sum()))
+    if not mask.any():
+        raise ValueError(f"{path}: no pixel of any easy-VQA palette colour")
+    ys, xs = np.nonzero(mask)
+    side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1
+    centre = (xs.min() + xs.max()) / 2
+    return (
+        "large" if side >= LARGE_FROM else "small",
+        "left" if centre < (rgb.shape[1] - 1) / 2 else "right",
+    )
+
+
+def as_sentences(samples: Sequence[Sample], paths: dict[int, str]) -> list[Sample]:
+    """The samples asking for, and answered with, the sentence description of their
+    image (see ANSWER_FORMATS); the size and side go to ``meta``."""
+    layouts = {i: pixel_layout(paths[i]) for i in sorted({s.image_id for s in samples})}
+    result = []
+    for sample in samples:
+        size, side = layouts[sample.image_id]
+        answer = f"{size} {sample.colour} shape on the {side}"
+        result.append(
+            replace(
+                sample,
+                question=sample.question + SENTENCE_REQUEST,
+                answer=answer,
+                original_answer=answer,
+                extra={**sample.extra, "size": size, "side": side},
+            )
+        )
+    return result
 
 
 def infer_shapes(questions: Iterable[tuple[str, str, int]]) -> dict[int, str]:
@@ -411,6 +475,10 @@ def build_demo_data(out_dir: str | os.PathLike, config: DemoDataConfig | None = 
     root.mkdir(parents=True, exist_ok=True)
     train, train_paths = load_easyvqa("train")
     test, test_paths = load_easyvqa("test")
+    if config.answer_format == "sentence":
+        train = [s for s in train if s.qtype in config.qtypes]
+        test = [s for s in test if s.qtype in config.qtypes]
+        train, test = as_sentences(train, train_paths), as_sentences(test, test_paths)
     splits = make_splits(train, test, config)
     _copy_images(
         train_paths,

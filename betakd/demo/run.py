@@ -131,7 +131,11 @@ def evaluate(model_dir: Path, records: list[dict], image_folder: Path, batch_siz
 
 
 def predict(
-    model_dir: Path, records: list[dict], image_folder: Path, batch_size: int
+    model_dir: Path,
+    records: list[dict],
+    image_folder: Path,
+    batch_size: int,
+    max_new_tokens: int = 4,
 ) -> dict[str, str]:
     """Each test record's generated answer, by record id (greedy, ``betakd eval``'s harness)."""
     from betakd.models import load_model, load_processor
@@ -140,7 +144,12 @@ def predict(
     processor = load_processor(model_dir)
     samples = [_as_sample(r, image_folder) for r in records]
     predictions = generate(
-        model, processor, samples, batch_size=batch_size, max_new_tokens=4, progress=False
+        model,
+        processor,
+        samples,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        progress=False,
     )
     return {p["question_id"]: p["text"] for p in predictions}
 
@@ -187,8 +196,10 @@ def train_config(
     out: Path,
     settings: DemoSettings,
     cache_dir: Path | None = None,
+    policy: dict | None = None,
 ) -> cfg.TrainConfig:
-    """The `betakd train` config of one demo run (what a user would write in YAML)."""
+    """The `betakd train` config of one demo run (what a user would write in YAML);
+    ``policy``: its ``policy`` block (default: off-policy)."""
     raw = {
         "student": {"path": str(student)},
         "teacher": (
@@ -201,6 +212,8 @@ def train_config(
         "weighting": strategy.weighting_block(config.channels, settings.weighting_learning_rate),
         "training": training_block(settings, seed, out),
     }
+    if policy is not None:
+        raw["policy"] = policy
     return cfg.validate(raw, source=f"demo strategy {strategy.name} seed {seed}")
 
 
