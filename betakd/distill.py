@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from betakd import align, chunked, energies, weighting
 from betakd.align import AlignedPositions
 from betakd.features import FeatureChannel
-from betakd.models import FamilyAdapter, forward_inputs, slice_vocab
+from betakd.models import FamilyAdapter, forward_inputs, slice_vocab, with_image_outputs
 from betakd.objective import DistillationObjective, ObjectiveOutput, per_sample_mean, token_counts
 from betakd.teachers.protocol import TeacherTargets
 
@@ -38,6 +38,9 @@ class ChannelValues:
     counts: Tensor  # [B] supervised answer tokens per sample
     # Teacher's NLL of the answers, for data trust: [B], or [B, K] per weighted channel.
     teacher_nll: Tensor | None = None
+    # The student's image encoder output of this pass (not weighed): a second pass over
+    # the same images reuses it (betakd.models.with_image_outputs).
+    image_outputs: object = None
 
     def detached(self) -> ChannelValues:
         return ChannelValues(
@@ -267,7 +270,9 @@ class DistillationModule(nn.Module):
     ) -> ChannelValues:
         """Two student passes: the data's answers (CE, data trust, the other rows), then
         the student's own answers of ``generated.rows`` (their energies). Each pass's
-        chunks assume the merged loss (the other pass's values held fixed)."""
+        chunks assume the merged loss (the other pass's values held fixed). When both
+        passes hold the very same images (every row the student's), the second reuses the
+        first's image encoding."""
         rows, ce = generated.rows, self.generated_ce
         data = self.channel_values(
             batch,
@@ -278,6 +283,7 @@ class DistillationModule(nn.Module):
             into=lambda d: with_generated(d, d.detached().rows(rows), rows, ce),
         )
         fixed = data.detached()
+        same_images = generated.batch.get("pixel_values") is batch.get("pixel_values")
         own = self.channel_values(
             generated.batch,
             generated.aligned,
@@ -285,6 +291,7 @@ class DistillationModule(nn.Module):
             generated.image_counts,
             num_items=num_items,
             into=lambda g: with_generated(fixed, g, rows, ce),
+            image_outputs=data.image_outputs if same_images else None,
         )
         return with_generated(data, own, rows, ce)
 
@@ -297,6 +304,7 @@ class DistillationModule(nn.Module):
         *,
         num_items: Tensor | int | None = None,
         into: Callable[[ChannelValues], ChannelValues] | None = None,
+        image_outputs=None,
     ) -> ChannelValues:
         """The student's forward pass and every channel's per-sample value, unweighted.
 
@@ -307,14 +315,16 @@ class DistillationModule(nn.Module):
         in them). Whatever loss is built from the values later, gradients stay exact: the
         chunks recompute in backward if the gradient they receive is another one.
         ``into`` maps these values to the ones the loss is built from (default: as they
-        are), for the chunks' assumed gradient.
+        are), for the chunks' assumed gradient. ``image_outputs``: an earlier pass's image
+        encoder output for this batch's images, reused instead of encoding them again.
         """
         chunked_mode = self.chunk_size is not None
         # Chunked: only the last position's logits are built; the hidden states feed chunks.
         extra = {"output_hidden_states": True, "logits_to_keep": 1} if chunked_mode else {}
         if self.student_representation == "teacher_answer_hidden":
             extra["output_hidden_states"] = True
-        out = self.student(**forward_inputs(batch, self.adapter), **extra)
+        inputs = with_image_outputs(forward_inputs(batch, self.adapter), image_outputs)
+        out = self.student(**inputs, **extra)
         representation = self._representation(out, teacher, aligned, image_counts)
         features = self._feature_energies(out, teacher, image_counts) if self.head.features else {}
         counts = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size)
@@ -337,7 +347,12 @@ class DistillationModule(nn.Module):
         else:
             ce, logit_energies = self._dense_channels(out, teacher, aligned)
         return ChannelValues(
-            ce, {**logit_energies, **features}, representation, counts, teacher_nll
+            ce,
+            {**logit_energies, **features},
+            representation,
+            counts,
+            teacher_nll,
+            getattr(out, "image_outputs", None),
         )
 
     def _representation(

@@ -574,6 +574,19 @@ def get_adapter(config_or_model, processor=None) -> FamilyAdapter:
     return FamilyAdapter(spec, image_token_id, frozenset(ids))
 
 
+def with_image_outputs(inputs: dict, image_outputs) -> dict:
+    """Model inputs that reuse an earlier forward pass's image encoder output (its
+    ``image_outputs``) for the same images instead of encoding them again: transformers'
+    ``mm_encoder_outputs`` (the pixels are dropped; grids, sizes and masks stay, as the
+    language model's positions need them). With autograd, both passes' gradients reach
+    the vision tower through the one encoding. None: ``inputs`` unchanged."""
+    if image_outputs is None or "pixel_values" not in inputs:
+        return inputs
+    reused = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    reused["mm_encoder_outputs"] = {"image": image_outputs}
+    return reused
+
+
 def stop_token_ids(model, tokenizer) -> set[int]:
     """The tokens that end a generated answer: the model's end-of-sequence ids (its
     generation config's, else the tokenizer's) and the pad token."""

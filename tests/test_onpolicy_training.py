@@ -314,3 +314,55 @@ def test_without_ce_on_student_rows_the_data_pass_is_skipped_and_changes_nothing
     assert trainer._needs_data(generated, 4)
     trainer.model.generated_ce = "none"
     assert trainer._needs_data(generated_rows_of(trainer, batch, [0, 1], answers[:2]), 4)
+
+
+def vision_tower(student):
+    names = ("vision_tower", "visual", "vision_model")
+    return next(m for n, m in student.named_modules() if n.split(".")[-1] in names)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama"])
+def test_the_answer_pass_reuses_the_data_pass_image_encoding(
+    family, tiny_model_dir, vqa_data, tmp_path
+):
+    """Every row the student's: the answer pass reads the data pass's image encoding
+    (transformers' mm_encoder_outputs) instead of running the vision tower again, and
+    the teacher encodes the images once for both of its passes, with the same loss and
+    gradients as encoding them twice."""
+    data, images = vqa_data
+    pair = (tiny_model_dir(family, "student"), tiny_model_dir(family, "teacher"))
+    config = policy_config(pair, data, images, tmp_path / "o", {"mode": "on_policy"}, "task")
+    trainer = build_trainer(config, training_arguments(config))
+    batch = trainer.data_collator(list(trainer.train_dataset)[:4])
+    answers = [torch.tensor([11 + row, 12, 13][: 1 + row % 3]) for row in range(4)]
+    answered = answered_batch(batch, answers, *sides(trainer))
+    # The same pixels in other tensors: each pass encodes them again.
+    teacher = dict(answered["teacher"], pixel_values=answered["teacher"]["pixel_values"].clone())
+    twice = dict(answered, pixel_values=answered["pixel_values"].clone(), teacher=teacher)
+    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    calls, teacher_calls = [], []
+    vision_tower(trainer.model.student).register_forward_hook(lambda *_: calls.append(1))
+    vision_tower(trainer.teacher.model).register_forward_hook(lambda *_: teacher_calls.append(1))
+    results = []
+    for other in (answered, twice):
+        calls.clear()
+        teacher_calls.clear()
+        generated = GeneratedRows(torch.arange(4), *trainer.loss_inputs(other))
+        data_part = trainer.loss_inputs(batch)
+        trainer.model.zero_grad()
+        out = trainer.model(*data_part, num_items, generated=generated)
+        out.loss.backward()
+        grads = {
+            n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None
+        }
+        results.append((out.loss.detach(), grads, (len(calls), len(teacher_calls))))
+    (loss_once, grads_once, calls_once), (loss_twice, grads_twice, calls_twice) = results
+    assert calls_once[0] < calls_twice[0] and calls_once[1] < calls_twice[1], (
+        calls_once,
+        calls_twice,
+    )
+    torch.testing.assert_close(loss_once, loss_twice, rtol=1e-6, atol=1e-7)
+    assert grads_once.keys() == grads_twice.keys()
+    assert any("vision" in n or "visual" in n for n in grads_once)
+    for name, value in grads_twice.items():
+        torch.testing.assert_close(grads_once[name], value, rtol=1e-4, atol=1e-6, msg=name)

@@ -9,7 +9,7 @@ from torch import nn
 
 from betakd import align
 from betakd.align import AlignedPositions, align_positions
-from betakd.models import FamilyAdapter, forward_inputs, slice_vocab
+from betakd.models import FamilyAdapter, forward_inputs, slice_vocab, with_image_outputs
 from betakd.teachers.protocol import BatchMeta, TeacherTargets
 from betakd.teachers.targets import DenseLogits, HiddenStateLogits
 
@@ -56,6 +56,10 @@ class OnlineTeacher:
         self.chunk_size = chunk_size
         self.student_adapter = student_adapter
         self.include_prompt = include_prompt
+        # The last batch's image tensor and the teacher's encoding of it: an on-policy
+        # step scores the data's answers and the student's for the very same images
+        # (the same tensor object), and encodes them once.
+        self._last_images: tuple[torch.Tensor, object] | None = None
 
     def prepare(self, accelerator) -> OnlineTeacher:
         """Place the frozen teacher for the engine in use, without making it trainable.
@@ -107,11 +111,13 @@ class OnlineTeacher:
         # Chunked: only the last position's logits are built by the model; the energies
         # get the hidden states and lm_head and build logits a chunk at a time.
         extra = {"logits_to_keep": 1} if chunked else {}
-        out = self.model(
-            **forward_inputs(teacher_batch, self.adapter),
-            output_hidden_states=wants_hidden,
-            **extra,
-        )
+        inputs = forward_inputs(teacher_batch, self.adapter)
+        images = inputs.get("pixel_values")
+        if images is not None and self._last_images is not None and self._last_images[0] is images:
+            inputs = with_image_outputs(inputs, self._last_images[1])
+        out = self.model(**inputs, output_hidden_states=wants_hidden, **extra)
+        if images is not None:
+            self._last_images = (images, getattr(out, "image_outputs", None))
         if chunked:
             head = self.model.get_output_embeddings()
             hidden = aligned.teacher(out.hidden_states[-1]).detach()
