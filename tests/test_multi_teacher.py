@@ -376,3 +376,38 @@ def test_the_instance_representation_can_append_the_students_own(trio, vqa_data,
     raw["weighting"].update(representation="teacher_confidence", representation_from=["student"])
     with pytest.raises(cfg.ConfigError, match="the student's representation is one of"):
         cfg.validate(raw)
+
+
+def test_two_teachers_score_the_students_own_answers(trio, vqa_data, tmp_path):
+    """On-policy with two teachers of different families: each teacher's batch gets the
+    student's answers with its own image tokens; answers equal to the data's give the
+    off-policy loss, and a mixed run (per sample, rows collated again) trains."""
+    from betakd.distill import GeneratedRows
+    from betakd.labels import supervised
+    from betakd.onpolicy import answered_batch
+
+    raw = two_teacher_raw(trio, vqa_data, tmp_path / "o", "instance", {"hidden": 8})
+    raw["policy"] = {"mode": "mixed", "student_fraction": 0.8, "per": "sample",
+                     "generation": {"max_new_tokens": 4}}  # fmt: skip
+    trainer = build_trainer(cfg.validate(raw), training_arguments(cfg.validate(raw)))
+    collator = trainer.data_collator
+    batch = collator(list(trainer.train_dataset)[:4])
+    answers = [batch["input_ids"][r][supervised(batch["labels"][r])] for r in range(4)]
+    sides = {n: (e.adapter, e.pad_token_id) for n, e in collator.teacher.items()}
+    student = (collator.student.adapter, collator.student.pad_token_id)
+    answered = answered_batch(batch, answers, student, sides)
+    generated = GeneratedRows(torch.arange(4), *trainer.loss_inputs(answered))
+    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    with torch.no_grad():
+        on = trainer.model(*trainer.loss_inputs(batch), num_items, generated=generated)
+        off = trainer.model(*trainer.loss_inputs(batch), num_items)
+    torch.testing.assert_close(on.loss, off.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(on.energies, off.energies, rtol=1e-5, atol=1e-6)
+
+    raw["training"]["output_dir"] = str(tmp_path / "run")
+    result = run_training(cfg.validate(raw))
+    logged = [h for h in result.log_history if "loss" in h]
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in logged)
+    shares = [h["on_policy/share"] for h in logged]
+    assert any(s > 0 for s in shares), shares
+    assert any("policy/on_policy/qwen/fkl/energy" in h for h in logged)
