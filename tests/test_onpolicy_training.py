@@ -366,3 +366,18 @@ def test_the_answer_pass_reuses_the_data_pass_image_encoding(
     assert any("vision" in n or "visual" in n for n in grads_once)
     for name, value in grads_twice.items():
         torch.testing.assert_close(grads_once[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("setting", ["lora", "gradient_checkpointing"])
+def test_a_lora_or_checkpointed_student_generates_and_trains(
+    setting, llava_pair, vqa_data, tmp_path
+):
+    data, images = vqa_data
+    extra = {"gradient_checkpointing": True} if setting == "gradient_checkpointing" else {}
+    raw = kd_raw(llava_pair, data, images, tmp_path / "o", "task", **extra)
+    if setting == "lora":
+        raw["student"]["lora"] = {"r": 4}
+    raw["policy"] = {"mode": "on_policy", "generation": {"max_new_tokens": 4}}
+    logged = [h for h in run_training(cfg.validate(raw)).log_history if "loss" in h]
+    assert [h["on_policy/share"] for h in logged] == [1.0] * 4
+    assert logged[-1]["loss"] < logged[0]["loss"]
