@@ -66,6 +66,14 @@ def final_state(out: Path):
     return load_file(out / "model.safetensors"), load_file(out / HEAD_FILE)
 
 
+def assert_same_final_state(a: Path, b: Path, atol: float = 1e-6) -> None:
+    """Two finished runs saved the same student and head (``atol`` 0: bit for bit)."""
+    for saved_a, saved_b in zip(final_state(a), final_state(b), strict=True):
+        assert saved_a.keys() == saved_b.keys()
+        for key, value in saved_a.items():
+            torch.testing.assert_close(saved_b[key], value, rtol=0, atol=atol, msg=key)
+
+
 def losses_on_repeated_batch(config, steps=6):
     """Manual optimisation of one batch through the trainer's own loss and optimizer."""
     trainer = build_trainer(config, training_arguments(config))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from kd_configs import TRAINING as SHARED_TRAINING
-from kd_configs import StopAfter, final_state
+from kd_configs import StopAfter, assert_same_final_state, final_state
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -230,11 +230,8 @@ def test_resume_and_init_from_with_two_teachers(trio, vqa_data, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         run_training(broken, callbacks=[StopAfter(3)])
     run_training(broken, resume=True)
-    (model_a, head_a), (model_b, head_b) = final_state(tmp_path / "a"), final_state(tmp_path / "b")
-    for key in model_a:
-        torch.testing.assert_close(model_b[key], model_a[key], rtol=0, atol=1e-6)
-    for key in head_a:
-        torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
+    assert_same_final_state(tmp_path / "a", tmp_path / "b")
+    _, head_a = final_state(tmp_path / "a")
 
     second = two_teacher_raw(trio, vqa_data, tmp_path / "c", "instance", opts)
     second["weighting"]["init_from"] = str(tmp_path / "a")

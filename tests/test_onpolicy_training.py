@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from kd_configs import StopAfter, final_state, kd_raw, losses_on_repeated_batch
+from kd_configs import StopAfter, assert_same_final_state, kd_raw, losses_on_repeated_batch
 
 from betakd import config as cfg
 from betakd.distill import GeneratedRows
@@ -256,11 +256,7 @@ def test_student_fraction_zero_trains_exactly_as_off_policy(llava_pair, vqa_data
         config = policy_config(llava_pair, data, images, tmp_path / name, policy, "instance")
         runs.append(run_training(config))
     assert loss_trajectory(runs[1]) == loss_trajectory(runs[0])
-    (model_a, head_a), (model_b, head_b) = (final_state(tmp_path / n) for n in ("off", "zero"))
-    for key in model_a:
-        assert torch.equal(model_b[key], model_a[key]), key
-    for key in head_a:
-        assert torch.equal(head_b[key], head_a[key]), key
+    assert_same_final_state(tmp_path / "off", tmp_path / "zero", atol=0)
 
 
 def test_resuming_a_mixed_run_equals_the_uninterrupted_run(llava_pair, vqa_data, tmp_path):
@@ -276,11 +272,7 @@ def test_resuming_a_mixed_run_equals_the_uninterrupted_run(llava_pair, vqa_data,
     with pytest.raises(KeyboardInterrupt):
         run_training(broken, callbacks=[StopAfter(3)])
     run_training(broken, resume=True)
-    (model_a, head_a), (model_b, head_b) = final_state(tmp_path / "a"), final_state(tmp_path / "b")
-    for key in model_a:
-        torch.testing.assert_close(model_b[key], model_a[key], rtol=0, atol=1e-6)
-    for key in head_a:
-        torch.testing.assert_close(head_b[key], head_a[key], rtol=0, atol=1e-6)
+    assert_same_final_state(tmp_path / "a", tmp_path / "b")
 
 
 @pytest.mark.parametrize("chunk_size", [None, 3])

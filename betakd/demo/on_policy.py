@@ -300,13 +300,8 @@ def _examples(tests: list[dict], predictions: dict[str, str], n: int = 3) -> lis
 
 
 def summaries(results: dict) -> dict[str, dict[str, dict]]:
-    """Per accuracy key: mean, std, worst and best seed per run (``report.summarize``)."""
-    runs = [{"strategy": r["run"], "accuracy": r["accuracy"]} for r in results["runs"]]
-    return {key: report.summarize(runs, key) for key in ACCURACY_KEYS}
-
-
-def _cell(stat: dict | None) -> str:
-    return "-" if stat is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
+    """Per accuracy key: mean, std, worst and best seed per run."""
+    return report.scenario_summaries(results, ACCURACY_KEYS)
 
 
 def accuracy_table(results: dict, stats: dict) -> str:
@@ -322,7 +317,7 @@ def accuracy_table(results: dict, stats: dict) -> str:
         if name not in stats["all"]:
             continue
         seconds = [r["train_seconds"] for r in results["runs"] if r["run"] == name]
-        cells = [_cell(stats[k].get(name)) for k in ACCURACY_KEYS]
+        cells = [report.cell(stats[k].get(name)) for k in ACCURACY_KEYS]
         rows.append(
             f"| {run['label']} | " + " | ".join(cells) + f" | {stats['all'][name]['min']:.1f} "
             f"| {statistics.fmean(seconds):.0f} |"
@@ -379,28 +374,9 @@ def comparison(results: dict, stats: dict) -> list[str]:
 
 
 def plot_accuracy(results: dict, stats: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = [r for r in results["runs_catalogue"] if r["name"] in stats["all"]]
-    fig, axes = plt.subplots(1, len(ACCURACY_KEYS), figsize=(16, 4.2), sharey=True)
-    for ax, key in zip(axes, ACCURACY_KEYS, strict=True):
-        xs = list(range(len(order)))
-        ax.bar(xs, [stats[key][r["name"]]["mean"] for r in order],
-               yerr=[stats[key][r["name"]]["std"] for r in order], capsize=3, color="#4C72B0")  # fmt: skip
-        for x, r in zip(xs, order):
-            seeds = [run["accuracy"][key] for run in results["runs"] if run["run"] == r["name"]]
-            ax.scatter([x] * len(seeds), seeds, color="black", s=10, zorder=3)
-        ax.set_xticks(xs, [r["name"].replace("_", "-") for r in order], rotation=30, ha="right")
-        ax.set_ylim(0, 105)
-        ax.set_title(key.replace("_", " "))
-    axes[0].set_ylabel("test exact match (%)")
-    fig.suptitle("on-policy demo: student accuracy (mean ± std over seeds; dots = seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.plot_scenario_accuracy(
+        results, stats, ACCURACY_KEYS, path, title="on-policy demo", tick="name"
+    )
 
 
 def write_report(results: dict, out: Path) -> Path:

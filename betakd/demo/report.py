@@ -6,6 +6,7 @@ import os
 import platform
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 # A strategy is "stable" when every seed lies within this many points of its mean.
@@ -174,8 +175,45 @@ def verdict(results: dict) -> str:
     return " ".join(lines)
 
 
-def _cell(stats: dict | None) -> str:
+def cell(stats: dict | None) -> str:
+    """A table cell: mean ± std over seeds, or "-"."""
     return "-" if stats is None else f"{stats['mean']:.1f} ± {stats['std']:.1f}"
+
+
+def scenario_summaries(results: dict, keys: Sequence[str]) -> dict[str, dict[str, dict]]:
+    """A scenario's runs (``run`` names, ``accuracy`` fields): per accuracy key, the
+    :func:`summarize` table per run."""
+    runs = [{"strategy": r["run"], "accuracy": r["accuracy"]} for r in results["runs"]]
+    return {key: summarize(runs, key) for key in keys}
+
+
+def plot_scenario_accuracy(
+    results: dict, stats: dict, keys: Sequence[str], path: Path, *, title: str, tick: str
+) -> None:
+    """One panel per accuracy key: each run's mean (bar), std (error bar) and seeds
+    (dots), in ``runs_catalogue`` order, labelled by the runs' ``tick`` field."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [r for r in results["runs_catalogue"] if r["name"] in stats[keys[0]]]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys) + 2, 4.5), sharey=True)
+    for ax, key in zip(axes, keys, strict=True):
+        xs = list(range(len(order)))
+        ax.bar(xs, [stats[key][r["name"]]["mean"] for r in order],
+               yerr=[stats[key][r["name"]]["std"] for r in order], capsize=3, color="#4C72B0")  # fmt: skip
+        for x, r in zip(xs, order):
+            seeds = [run["accuracy"][key] for run in results["runs"] if run["run"] == r["name"]]
+            ax.scatter([x] * len(seeds), seeds, color="black", s=10, zorder=3)
+        ax.set_xticks(xs, [r[tick] for r in order], rotation=35, ha="right", fontsize=7)
+        ax.set_ylim(0, 105)
+        ax.set_title(key.replace("_", " "))
+    axes[0].set_ylabel("test exact match (%)")
+    fig.suptitle(f"{title}: student accuracy (mean ± std over seeds; dots = seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _table(results: dict) -> str:
@@ -200,8 +238,8 @@ def _table(results: dict) -> str:
         if name == best:
             label += " = best fixed (tuned on test)"
         rows.append(
-            f"| {label} | {_cell(stats)} | {_cell(summaries['outside_blind'].get(name))} | "
-            f"{_cell(summaries['blind'].get(name))} | {stats['min']:.1f} | "
+            f"| {label} | {cell(stats)} | {cell(summaries['outside_blind'].get(name))} | "
+            f"{cell(summaries['blind'].get(name))} | {stats['min']:.1f} | "
             f"{'yes' if stats['stable'] else '**no**'} |"
         )
     return "\n".join(rows)

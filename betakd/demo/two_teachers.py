@@ -365,9 +365,8 @@ def _representation(runs: list[ScenarioRun]) -> str:
 
 
 def summaries(results: dict) -> dict[str, dict[str, dict]]:
-    """Per accuracy key: mean, std, worst and best seed per run (``report.summarize``)."""
-    runs = [{"strategy": r["run"], "accuracy": r["accuracy"]} for r in results["runs"]]
-    return {key: report.summarize(runs, key) for key in ACCURACY_KEYS}
+    """Per accuracy key: mean, std, worst and best seed per run."""
+    return report.scenario_summaries(results, ACCURACY_KEYS)
 
 
 def design_check(results: dict, stats: dict) -> list[str]:
@@ -434,10 +433,6 @@ def targets(results: dict, stats: dict) -> list[tuple[str, bool | None, str]]:
     return rows
 
 
-def _cell(stat: dict | None) -> str:
-    return "-" if stat is None else f"{stat['mean']:.1f} ± {stat['std']:.1f}"
-
-
 def accuracy_table(results: dict, stats: dict) -> str:
     rows = [
         "| student | all | blind slice of a ({a}) | blind slice of b ({b}) | rest | worst seed "
@@ -452,7 +447,7 @@ def accuracy_table(results: dict, stats: dict) -> str:
     for run in results["runs_catalogue"]:
         if run["name"] not in stats["all"]:
             continue
-        cells = [_cell(stats[k].get(run["name"])) for k in ACCURACY_KEYS]
+        cells = [report.cell(stats[k].get(run["name"])) for k in ACCURACY_KEYS]
         rows.append(
             f"| {run['label']} | "
             + " | ".join(cells)
@@ -485,28 +480,9 @@ def betas_table(results: dict) -> str:
 
 
 def plot_accuracy(results: dict, stats: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    order = [r for r in results["runs_catalogue"] if r["name"] in stats["all"]]
-    fig, axes = plt.subplots(1, len(ACCURACY_KEYS), figsize=(18, 4.5), sharey=True)
-    for ax, key in zip(axes, ACCURACY_KEYS, strict=True):
-        xs = list(range(len(order)))
-        ax.bar(xs, [stats[key][r["name"]]["mean"] for r in order],
-               yerr=[stats[key][r["name"]]["std"] for r in order], capsize=3, color="#4C72B0")  # fmt: skip
-        for x, r in zip(xs, order):
-            seeds = [run["accuracy"][key] for run in results["runs"] if run["run"] == r["name"]]
-            ax.scatter([x] * len(seeds), seeds, color="black", s=10, zorder=3)
-        ax.set_xticks(xs, [r["label"] for r in order], rotation=35, ha="right", fontsize=7)
-        ax.set_ylim(0, 105)
-        ax.set_title(key.replace("_", " "))
-    axes[0].set_ylabel("test exact match (%)")
-    fig.suptitle("two teachers: student accuracy (mean ± std over seeds; dots = seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    report.plot_scenario_accuracy(
+        results, stats, ACCURACY_KEYS, path, title="two teachers", tick="label"
+    )
 
 
 def write_report(results: dict, out: Path) -> Path:
