@@ -28,7 +28,6 @@ from betakd.demo import report
 from betakd.demo.config import DemoConfig
 from betakd.demo.easyvqa_data import DemoData
 from betakd.demo.run import (
-    QUICK,
     DemoSettings,
     demo_config,
     one_thread,
@@ -36,7 +35,7 @@ from betakd.demo.run import (
     prepare_worker,
     raise_for_failures,
     run_in_pool,
-    settings_from,
+    scenario_settings,
     student_init,
     test_samples,
     train_config,
@@ -227,12 +226,9 @@ def run_on_policy(
     with one_thread():
         started = time.time()
         config = scenario_config(demo_config(quick, overrides))
-        changes = dict(QUICK) if quick else {"seeds": config.on_policy.seeds}
-        if seeds:
-            changes["seeds"] = tuple(seeds)
-        if jobs:
-            changes["jobs"] = jobs
-        settings = settings_from(config, **changes)
+        settings = scenario_settings(
+            config, config.on_policy.seeds, quick=quick, seeds=seeds, jobs=jobs
+        )
         runs = scenario_runs(config)
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

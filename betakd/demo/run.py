@@ -76,6 +76,21 @@ def settings_from(config: DemoConfig, **changes) -> DemoSettings:
 
 
 QUICK = dict(seeds=(0,), steps=12, test_questions=64, logging_steps=4, train_limit=384)
+
+
+def scenario_settings(
+    config: DemoConfig, scenario_seeds, *, quick: bool, seeds=None, jobs: int | None = None
+) -> DemoSettings:
+    """A scenario's settings: its own seeds (``scenario_seeds``), or the quick ones, or
+    those given, and ``jobs`` when given."""
+    changes = dict(QUICK) if quick else {"seeds": tuple(scenario_seeds)}
+    if seeds:
+        changes["seeds"] = tuple(seeds)
+    if jobs:
+        changes["jobs"] = jobs
+    return settings_from(config, **changes)
+
+
 QUICK_TEACHER_STEPS = 40
 
 

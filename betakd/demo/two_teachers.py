@@ -36,7 +36,6 @@ from betakd.demo import report
 from betakd.demo.config import DemoConfig
 from betakd.demo.easyvqa_data import DemoData, read_jsonl
 from betakd.demo.run import (
-    QUICK,
     DemoSettings,
     beta_history,
     data_block,
@@ -48,7 +47,7 @@ from betakd.demo.run import (
     prepare_worker,
     raise_for_failures,
     run_in_pool,
-    settings_from,
+    scenario_settings,
     slice_history,
     student_init,
     test_samples,
@@ -284,12 +283,9 @@ def run_two_teachers(
     with one_thread():
         started = time.time()
         config = demo_config(quick, overrides)
-        changes = dict(QUICK) if quick else {"seeds": config.two_teachers.seeds}
-        if seeds:
-            changes["seeds"] = tuple(seeds)
-        if jobs:
-            changes["jobs"] = jobs
-        settings = settings_from(config, **changes)
+        settings = scenario_settings(
+            config, config.two_teachers.seeds, quick=quick, seeds=seeds, jobs=jobs
+        )
         runs = scenario_runs(config)
         designs = {"a": config, "b": second_teacher_config(config)}
         blind = {t: designs[t].data.blind_value for t in TEACHERS}
