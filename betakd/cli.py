@@ -42,6 +42,8 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
       weighting: name (equal|fixed|task|instance|closed_form|reference),
                  options, learning_rate, representation, reduction, init_from
       non_finite: action (stop|skip)
+      policy:    mode (off_policy|on_policy|mixed), student_fraction, per,
+                 start_step, ce (data|none), generation
       training:  any transformers.TrainingArguments field
     """
     cfg = load_config(config, overrides)
@@ -51,7 +53,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     from betakd.data import DataError
     from betakd.models import ModelError
     from betakd.teachers import CacheError
-    from betakd.train import OutputDirError, run_training
+    from betakd.train import OutputDirError, release_processes, run_training
     from betakd.trainer import EngineError
 
     try:
@@ -66,6 +68,8 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     ) as err:
         # What a user must fix in their files or settings: one line, no traceback.
         raise click.ClickException(str(err)) from err
+    finally:
+        release_processes()
     click.echo(f"student saved to {result.output_dir} ({result.skips.summary()})")
 
 

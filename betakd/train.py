@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
@@ -499,7 +500,18 @@ def run_training(
     resume_from = _last_complete_checkpoint(output_dir) if resume else None
     trainer.train(resume_from_checkpoint=resume_from)
     save_final(trainer, output_dir)
+    # Every process returns once the saved student exists: one that reached its exit
+    # while another was still saving could abort in the distributed teardown.
+    trainer.accelerator.wait_for_everyone()
     return TrainResult(output_dir, trainer.train_dataset.report, trainer.state.log_history, trainer)
+
+
+def release_processes() -> None:
+    """Destroy a multi-process run's process group before the process exits: one left
+    to the interpreter's exit can abort a process (SIGABRT, "terminate called without an
+    active exception") after the run has finished and saved."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def save_final(trainer: BetaKDTrainer, output_dir: Path) -> None:

@@ -159,7 +159,9 @@ def test_ddp_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(
             WEIGHTINGS["instance"], per_device_train_batch_size=2, learning_rate=1e-2, **extra,
         )  # fmt: skip
 
-    straight = subprocess.run(torchrun(str(config("straight"))), env=env, capture_output=True)
+    straight = subprocess.run(
+        torchrun(str(config("straight"))), env=env, capture_output=True, text=True
+    )
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     killed_config = config("killed")
