@@ -53,7 +53,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     from betakd.data import DataError
     from betakd.models import ModelError
     from betakd.teachers import CacheError
-    from betakd.train import OutputDirError, release_processes, run_training
+    from betakd.train import OutputDirError, exit_process, release_processes, run_training
     from betakd.trainer import EngineError
 
     try:
@@ -69,8 +69,10 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
         # What a user must fix in their files or settings: one line, no traceback.
         raise click.ClickException(str(err)) from err
     finally:
-        release_processes()
+        distributed = release_processes()
     click.echo(f"student saved to {result.output_dir} ({result.skips.summary()})")
+    if distributed:
+        exit_process()
 
 
 def _register_subcommands() -> None:

@@ -8,6 +8,8 @@ wires them in order. It is, with the command line, the only reader of the config
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -506,12 +508,24 @@ def run_training(
     return TrainResult(output_dir, trainer.train_dataset.report, trainer.state.log_history, trainer)
 
 
-def release_processes() -> None:
-    """Destroy a multi-process run's process group before the process exits: one left
-    to the interpreter's exit can abort a process (SIGABRT, "terminate called without an
-    active exception") after the run has finished and saved."""
+def release_processes() -> bool:
+    """Destroy a multi-process run's process group (after its run); returns whether
+    this process was one of several."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+        return True
+    return False
+
+
+def exit_process() -> None:
+    """End a finished multi-process run's process without the interpreter's teardown:
+    torch.distributed's C++ state aborts it now and then at exit (SIGABRT, "terminate
+    called without an active exception"), after everything is saved, which the launcher
+    reports as a failed run. Output streams and logs are flushed first."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def save_final(trainer: BetaKDTrainer, output_dir: Path) -> None:

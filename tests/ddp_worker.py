@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from betakd.config import load_config
-from betakd.train import release_processes, run_training
+from betakd.train import exit_process, release_processes, run_training
 
 
 def main(paths: list[str]) -> None:
@@ -18,7 +18,8 @@ def main(paths: list[str]) -> None:
         if result.trainer.is_world_process_zero():
             history = Path(result.output_dir) / "log_history.json"
             history.write_text(json.dumps(result.log_history))
-    release_processes()
+    if release_processes():
+        exit_process()
 
 
 if __name__ == "__main__":
