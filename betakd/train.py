@@ -430,6 +430,7 @@ def online_source(
         chunk_size=chunk_size,
         student_adapter=student_adapter,
         include_prompt=any(c.positions != "answer" for c in plan.logits),
+        reuse_images=config.policy.on_policy,
     )
 
 

@@ -256,6 +256,7 @@ def test_student_fraction_zero_trains_exactly_as_off_policy(llava_pair, vqa_data
         config = policy_config(llava_pair, data, images, tmp_path / name, policy, "instance")
         runs.append(run_training(config))
     assert loss_trajectory(runs[1]) == loss_trajectory(runs[0])
+    assert not runs[1].trainer.teacher.reuse_images  # nothing kept between batches
     assert_same_final_state(tmp_path / "off", tmp_path / "zero", atol=0)
 
 

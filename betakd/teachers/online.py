@@ -30,6 +30,10 @@ class OnlineTeacher:
             many tokens at a time.
         student_adapter, include_prompt: align prompt positions too (needs both adapters
             to tell image tokens apart).
+        reuse_images: keep the last batch's image tensor and the teacher's encoding of
+            it, and reuse that encoding when the next batch holds the very same tensor
+            (an on-policy step scores the data's answers and the student's for the same
+            images); off, nothing is kept between batches.
     """
 
     def __init__(
@@ -44,6 +48,7 @@ class OnlineTeacher:
         chunk_size: int | None = None,
         student_adapter: FamilyAdapter | None = None,
         include_prompt: bool = False,
+        reuse_images: bool = False,
     ) -> None:
         model.eval()
         model.requires_grad_(False)
@@ -56,9 +61,7 @@ class OnlineTeacher:
         self.chunk_size = chunk_size
         self.student_adapter = student_adapter
         self.include_prompt = include_prompt
-        # The last batch's image tensor and the teacher's encoding of it: an on-policy
-        # step scores the data's answers and the student's for the very same images
-        # (the same tensor object), and encodes them once.
+        self.reuse_images = reuse_images
         self._last_images: tuple[torch.Tensor, object] | None = None
 
     def prepare(self, accelerator) -> OnlineTeacher:
@@ -112,11 +115,13 @@ class OnlineTeacher:
         # get the hidden states and lm_head and build logits a chunk at a time.
         extra = {"logits_to_keep": 1} if chunked else {}
         inputs = forward_inputs(teacher_batch, self.adapter)
-        images = inputs.get("pixel_values")
-        if images is not None and self._last_images is not None and self._last_images[0] is images:
-            inputs = with_image_outputs(inputs, self._last_images[1])
+        images = inputs.get("pixel_values") if self.reuse_images else None
+        last, self._last_images = self._last_images, None
+        second_pass = images is not None and last is not None and last[0] is images
+        if second_pass:  # encoded once for both passes; then nothing is kept
+            inputs = with_image_outputs(inputs, last[1])
         out = self.model(**inputs, output_hidden_states=wants_hidden, **extra)
-        if images is not None:
+        if images is not None and not second_pass:
             self._last_images = (images, getattr(out, "image_outputs", None))
         if chunked:
             head = self.model.get_output_embeddings()
