@@ -88,7 +88,7 @@ _register_subcommands()
 
 @main.command()
 @click.option("--quick", is_flag=True, help="Smoke run (one seed, a few steps): about a minute.")
-@click.option("--seeds", type=click.IntRange(1), default=None, help="Seeds per strategy [2].")
+@click.option("--seeds", type=click.IntRange(1), default=None, help="Seeds per strategy [3].")
 @click.option(
     "--strategies",
     default=None,
@@ -118,13 +118,14 @@ _register_subcommands()
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["default", "two-teachers", "on-policy"]),
+    type=click.Choice(["default", "two-teachers", "on-policy", "feature-channel"]),
     default="default",
     show_default=True,
     help="two-teachers: a student distilled from two teachers blind on different slices "
     "(defaults.yaml's two_teachers section); on-policy: sentence answers, the recommended "
-    "weighting off-policy, on-policy and mixed (its on_policy section). --strategies and "
-    "--diagnose apply to the default scenario.",
+    "weighting off-policy, on-policy and mixed (its on_policy section); feature-channel: "
+    "the default runs with a visual feature channel added (its feature_channel section). "
+    "--strategies and --diagnose apply to the default scenario.",
 )
 @click.option(
     "--output",
@@ -144,12 +145,17 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
     betakd/demo/defaults.yaml and can be changed with --set.
     """
     from betakd.demo.config import DemoConfigError
+    from betakd.demo.feature_channel import run_feature_channel
     from betakd.demo.on_policy import run_on_policy
     from betakd.demo.run import DemoRunError, run_demo
     from betakd.demo.two_teachers import run_two_teachers
 
     names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
-    scenarios = {"two-teachers": run_two_teachers, "on-policy": run_on_policy}
+    scenarios = {
+        "two-teachers": run_two_teachers,
+        "on-policy": run_on_policy,
+        "feature-channel": run_feature_channel,
+    }
     try:
         if scenario in scenarios:
             if names or diagnose:

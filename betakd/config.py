@@ -108,6 +108,13 @@ class FeatureChannelSettings(Strict):
     rank: int | None = Field(
         None, ge=1, description="low-rank adapter: match only an r-dimensional projection"
     )
+    anneal_steps: int | None = Field(
+        None,
+        ge=1,
+        description="the channel's weight falls linearly from full to zero over this many "
+        "optimizer steps, then stays off (hints first, as FitNets' first stage); none: "
+        "always on",
+    )
 
     @field_validator("energy")
     @classmethod
@@ -221,6 +228,12 @@ class WeightingSettings(Strict):
         description="first training samples whose mean energies set each channel's energy "
         "scale before training (used by prior_rate_scale, trust and scale_momentum)",
     )
+    reliability_samples: int = Field(
+        8192,
+        ge=4,
+        description="first training samples whose teacher NLLs and h(x) fit the teacher "
+        "reliability (options.reliability) before training",
+    )
     representation: Representation = "teacher_visual"
     representation_from: list[str] | None = Field(
         None,
@@ -244,10 +257,33 @@ class WeightingSettings(Strict):
         return value
 
     @property
-    def needs_representation(self) -> bool:
+    def network_input(self) -> bool:
+        """Whether the weighting itself reads h(x) (an instance network)."""
         return self.name == "instance" or (
             self.name == "reference" and self.options.get("level") == "instance"
         )
+
+    @property
+    def uses_reliability(self) -> bool:
+        return self.options.get("reliability") is not None
+
+    @property
+    def needs_representation(self) -> bool:
+        return self.network_input or self.uses_reliability
+
+    def build_options(self, representation_dim: int) -> dict[str, Any]:
+        """The options of ``weighting.build`` with the width of h(x) filled in."""
+        options = dict(self.options)
+        if self.network_input:
+            options.setdefault("input_dim", representation_dim)
+        if self.uses_reliability:
+            if not isinstance(options["reliability"], dict):
+                raise ValueError(
+                    f"weighting.options.reliability must be a mapping of options, got "
+                    f"{options['reliability']!r}"
+                )
+            options["reliability"] = {"input_dim": representation_dim, **options["reliability"]}
+        return options
 
 
 class GenerationOptions(Strict):
@@ -422,9 +458,15 @@ class TrainConfig(Strict):
         return list(self.weighting.representation_from or [self.teachers[0].name])
 
     def _probe_options(self) -> dict[str, Any]:
-        options = dict(self.weighting.options)
-        if self.weighting.needs_representation:
-            options.setdefault("input_dim", 1)
+        return self.weighting_options(representation_dim=1)
+
+    def weighting_options(self, representation_dim: int) -> dict[str, Any]:
+        """``weighting.build``'s options: the config's, the width of h(x), and with
+        several teachers and a reliability, which teacher each channel reads."""
+        options = self.weighting.build_options(representation_dim)
+        if self.teachers is not None and self.weighting.uses_reliability:
+            plans = self.teacher_plans()
+            options["channel_teachers"] = {c: p.name for p in plans for c in p.channel_names}
         return options
 
 

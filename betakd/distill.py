@@ -127,10 +127,13 @@ class DistillationHead(nn.Module):
         logit_channels: Sequence[LogitChannelSpec],
         feature_channels: dict[str, FeatureChannel],
         feature_teachers: Mapping[str, str | None] | None = None,
+        anneal_steps: Mapping[str, int] | None = None,
     ) -> None:
         """``feature_teachers``: feature channel -> the teacher it reads (default: the
-        single teacher for every one)."""
+        single teacher for every one). ``anneal_steps``: channel -> the optimizer steps
+        over which its weight falls linearly to zero (:meth:`set_step`)."""
         super().__init__()
+        self.anneal_steps = dict(anneal_steps or {})
         self.objective = objective
         self.logit_channels = list(logit_channels)
         self.energy_fns = {c.name: energies.get(c.energy, **c.options) for c in logit_channels}
@@ -140,6 +143,13 @@ class DistillationHead(nn.Module):
             **{c.name: c.teacher for c in self.logit_channels},
             **{name: feature_teachers.get(name) for name in feature_channels},
         }
+
+    def set_step(self, step: int) -> None:
+        """Set the scheduled channels' gains for optimizer step ``step`` (from 0)."""
+        if self.anneal_steps:
+            self.objective.weighting.set_channel_gains(
+                {name: max(0.0, 1.0 - step / steps) for name, steps in self.anneal_steps.items()}
+            )
 
     @property
     def teachers(self) -> list[str | None]:
@@ -353,6 +363,26 @@ class DistillationModule(nn.Module):
             counts,
             teacher_nll,
             getattr(out, "image_outputs", None),
+        )
+
+    def reliability_inputs(
+        self,
+        batch: dict,
+        aligned: AlignedPositions,
+        teacher: TeacherTargets,
+        image_counts: Sequence[int],
+    ) -> tuple[Tensor, Tensor | None]:
+        """What the teacher reliability is fitted on, per sample: the teacher NLLs of the
+        answers (as the weighting receives them) and h(x). The student runs only when
+        h(x) includes its own representation."""
+        out = None
+        if self.student_representation is not None:
+            hidden = self.student_representation == "teacher_answer_hidden"
+            extra = {"output_hidden_states": True} if hidden else {}
+            out = self.student(**forward_inputs(batch, self.adapter), **extra)
+        return (
+            self._teacher_nll(teacher, aligned),
+            self._representation(out, teacher, aligned, image_counts),
         )
 
     def _representation(

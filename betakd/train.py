@@ -267,6 +267,7 @@ def build_trainer(
         head_weight_decay=config.weighting.weight_decay,
         adapter_weight_decay=config.weighting.adapter_weight_decay,
         calibration_samples=config.weighting.calibration_samples,
+        reliability_samples=config.weighting.reliability_samples,
         sample_groups=sample_groups,
         non_finite=config.non_finite.action,
         callbacks=list(callbacks),
@@ -297,6 +298,7 @@ def build_head(
     specs = []
     feats = {}
     feature_teachers = {}
+    anneal_steps = {}
     for plan in config.teacher_plans():
         specs += [
             LogitChannelSpec(
@@ -325,12 +327,12 @@ def build_head(
                 rank=f.rank,
             )
             feature_teachers[name] = plan.name
-    options = dict(config.weighting.options)
-    if config.weighting.needs_representation:
-        options.setdefault("input_dim", rep_dim)
+            if f.anneal_steps is not None:
+                anneal_steps[name] = f.anneal_steps
+    options = config.weighting_options(rep_dim)
     built = weighting.build(config.weighting.name, ["ce", *config.channel_names()], **options)
     objective = DistillationObjective(built, reduction=config.weighting.reduction)
-    return DistillationHead(objective, specs, feats, feature_teachers)
+    return DistillationHead(objective, specs, feats, feature_teachers, anneal_steps)
 
 
 def _representation(config: cfg.TrainConfig) -> str | None:

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from betakd.data import KDCollator, SampleEncoder
@@ -38,6 +39,7 @@ from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule, Gene
 from betakd.files import write_json_atomic
 from betakd.labels import supervised
 from betakd.models import stop_token_ids, tokenizer_of
+from betakd.objective import token_counts
 from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sample_answers
 from betakd.teachers.protocol import BatchMeta, TeacherSource
 
@@ -63,6 +65,7 @@ class BetaKDTrainer(Trainer):
         non_finite: str = "stop",
         sample_groups: Mapping[str, str] | None = None,
         calibration_samples: int = 256,
+        reliability_samples: int = 8192,
         policy: PolicyMix | None = None,
         generation: GenerationSettings | None = None,
         **kwargs,
@@ -92,6 +95,7 @@ class BetaKDTrainer(Trainer):
         self.non_finite = non_finite
         self.sample_groups = dict(sample_groups or {})
         self.calibration_samples = calibration_samples
+        self.reliability_samples = reliability_samples
         self.skipped_steps = 0
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_count = 0
@@ -99,7 +103,7 @@ class BetaKDTrainer(Trainer):
         self._group_counts: dict[str, int] = defaultdict(int)
         self._step_energy: list[torch.Tensor] | None = None
         self._policy_sums: dict[str, float] = defaultdict(float)
-        self.add_callback(_EnergyScaleCallback(self))
+        self.add_callback(_HeadCallback(self))
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TrainerAwareCallback):
                 callback.trainer = self
@@ -278,6 +282,58 @@ class BetaKDTrainer(Trainer):
         )
         return scale
 
+    def fit_reliability(self) -> dict[str, float]:
+        """Fit the weighting's teacher reliability on the first ``reliability_samples``
+        training samples (data-file order): their teacher NLLs and h(x), without
+        gradients. Samples without a supervised answer token are left out."""
+        reliability = self._weighting.reliability
+        module = self.distillation_module
+        n = min(self.reliability_samples, len(self.train_dataset))
+        size = self.args.per_device_train_batch_size
+        nlls, representations = [], []
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for start in tqdm(
+                range(0, n, size),
+                desc="fitting the teacher reliability",
+                disable=not self.is_local_process_zero(),
+            ):
+                batch = self.data_collator(
+                    [self.train_dataset[i] for i in range(start, min(n, start + size))]
+                )
+                inputs, aligned, targets, image_counts = self.loss_inputs(batch)
+                nll, representation = module.reliability_inputs(
+                    inputs, aligned, targets, image_counts
+                )
+                valid = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
+                nlls.append(nll[valid].float().cpu())
+                representations.append(representation[valid].float().cpu())
+        self.model.train(was_training)
+        nll = torch.cat(nlls)
+        if nll.shape[0] < 4:
+            raise RuntimeError(
+                f"the teacher reliability needs at least 4 training samples with an answer, got "
+                f"{nll.shape[0]}"
+            )
+        summary = reliability.fit(self._weighting.reliability_nll(nll), torch.cat(representations))
+        logger.info(
+            "teacher reliability from %d samples (teacher NLL of the answers in nats, the "
+            "fitted label-noise rate, the mean posterior that the teacher is right): %s",
+            nll.shape[0],
+            {k: round(v, 4) for k, v in summary.items()},
+        )
+        low = {k: v for k, v in summary.items() if k.endswith("teacher_right_mean") and v < 0.5}
+        if low:
+            logger.warning(
+                "the teacher reliability trusts the teacher on less than half of the training "
+                "samples (%s): the teacher disagrees with most answers; distillation is mostly "
+                "off. Check that teacher and data match (chat template, answer format), or "
+                "use another teacher.",
+                {k: round(v, 3) for k, v in low.items()},
+            )
+        return summary
+
     def _accumulate_step_energy(self, out) -> None:
         if self._weighting.scale_momentum is None:
             return
@@ -437,17 +493,24 @@ class TrainerAwareCallback(TrainerCallback):
     trainer: BetaKDTrainer | None = None
 
 
-class _EnergyScaleCallback(TrainerCallback):
-    """Measures the energy scales before the first step (unless a resumed or
-    ``init_from`` head brought them) and updates them after every optimizer step."""
+class _HeadCallback(TrainerCallback):
+    """Before the first step: fits the teacher reliability and measures the energy scales
+    (unless a resumed or ``init_from`` head brought them). Before every optimizer step:
+    the scheduled channel gains; after it: the running energy scales."""
 
     def __init__(self, trainer: BetaKDTrainer) -> None:
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
         weighting = self.trainer._weighting
+        # First: the calibration's forward passes go through the weighting, which needs it.
+        if weighting.reliability is not None and not weighting.reliability.fitted:
+            self.trainer.fit_reliability()
         if weighting.needs_energy_scale and not weighting.has_energy_scale:
             self.trainer.calibrate_energy_scale()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer.head.set_step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._commit_step_energy()

@@ -37,12 +37,15 @@ comes from the current micro-batch, so the weights do not depend on how a batch 
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+
+from betakd.reliability import TeacherReliability
 
 CE = "ce"
 
@@ -265,6 +268,29 @@ def build_trust(trust: Mapping | SharedTrust | None) -> SharedTrust | None:
     return SharedTrust(tuple(channels or ()), **options)
 
 
+RELIABILITY_KEYS = {"input_dim", "teachers", "l2", "anchor_share"}
+
+
+def build_reliability(
+    reliability: Mapping | TeacherReliability | None,
+) -> TeacherReliability | None:
+    """A :class:`TeacherReliability` from its options (``input_dim``: the width of the
+    representation h(x), which ``betakd train`` fills in)."""
+    if reliability is None or isinstance(reliability, TeacherReliability):
+        return reliability
+    if not isinstance(reliability, Mapping):
+        raise ValueError(f"reliability must be a mapping of options, got {reliability!r}")
+    unknown = sorted(set(reliability) - RELIABILITY_KEYS)
+    if unknown:
+        raise ValueError(
+            f"reliability: unknown keys {unknown}; expected some of {sorted(RELIABILITY_KEYS)}"
+        )
+    options = dict(reliability)
+    if "input_dim" not in options:
+        raise ValueError("reliability needs input_dim, the width of the representation h(x)")
+    return TeacherReliability(int(options.pop("input_dim")), **options)
+
+
 # --------------------------------------------------------------------------- base class
 
 
@@ -286,9 +312,14 @@ class Weighting(nn.Module):
         d: float | Mapping[str, float] = 1.0,
         prior: GammaPrior | None = None,
         trust: Mapping | SharedTrust | None = None,
+        reliability: Mapping | TeacherReliability | None = None,
+        channel_teachers: Mapping[str, str | None] | None = None,
         scale_momentum: float | None = None,
         uses_energy_scale: bool = False,
     ) -> None:
+        """``reliability``: the teacher-reliability model (``betakd.reliability``) whose
+        posteriors multiply the teacher channels' betas and the CE; ``channel_teachers``:
+        which teacher each teacher channel reads, when there are several (default: one)."""
         super().__init__()
         self._uses_energy_scale = uses_energy_scale
         channels = list(channels)
@@ -310,6 +341,11 @@ class Weighting(nn.Module):
             torch.tensor([c in self.weighted_channels for c in channels]),
             persistent=False,
         )
+        # A schedule's factor per weighted channel (see set_channel_gains); not saved, as
+        # the trainer sets it from the step before every step.
+        self.register_buffer(
+            "channel_gain", torch.ones(len(self.weighted_channels)), persistent=False
+        )
         self.prior = prior or GammaPrior()
         self.register_buffer("concentration", self.prior.concentration(self.d), persistent=False)
         self.trust = build_trust(trust)
@@ -319,6 +355,15 @@ class Weighting(nn.Module):
                 raise ValueError(
                     f"trust channels {unknown} are not weighted channels {self.weighted_channels}"
                 )
+        self.reliability_teacher = self._reliability_teachers(channel_teachers)
+        if reliability is not None and not isinstance(reliability, TeacherReliability):
+            reliability = {"teachers": max(self.reliability_teacher) + 1, **reliability}
+        self.reliability = build_reliability(reliability)
+        if self.reliability is not None and self.trust is not None:
+            raise ValueError(
+                "give trust or reliability, not both: both set a per-sample factor on the "
+                "teacher channels"
+            )
         if scale_momentum is not None and not 0 <= scale_momentum < 1:
             raise ValueError(f"scale_momentum must be in [0, 1), got {scale_momentum}")
         self.scale_momentum = scale_momentum
@@ -328,6 +373,17 @@ class Weighting(nn.Module):
             self.register_buffer(
                 "energy_scale", torch.full((len(self.weighted_channels),), math.nan)
             )
+
+    def set_channel_gains(self, gains: Mapping[str, float]) -> None:
+        """Scheduled factors on some weighted channels' betas (others keep theirs),
+        applied like the trust: after the regulariser, as a constant of the gradient."""
+        unknown = sorted(set(gains) - set(self.weighted_channels))
+        if unknown:
+            raise ValueError(f"gains for unknown weighted channel(s) {unknown}")
+        for name, gain in gains.items():
+            if gain < 0:
+                raise ValueError(f"a channel gain must be >= 0, got {gain} for {name!r}")
+            self.channel_gain[self.weighted_channels.index(name)] = gain
 
     # ----------------------------------------------------------------- energy scale
 
@@ -388,7 +444,31 @@ class Weighting(nn.Module):
     @property
     def needs_teacher_nll(self) -> bool:
         """Whether ``forward`` needs the teacher's per-sample NLL of the data answers."""
-        return self.trust is not None and self.trust.reference == "data"
+        return self.reliability is not None or (
+            self.trust is not None and self.trust.reference == "data"
+        )
+
+    def _reliability_teachers(self, channel_teachers: Mapping[str, str | None] | None) -> list:
+        """Per weighted channel, the index of its teacher (CE: that of the first one)."""
+        teacher_channels = [c for c in self.weighted_channels if c != CE]
+        if channel_teachers is None:
+            return [0] * len(self.weighted_channels)
+        missing = sorted(set(teacher_channels) - set(channel_teachers))
+        if missing:
+            raise ValueError(f"channel_teachers misses teacher channel(s) {missing}")
+        order = list(dict.fromkeys(channel_teachers[c] for c in teacher_channels))
+        return [order.index(channel_teachers[c]) if c != CE else 0 for c in self.weighted_channels]
+
+    def reliability_nll(self, teacher_nll: Tensor) -> Tensor:
+        """``[B, T]``: each teacher's NLL once, from the per-sample (``[B]``) or
+        per-weighted-channel (``[B, K]``) NLLs the trainer passes."""
+        if teacher_nll.dim() == 1:
+            return teacher_nll[:, None]
+        first = {}
+        for column, teacher in enumerate(self.reliability_teacher):
+            if self.weighted_channels[column] != CE:
+                first.setdefault(teacher, column)
+        return teacher_nll[:, [first[t] for t in sorted(first)]]
 
     def forward(
         self,
@@ -413,7 +493,38 @@ class Weighting(nn.Module):
             if representation is not None:
                 representation = at_least_float32(representation)
             losses = at_least_float32(losses)
-            return self.combine(losses, representation, self.trust_factors(losses, teacher_nll))
+            if self.reliability is None:
+                return self.combine(losses, representation, self.trust_factors(losses, teacher_nll))
+            return self.combine_reliable(losses, representation, teacher_nll)
+
+    def combine_reliable(
+        self, losses: Tensor, representation: Tensor | None, teacher_nll: Tensor
+    ) -> WeightingOutput:
+        """Weigh with the reliability's posteriors: each teacher channel's beta times
+        ``P(its teacher is right)``, the CE times ``P(the label is right)`` (detached)."""
+        if representation is None:
+            raise ValueError("the teacher reliability needs a representation h(x) of shape [B, D]")
+        teacher_right, label_right = self.reliability.factors(
+            self.reliability_nll(teacher_nll), representation
+        )
+        columns = teacher_right[:, self.reliability_teacher].to(losses.dtype)
+        is_teacher = torch.tensor([c != CE for c in self.weighted_channels], device=losses.device)
+        trust = torch.where(is_teacher, columns, torch.ones_like(columns))
+        betas, regulariser, at_bound = self.precisions(losses, representation)
+        out = self.assemble(
+            losses, betas * trust * self.channel_gain.to(betas.dtype), regulariser, at_bound
+        )
+        ce = self.channels.index(CE)
+        factor = torch.ones_like(out.weighted)
+        factor[:, ce] = label_right.to(losses.dtype)
+        weighted = out.weighted * factor
+        return WeightingOutput(
+            per_sample_loss=(weighted + out.regulariser).sum(dim=1),
+            betas=out.betas * factor,
+            weighted=weighted,
+            regulariser=out.regulariser,
+            at_bound=out.at_bound,
+        )
 
     def combine(
         self, losses: Tensor, representation: Tensor | None, trust: Tensor
@@ -424,7 +535,8 @@ class Weighting(nn.Module):
         re-weights samples, it is not a learned precision.
         """
         betas, regulariser, at_bound = self.precisions(losses, representation)
-        return self.assemble(losses, betas * trust.to(betas.dtype), regulariser, at_bound)
+        factor = trust.to(betas.dtype) * self.channel_gain.to(betas.dtype)
+        return self.assemble(losses, betas * factor, regulariser, at_bound)
 
     def precisions(
         self, losses: Tensor, representation: Tensor | None
@@ -546,12 +658,16 @@ class FixedWeighting(Weighting):
         *,
         scale_relative: bool = False,
         trust: Mapping | SharedTrust | None = None,
+        reliability: Mapping | TeacherReliability | None = None,
+        channel_teachers: Mapping[str, str | None] | None = None,
         scale_momentum: float | None = None,
     ) -> None:
         super().__init__(
             channels,
             weight_ce=True,
             trust=trust,
+            reliability=reliability,
+            channel_teachers=channel_teachers,
             scale_momentum=scale_momentum,
             uses_energy_scale=scale_relative,
         )
@@ -597,6 +713,8 @@ class TaskWeighting(Weighting):
         prior_rate: float = 0.0,
         prior_rate_scale: float | None = None,
         trust: Mapping | SharedTrust | None = None,
+        reliability: Mapping | TeacherReliability | None = None,
+        channel_teachers: Mapping[str, str | None] | None = None,
         scale_momentum: float | None = None,
     ) -> None:
         super().__init__(
@@ -605,6 +723,8 @@ class TaskWeighting(Weighting):
             d=d,
             prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
             trust=trust,
+            reliability=reliability,
+            channel_teachers=channel_teachers,
             scale_momentum=scale_momentum,
         )
         self.positive = PositiveMap(parameterization, bounds)
@@ -649,6 +769,8 @@ class InstanceWeighting(Weighting):
         prior_rate: float = 0.0,
         prior_rate_scale: float | None = None,
         trust: Mapping | SharedTrust | None = None,
+        reliability: Mapping | TeacherReliability | None = None,
+        channel_teachers: Mapping[str, str | None] | None = None,
         scale_momentum: float | None = None,
     ) -> None:
         super().__init__(
@@ -657,6 +779,8 @@ class InstanceWeighting(Weighting):
             d=d,
             prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
             trust=trust,
+            reliability=reliability,
+            channel_teachers=channel_teachers,
             scale_momentum=scale_momentum,
         )
         if input_dim < 1:
@@ -711,6 +835,8 @@ class ClosedFormWeighting(Weighting):
         prior_rate: float = 0.0,
         prior_rate_scale: float | None = None,
         trust: Mapping | SharedTrust | None = None,
+        reliability: Mapping | TeacherReliability | None = None,
+        channel_teachers: Mapping[str, str | None] | None = None,
         scale_momentum: float | None = None,
     ) -> None:
         super().__init__(
@@ -719,6 +845,8 @@ class ClosedFormWeighting(Weighting):
             d=d,
             prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
             trust=trust,
+            reliability=reliability,
+            channel_teachers=channel_teachers,
             scale_momentum=scale_momentum,
         )
         if per not in ("sample", "channel"):
@@ -776,6 +904,10 @@ class ReferenceWeighting(Weighting):
                 raise ValueError("reference instance weighting needs input_dim >= 1")
             self.input_dim = input_dim
             self.net = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(), nn.Linear(hidden, k))
+
+    def set_channel_gains(self, gains: Mapping[str, float]) -> None:
+        if any(g != 1 for g in gains.values()):
+            raise ValueError("the reference weighting takes no channel schedule (anneal_steps)")
 
     def combine(
         self, losses: Tensor, representation: Tensor | None, trust: Tensor
@@ -835,7 +967,19 @@ def build(name: str, channels: Sequence[str], **options: object) -> Weighting:
     if name not in WEIGHTINGS:
         raise KeyError(f"unknown weighting {name!r}; available: {', '.join(names())}")
     cls = WEIGHTINGS[name]
+    accepted = options_of(name)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"weighting {name!r}: unknown option(s) {unknown}; its options: {', '.join(accepted)}"
+        )
     try:
         return cls(channels, **options)
     except TypeError as err:
         raise TypeError(f"weighting {name!r}: {err}") from err
+
+
+def options_of(name: str) -> list[str]:
+    """The options a weighting accepts (its constructor's keyword arguments)."""
+    parameters = inspect.signature(WEIGHTINGS[name].__init__).parameters
+    return [p for p in parameters if p not in ("self", "channels")]

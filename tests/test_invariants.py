@@ -58,6 +58,8 @@ ROBUST = [
     ("instance", {"hidden": 8, "prior_shape": 2.0, "prior_rate": 0.1,
                   "trust": {"channels": ["cosine_probs"], "kind": "superloss"}}),
     ("fixed", {"weights": {"cosine_probs": 1.0, "visual": 1.0}, "scale_relative": True}),
+    ("instance", {"hidden": 8, "prior_shape": 3.0, "prior_rate_scale": 0.5,
+                  "reliability": {}}),
 ]  # fmt: skip
 
 

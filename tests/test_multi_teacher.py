@@ -279,6 +279,7 @@ def test_accumulation_equals_one_large_batch_with_two_teachers(
         ("closed_form", {"per": "sample"}),
         ("reference", {"level": "task"}),
         ("task", {"trust": {"reference": "data"}}),
+        ("instance", {"hidden": 4, "prior_shape": 3.0, "reliability": {}}),
     ],
 )
 def test_every_weighting_weighs_the_channels_of_both_teachers(
@@ -290,6 +291,11 @@ def test_every_weighting_weighs_the_channels_of_both_teachers(
     assert all(f"{c}/weighted" in last for c in ("big/cosine_probs", "big/visual", "qwen/fkl"))
     if weighting == "fixed":
         assert (last["big/cosine_probs/beta_mean"], last["qwen/fkl/beta_mean"]) == (2.0, 1.0)
+    reliability = result.trainer.head.objective.weighting.reliability
+    if reliability is not None:
+        # One fit per teacher: the two teachers' mixtures differ.
+        assert reliability.fitted and reliability.teachers == 2
+        assert not torch.equal(reliability.mixture[0], reliability.mixture[1])
 
 
 # --------------------------------------------------------------------------- caches

@@ -362,3 +362,18 @@ def test_models_betakd_cannot_use_are_named_in_one_line(
     path.write_text(cfg.yaml.safe_dump(kd_raw(llava_pair, data, images, tmp_path / "o2")))
     line = one_line_error(path)
     assert "student.path" in line and "'llava' is not supported" in line, line
+
+
+def test_an_annealed_feature_channel_falls_to_zero_weight(llava_pair, vqa_data, tmp_path):
+    data, images = vqa_data
+    raw = kd_raw(llava_pair, data, images, tmp_path / "out", "fixed",
+                 {"weights": {"cosine_probs": 1.0, "visual": 2.0}}, max_steps=6)  # fmt: skip
+    raw["channels"]["features"][0]["anneal_steps"] = 4
+    result = run_training(cfg.validate(raw))
+    betas = [h["visual/beta_mean"] for h in result.log_history if "visual/beta_mean" in h]
+    # Steps 0..5: 2 * max(0, 1 - step / 4); the logit channel keeps its weight.
+    assert betas == pytest.approx([2.0, 1.5, 1.0, 0.5, 0.0, 0.0])
+    logit = [
+        h["cosine_probs/beta_mean"] for h in result.log_history if "cosine_probs/beta_mean" in h
+    ]
+    assert logit == pytest.approx([1.0] * 6)

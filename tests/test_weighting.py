@@ -206,7 +206,7 @@ def test_half_precision_losses_are_weighted_in_float32():
 def test_unknown_weighting_and_option():
     with pytest.raises(KeyError, match="unknown weighting 'betakd'.*closed_form"):
         W.build("betakd", CHANNELS)
-    with pytest.raises(TypeError, match="weighting 'task'.*init_bta"):
+    with pytest.raises(TypeError, match=r"weighting 'task'.*init_bta.*its options: .*init_beta"):
         W.build("task", CHANNELS, init_bta=1.0)
     with pytest.raises(ValueError, match="unknown channel"):
         W.build("task", CHANNELS, d={"kl": 2.0})

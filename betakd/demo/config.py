@@ -49,7 +49,7 @@ class StudentTraining:
     batch_size: int = 32
     learning_rate: float = 1e-3
     weighting_learning_rate: float = 0.02
-    seeds: tuple[int, ...] = (0, 1)
+    seeds: tuple[int, ...] = (0, 1, 2)
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,24 @@ class TwoTeachers:
 
 
 @dataclass(frozen=True)
+class FeatureChannelScenario:
+    """``betakd demo --scenario feature-channel``: the default scenario with a visual
+    feature channel added to every KD strategy, to show what it carries (the teacher's
+    visual function, blind spot included) and what the weightings can do about it."""
+
+    feature: Mapping[str, Any] = field(
+        default_factory=lambda: {
+            "name": "visual",
+            "energy": "mse",
+            "adapter": "student",
+            "normalize": True,
+        }
+    )
+    seeds: tuple[int, ...] = (0, 1, 2)
+    run: tuple[str, ...] = ("ce_only", "fixed_sweep", "fixed", "reliable_instance")
+
+
+@dataclass(frozen=True)
 class OnPolicy:
     """``betakd demo --scenario on-policy``: the data's answers as short sentences, and
     the recommended weighting trained off-policy, on-policy and mixed."""
@@ -123,6 +141,7 @@ class DemoConfig:
     run: tuple[str, ...] = ()
     two_teachers: TwoTeachers = field(default_factory=TwoTeachers)
     on_policy: OnPolicy = field(default_factory=OnPolicy)
+    feature_channel: FeatureChannelScenario = field(default_factory=FeatureChannelScenario)
 
     def data_key(self) -> str:
         return self.data.key()
@@ -159,6 +178,7 @@ SECTIONS = {
     "channels": DemoChannels,
     "two_teachers": TwoTeachers,
     "on_policy": OnPolicy,
+    "feature_channel": FeatureChannelScenario,
 }
 PLAIN = {"tokenizer", "image_size", "strategies", "run"}
 

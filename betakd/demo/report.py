@@ -82,14 +82,23 @@ def best_fixed(results: dict, summary: dict) -> str | None:
         for s in results["strategies"]
         if s["weighting"]
         and s["weighting"].get("name") == "fixed"
-        and "trust" not in (s["weighting"].get("options") or {})
+        and not {"trust", "reliability"} & set(s["weighting"].get("options") or {})
         and s["name"] in summary
     ]
     return max(fixed, key=lambda n: summary[n]["mean"], default=None)
 
 
+BLIND_SLICE_FLOOR = 80.0
+
+
 def targets(results: dict) -> list[tuple[str, bool | None, str]]:
-    """The demo's acceptance targets: (what, met?, the numbers behind it)."""
+    """What the recommended strategy is checked against: (what, met?, the numbers).
+
+    Outside any blind slice, within 1 point of the best fixed weight (tuned on the test
+    set) or better; on the blind slice at least 80% on every seed; no seed more than
+    ``STABLE_POINTS`` below its mean; without a blind slice, at least the best fixed
+    weight overall (the teacher's corrections of noisy labels kept).
+    """
     summary = summarize(results["runs"])
     outside = summarize(results["runs"], "outside_blind")
     blind = summarize(results["runs"], "blind")
@@ -99,15 +108,34 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
         return []
     name = labels(results)
     rows = []
-    gap = outside[chosen]["mean"] - outside[best]["mean"]
-    rows.append(
-        (
-            f"outside the blind slice, {name[chosen]} is within 1 point of the best fixed "
-            f"weight ({name[best]}) or better",
-            gap >= -1.0,
-            f"{outside[chosen]['mean']:.1f} vs {outside[best]['mean']:.1f} ({gap:+.1f})",
+    if chosen in blind:
+        gap = outside[chosen]["mean"] - outside[best]["mean"]
+        rows.append(
+            (
+                f"outside the blind slice, {name[chosen]} is within 1 point of the best fixed "
+                f"weight ({name[best]}) or better",
+                gap >= -1.0,
+                f"{outside[chosen]['mean']:.1f} vs {outside[best]['mean']:.1f} ({gap:+.1f})",
+            )
         )
-    )
+        rows.append(
+            (
+                f"{name[chosen]} gets at least {BLIND_SLICE_FLOOR:g}% on the blind slice on "
+                "every seed",
+                blind[chosen]["min"] >= BLIND_SLICE_FLOOR,
+                f"worst seed {blind[chosen]['min']:.1f}%, mean {blind[chosen]['mean']:.1f}%",
+            )
+        )
+    else:
+        lead = summary[chosen]["mean"] - summary[best]["mean"]
+        rows.append(
+            (
+                f"without a blind slice, {name[chosen]} gets at least the best fixed weight "
+                f"({name[best]})",
+                lead >= 0.0,
+                f"{summary[chosen]['mean']:.1f} vs {summary[best]['mean']:.1f} ({lead:+.1f})",
+            )
+        )
     worst = summary[chosen]["min"] - summary[chosen]["mean"]
     rows.append(
         (
@@ -117,32 +145,6 @@ def targets(results: dict) -> list[tuple[str, bool | None, str]]:
             f"({worst:+.1f})",
         )
     )
-    rows.append(
-        (
-            f"{name[chosen]} gets at least 80% on the blind slice",
-            blind[chosen]["mean"] >= 80.0,
-            f"{blind[chosen]['mean']:.1f}% (worst seed {blind[chosen]['min']:.1f}%)",
-        )
-    )
-    lead = summary[chosen]["mean"] - summary[best]["mean"]
-    rows.append(
-        (
-            f"overall, {name[chosen]} beats the best fixed weight by at least 5 points",
-            lead >= 5.0,
-            f"{summary[chosen]['mean']:.1f} vs {summary[best]['mean']:.1f} ({lead:+.1f})",
-        )
-    )
-    for family_member in ("robust_instance", "robust_closed_form"):
-        if family_member in summary:
-            stats = summary[family_member]
-            rows.append(
-                (
-                    f"{name[family_member]}: every seed within {STABLE_POINTS:g} points of its "
-                    "mean (no collapse)",
-                    stats["stable"],
-                    f"seeds {stats['min']:.1f}..{stats['max']:.1f}, mean {stats['mean']:.1f}",
-                )
-            )
     return rows
 
 
@@ -224,8 +226,9 @@ def _table(results: dict) -> str:
         "| strategy | all | outside blind slice | blind slice | worst seed (all) | "
         f"seeds within {STABLE_POINTS:g} pts |",
         "|---|---|---|---|---|---|",
-        f"| teacher | {teacher['all']:.1f} | {teacher['outside_blind']:.1f} | "
-        f"{teacher['blind']:.1f} | - | - |",
+        "| teacher | "
+        + " | ".join(_percent(teacher.get(k)) for k in ("all", "outside_blind", "blind"))
+        + " | - | - |",
     ]
     for strategy in results["strategies"]:
         name = strategy["name"]
@@ -243,6 +246,10 @@ def _table(results: dict) -> str:
             f"{'yes' if stats['stable'] else '**no**'} |"
         )
     return "\n".join(rows)
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _betas_table(results: dict) -> str:
@@ -280,11 +287,13 @@ def _plot_accuracy(results: dict, path: Path) -> None:
     runs, teacher = results["runs"], results["teacher"]["accuracy"]
     name = labels(results)
     keys = [("all", "all"), ("outside_blind", "outside blind slice"), ("blind", "blind slice")]
+    # Without a blind slice (data.blind_value null) its panel has no values: left out.
+    keys = [(key, title) for key, title in keys if summarize(runs, key)]
     order = [
         s["name"] for s in results["strategies"] if any(r["strategy"] == s["name"] for r in runs)
     ]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
-    for ax, (key, title) in zip(axes, keys):
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4.5), sharey=True, squeeze=False)
+    for ax, (key, title) in zip(axes[0], keys):
         summary = summarize(runs, key)
         xs = list(range(len(order)))
         ax.bar(xs, [summary[s]["mean"] for s in order], yerr=[summary[s]["std"] for s in order],
@@ -297,7 +306,7 @@ def _plot_accuracy(results: dict, path: Path) -> None:
             ax.legend(loc="lower left")
         ax.set_xticks(xs, [name[s] for s in order], rotation=35, ha="right", fontsize=7)
         ax.set_title(title)
-    axes[0].set_ylabel("test exact match (%)")
+    axes[0][0].set_ylabel("test exact match (%)")
     fig.suptitle("easy-VQA student accuracy (mean ± std over seeds; dots = seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -461,12 +470,16 @@ def write_report(results: dict, out: Path) -> Path:
         ]
     outside = summarize(runs, "outside_blind").get("ce_only", {}).get("mean")
     if "ce_only" in summary and outside is not None:
+        inside = (
+            f"; inside the blind slice the teacher gets {teacher['blind']:.1f}%"
+            if teacher.get("blind") is not None
+            else ""
+        )
         lines += [
             "",
             f"Teacher vs CE-only student outside the blind slice: "
             f"{teacher['outside_blind']:.1f}% vs {outside:.1f}% "
-            f"({teacher['outside_blind'] - outside:+.1f} points); inside the blind slice the "
-            f"teacher gets {teacher['blind']:.1f}%.",
+            f"({teacher['outside_blind'] - outside:+.1f} points){inside}.",
         ]
     if any(r["separation"] for r in runs):
         lines += [

@@ -315,7 +315,8 @@ def final_betas(trainer, records: list[dict], batch_size: int = 256) -> dict:
     slices = [by_id[i] for i in ids]
     table = {}
     for k, channel in enumerate(channels):
-        if channel == "ce":
+        # The CE's weight varies only when a reliability down-weights likely-wrong labels.
+        if channel == "ce" and bool((betas[:, k] == betas[0, k]).all()):
             continue
         values = betas[:, k].tolist()
         groups = {name: [v for v, s in zip(values, slices) if s == name] for name in SLICES}

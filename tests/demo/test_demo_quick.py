@@ -69,3 +69,20 @@ def test_a_failing_run_loses_no_other_run(tmp_path, monkeypatch, demo_cache_dir)
     assert [r["strategy"] for r in results["runs"]] == ["ce_only"]
     assert [f["run"] for f in results["failed"]] == ["task-seed0"]
     assert "## Failed runs (1" in (out / "report.md").read_text()
+
+
+def test_a_demo_without_a_blind_slice_reports_every_run(tmp_path, monkeypatch, demo_cache_dir):
+    """`--set data.blind_value=null`: no blind slice, so the report compares the whole
+    test set (it crashed in its plot before)."""
+    monkeypatch.setenv("BETAKD_CACHE", str(demo_cache_dir))
+    out = tmp_path / "demo"
+    args = ["demo", "--quick", "--strategies", "ce_only,fixed,reliable_instance"]
+    args += ["--set", "data.blind_value=null", "--set", "channels.feature=null"]
+    result = CliRunner().invoke(main, [*args, "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert {r["strategy"] for r in results["runs"]} == {"ce_only", "fixed", "reliable_instance"}
+    assert all(r["accuracy"]["blind"] is None for r in results["runs"])
+    report = (out / "report.md").read_text()
+    assert "without a blind slice" in report and "| teacher |" in report
+    assert (out / "accuracy.png").stat().st_size > 1000

@@ -1,0 +1,81 @@
+"""The teacher reliability inside `betakd train`: fitted on the training data before the
+first step, from what the weighting sees per sample, saved with the head, never refitted
+on resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from kd_configs import StopAfter, assert_same_final_state, kd_config
+from transformers import TrainerCallback
+
+from betakd.reliability import TeacherReliability
+from betakd.train import build_trainer, run_training, training_arguments
+
+OPTIONS = {"hidden": 4, "prior_shape": 3.0, "prior_rate_scale": 0.5,
+           "reliability": {}}  # fmt: skip
+
+
+def reliable_config(llava_pair, vqa_data, out: Path, **training):
+    data, images = vqa_data
+    return kd_config(llava_pair, data, images, out, "instance", OPTIONS, **training)
+
+
+def test_the_fit_reads_every_training_sample_whatever_the_batch_size(
+    llava_pair, vqa_data, tmp_path
+):
+    fitted = []
+    for batch in (2, 4):
+        config = reliable_config(
+            llava_pair, vqa_data, tmp_path / f"b{batch}", per_device_train_batch_size=batch
+        )
+        trainer = build_trainer(config, training_arguments(config))
+        trainer.fit_reliability()
+        fitted.append(trainer.head.objective.weighting.reliability.state_dict())
+    for key, value in fitted[0].items():
+        torch.testing.assert_close(fitted[1][key], value, rtol=1e-6, atol=1e-8, msg=key)
+    # Direct: every sample's teacher NLL and h(x) in one batch, fitted by hand.
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    with torch.no_grad():
+        inputs = trainer.loss_inputs(trainer.data_collator(rows))
+        nll, representation = trainer.distillation_module.reliability_inputs(*inputs)
+    direct = TeacherReliability(representation.shape[1])
+    direct.fit(nll, representation)
+    for key, value in direct.state_dict().items():
+        torch.testing.assert_close(fitted[0][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_training_fits_it_first_and_a_resumed_run_keeps_it(llava_pair, vqa_data, tmp_path):
+    extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 5}
+    fresh = FittedAtStart()
+    straight = run_training(
+        reliable_config(llava_pair, vqa_data, tmp_path / "a", **extra), callbacks=[fresh]
+    )
+    assert fresh.fitted == [False]
+    reliability = straight.trainer.head.objective.weighting.reliability
+    assert reliability.fitted
+    logged = [h for h in straight.log_history if "ce/beta_mean" in h]
+    # The CE's weight is the posterior that the label is right: at most 1.
+    assert logged and all(0 < h["ce/beta_mean"] <= 1 for h in logged)
+
+    broken = reliable_config(llava_pair, vqa_data, tmp_path / "b", **extra)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(broken, callbacks=[StopAfter(3)])
+    seen = FittedAtStart()
+    run_training(broken, resume=True, callbacks=[seen])
+    # The checkpoint brought the fitted reliability: nothing was refitted.
+    assert seen.fitted == [True]
+    assert_same_final_state(tmp_path / "a", tmp_path / "b")
+
+
+class FittedAtStart(TrainerCallback):
+    """Whether the reliability was already fitted when training began (it is fitted in
+    on_train_begin after user callbacks, unless a checkpoint brought it)."""
+
+    def __init__(self):
+        self.fitted = []
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.fitted.append(model.head.objective.weighting.reliability.fitted)
