@@ -17,19 +17,22 @@ of its answer:
   (``z`` the standardised representation): a function of the input, not of the label,
   so that every input of a blind region loses the teacher whatever its label;
 * the label is wrong with probability ``eps``, independently of the input (scattered);
-* the NLL follows ``f_agree`` when teacher and label agree (teacher right, label right)
-  and ``f_disagree`` otherwise: a two-component mixture on ``log n``, fitted by EM on
-  the training set's NLLs (no hand-set threshold: it adapts to the teacher's
-  calibration).
+* the teacher's NLL of the label has one of three distributions, each a Gaussian on
+  ``log n``: ``f_agree`` (teacher and label agree), ``f_rejected`` (the label is not
+  the teacher's answer: the teacher rejects it) and ``f_wrong`` (a right label that the
+  teacher, wrong, rejects: confidently, where it is blind). The two rejections share one
+  spread. No hand-set threshold: they adapt to the teacher's calibration.
 
-Three cases, with posteriors from Bayes' rule::
+Four cases, with posteriors from Bayes' rule::
 
-    agree           r (1 - eps) f_agree(n)
-    label wrong     r eps       f_disagree(n)      teacher right: keep it, drop the CE
-    teacher wrong   (1 - r)     f_disagree(n)      teacher off, CE stays
+    teacher  label
+    right    right    r (1 - eps)        f_agree(n)
+    right    wrong    r eps              f_rejected(n)    keep the teacher, drop the CE
+    wrong    right    (1 - r) (1 - eps)  f_wrong(n)       drop the teacher, keep the CE
+    wrong    wrong    (1 - r) eps        f_rejected(n)
 
 The teacher's channels are multiplied by ``P(teacher right | n, h)`` and the CE by
-``P(label right | n, h) = P(agree) + (1 - eps) P(teacher wrong)``.
+``P(label right | n, h)``.
 
 ``r`` and ``eps`` are not identifiable from agreement alone: a constant 20% disagreement
 is explained as well by 20% wrong labels under a reliable teacher as by a teacher wrong
@@ -39,14 +42,18 @@ teacher is right on the inputs where it agrees with the data most (the top
 ``anchor_share`` of inputs by predicted agreement), so the disagreement there is label
 noise. In steps, before training (``fit``):
 
-1. the NLL mixture by EM, and each sample's posterior of agreement ``p_i``;
+1. a two-component mixture (agree, disagree) on ``log n`` by EM, as DivideMix (Li et
+   al., ICLR 2020) separates clean from noisy samples by their loss, and each sample's
+   posterior of agreement ``p_i``;
 2. ``a(h) = P(agree | h)``: a logistic regression of ``p_i`` on the standardised
    representation, with an L2 penalty. Linear on purpose: a model that could memorise
    single samples would learn each wrong label as a tiny blind region;
 3. ``eps = 1 - mean p_i`` over the anchor inputs;
-4. ``r(h) = sigmoid(w . z + c)`` by maximum likelihood of the NLLs under the three
-   cases, with ``eps`` fixed (starting from step 2's regression): where teacher and
-   labels agree at the anchors' rate, ``r`` goes to 1.
+4. with ``eps`` fixed, ``r(h) = sigmoid(w . z + c)`` and the three NLL distributions
+   jointly by maximum likelihood (L-BFGS), from step 2's regression and step 1's
+   components (the disagreement one for both rejections): where teacher and labels
+   agree at the anchors' rate ``r`` goes to 1, and ``f_rejected`` and ``f_wrong`` split
+   the disagreements by where they happen.
 
 Everything here is tensors in, tensors out; ``betakd train`` collects the NLLs and
 representations (``BetaKDTrainer.fit_reliability``).
@@ -96,22 +103,6 @@ class NllMixture:
         log_a, log_d = self.log_densities(nll)
         w = self.agree_weight
         return float(torch.logaddexp(log_a + math.log(w), log_d + math.log1p(-w)).mean())
-
-    def as_tensor(self) -> Tensor:
-        return torch.tensor(
-            [
-                self.agree_weight,
-                self.agree_mean,
-                self.agree_std,
-                self.disagree_mean,
-                self.disagree_std,
-            ],
-            dtype=torch.float64,
-        )
-
-    @classmethod
-    def from_tensor(cls, values: Tensor) -> NllMixture:
-        return cls(*(float(v) for v in values))
 
 
 def log_nll(nll: Tensor) -> Tensor:
@@ -164,43 +155,70 @@ def fit_nll_mixture(nll: Tensor, iterations: int = 200, tolerance: float = 1e-10
     )
 
 
+# The NLL distributions, in the order of the fitted components: teacher and label agree;
+# the teacher rejects a label that is not its answer; the teacher is wrong on a right label.
+COMPONENTS = ("agree", "label_rejected", "teacher_wrong")
+
+
+def component_log_densities(nll: Tensor, components: Tensor) -> Tensor:
+    """``[N, 3]`` log densities of ``log n`` under the components' Gaussians, given
+    ``components [3, 2]`` (mean, std of ``log n`` per component)."""
+    x = log_nll(nll)[:, None]
+    mean, std = components[:, 0], components[:, 1]
+    return -0.5 * ((x - mean) / std) ** 2 - torch.log(std) - 0.5 * math.log(2 * math.pi)
+
+
 @dataclass
 class ReliabilityPosterior:
-    """Per sample ``[B]``: the three cases' posteriors, and the factors they give."""
+    """Per sample ``[B]``: the posteriors of the four cases (teacher right or wrong, label
+    right or wrong), and the factors they give."""
 
-    agree: Tensor
+    both_right: Tensor
     label_wrong: Tensor
     teacher_wrong: Tensor
-    label_noise: float
+    both_wrong: Tensor
 
     @property
     def teacher_right(self) -> Tensor:
         """The factor on the teacher's channels."""
-        return self.agree + self.label_wrong
+        return self.both_right + self.label_wrong
 
     @property
     def label_right(self) -> Tensor:
-        """The factor on the CE: the label is right unless it is a noisy label (in the
-        teacher-wrong case, it is wrong at the scattered rate ``eps``)."""
-        return self.agree + (1 - self.label_noise) * self.teacher_wrong
+        """The factor on the CE."""
+        return self.both_right + self.teacher_wrong
 
 
-def posterior(
-    log_agree: Tensor, log_disagree: Tensor, teacher_right_prior: Tensor, label_noise: float
-) -> ReliabilityPosterior:
-    """Bayes' rule over the three cases (see the module docstring), in log space."""
-    r = teacher_right_prior.double().clamp(1e-12, 1 - 1e-12)
+def case_log_joints(log_densities: Tensor, teacher_right: Tensor, label_noise: float) -> Tensor:
+    """``[N, 4]``: log of prior times likelihood of each case (the module docstring)."""
+    r = teacher_right.to(log_densities.dtype).clamp(1e-12, 1 - 1e-12)
     eps = min(max(label_noise, 1e-12), 1 - 1e-12)
-    logs = torch.stack(
+    log_r, log_not_r = torch.log(r), torch.log1p(-r)
+    agree, rejected, wrong = log_densities.unbind(dim=-1)
+    return torch.stack(
         [
-            torch.log(r) + math.log1p(-eps) + log_agree,
-            torch.log(r) + math.log(eps) + log_disagree,
-            torch.log1p(-r) + log_disagree,
+            log_r + math.log1p(-eps) + agree,
+            log_r + math.log(eps) + rejected,
+            log_not_r + math.log1p(-eps) + wrong,
+            log_not_r + math.log(eps) + rejected,
         ],
         dim=-1,
     )
-    p = torch.softmax(logs, dim=-1)
-    return ReliabilityPosterior(p[..., 0], p[..., 1], p[..., 2], eps)
+
+
+def posterior(
+    log_densities: Tensor, teacher_right: Tensor, label_noise: float
+) -> ReliabilityPosterior:
+    """Bayes' rule over the four cases, given each sample's ``[N, 3]`` log densities."""
+    p = torch.softmax(case_log_joints(log_densities, teacher_right, label_noise), dim=-1)
+    return ReliabilityPosterior(*p.unbind(dim=-1))
+
+
+def mixture_log_likelihood(
+    log_densities: Tensor, teacher_right: Tensor, label_noise: float
+) -> Tensor:
+    """Per sample, the NLL's log-likelihood with the four cases summed."""
+    return torch.logsumexp(case_log_joints(log_densities, teacher_right, label_noise), dim=-1)
 
 
 class TeacherReliability(nn.Module):
@@ -233,7 +251,8 @@ class TeacherReliability(nn.Module):
         self.l2 = l2
         self.anchor_share = anchor_share
         nan = math.nan
-        self.register_buffer("mixture", torch.full((teachers, 5), nan, dtype=torch.float64))
+        # Per teacher and case: mean and std of log NLL.
+        self.register_buffer("components", torch.full((teachers, 3, 2), nan, dtype=torch.float64))
         self.register_buffer("label_noise", torch.full((teachers,), nan, dtype=torch.float64))
         self.register_buffer("weight", torch.zeros(teachers, input_dim, dtype=torch.float64))
         self.register_buffer("bias", torch.zeros(teachers, dtype=torch.float64))
@@ -271,18 +290,28 @@ class TeacherReliability(nn.Module):
             predicted = torch.sigmoid(z @ weight + bias)
             anchors = predicted >= torch.quantile(predicted, 1 - self.anchor_share)
             eps = min(max(1 - float(agree[anchors].mean()), 1e-4), 0.5)
-            log_a, log_d = mixture.log_densities(column)
-            weight, bias = fit_teacher_right(z, log_a, log_d, eps, self.l2, weight, bias)
-            self.mixture[t] = mixture.as_tensor()
+            start = torch.tensor(
+                [
+                    [mixture.agree_mean, mixture.agree_std],
+                    [mixture.disagree_mean, mixture.disagree_std],
+                    [mixture.disagree_mean, mixture.disagree_std],
+                ],
+                dtype=torch.float64,
+            )
+            weight, bias, components = fit_cases(z, column, eps, self.l2, weight, bias, start)
+            self.components[t] = components
             self.label_noise[t] = eps
             self.weight[t] = weight
             self.bias[t] = bias
             prior = torch.sigmoid(z @ weight + bias)
-            teacher_right = posterior(log_a, log_d, prior, eps).teacher_right
+            densities = component_log_densities(column, components)
+            teacher_right = posterior(densities, prior, eps).teacher_right
             prefix = f"teacher{t}/" if self.teachers > 1 else ""
             for q in (0.1, 0.5, 0.9):
                 summary[f"{prefix}nll_q{int(q * 100)}"] = float(torch.quantile(column, q))
             summary[f"{prefix}agree_share"] = mixture.agree_weight
+            for name, (mean, _) in zip(COMPONENTS, components.tolist()):
+                summary[f"{prefix}{name}_nll_median"] = math.exp(mean)
             summary[f"{prefix}label_noise"] = eps
             summary[f"{prefix}teacher_right_mean"] = float(teacher_right.mean())
         return summary
@@ -305,9 +334,8 @@ class TeacherReliability(nn.Module):
         prior = self.teacher_right_prior(representation)
         result = []
         for t in range(self.teachers):
-            mixture = NllMixture.from_tensor(self.mixture[t])
-            log_a, log_d = mixture.log_densities(nll[:, t])
-            result.append(posterior(log_a, log_d, prior[:, t], float(self.label_noise[t])))
+            densities = component_log_densities(nll[:, t], self.components[t])
+            result.append(posterior(densities, prior[:, t], float(self.label_noise[t])))
         return result
 
     def factors(self, nll: Tensor, representation: Tensor) -> tuple[Tensor, Tensor]:
@@ -322,7 +350,7 @@ class TeacherReliability(nn.Module):
         if len(posts) == 1:
             return teacher, posts[0].label_right
         logits = torch.stack([torch.logit(p.label_right, eps=1e-9) for p in posts], dim=1)
-        prior = torch.tensor([math.log((1 - p.label_noise) / p.label_noise) for p in posts])
+        prior = torch.log((1 - self.label_noise) / self.label_noise)
         combined = logits.sum(dim=1) - prior.to(logits).sum() + prior.to(logits).mean()
         return teacher, torch.sigmoid(combined)
 
@@ -333,44 +361,49 @@ class TeacherReliability(nn.Module):
         )
 
 
-def mixture_log_likelihood(
-    log_agree: Tensor, log_disagree: Tensor, teacher_right: Tensor, label_noise: float
-) -> Tensor:
-    """Per sample, ``log[r (1 - eps) f_agree(n) + (1 - r (1 - eps)) f_disagree(n)]``: the
-    NLL's likelihood when the teacher is right with probability ``r`` (the three cases
-    of :func:`posterior`, summed)."""
-    agree = teacher_right.clamp(1e-12, 1 - 1e-12) * (1 - label_noise)
-    return torch.logaddexp(torch.log(agree) + log_agree, torch.log1p(-agree) + log_disagree)
-
-
-def fit_teacher_right(
+def fit_cases(
     z: Tensor,
-    log_agree: Tensor,
-    log_disagree: Tensor,
+    nll: Tensor,
     label_noise: float,
     l2: float,
     weight: Tensor,
     bias: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Maximum-likelihood ``r(h) = sigmoid(w . z + c)`` for a given ``eps``: the mean of
-    :func:`mixture_log_likelihood` less ``l2 / 2 |w|^2``, by L-BFGS from ``(weight, bias)``."""
-    theta = torch.cat([weight, bias.reshape(1)]).clone().requires_grad_(True)
+    components: Tensor,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Maximum likelihood of ``r(h) = sigmoid(w . z + c)`` and the cases' ``[3, 2]``
+    Gaussians on ``log n`` for a given ``eps``: the mean of
+    :func:`mixture_log_likelihood` less ``l2 / 2 |w|^2``, by L-BFGS from the given
+    values. Standard deviations stay above ``MIN_LOG_STD``; the two rejections share
+    theirs."""
+    d = z.shape[1]
+    means = components[:, 0]
+    # Two spreads: the agreement's, and one shared by the two rejections, so that
+    # neither can narrow to a spike that rules the other out by itself.
+    spreads = torch.log((components[:2, 1] - MIN_LOG_STD).clamp_min(1e-6))
+    theta = torch.cat([weight, bias.reshape(1), means, spreads]).clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS(
-        [theta], max_iter=500, tolerance_grad=1e-10, tolerance_change=1e-14,
+        [theta], max_iter=1000, tolerance_grad=1e-10, tolerance_change=1e-14,
         history_size=20, line_search_fn="strong_wolfe",
     )  # fmt: skip
 
+    def unpack(values: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        stds = MIN_LOG_STD + torch.exp(values[d + 4 :])
+        stds = torch.cat([stds, stds[1:]])
+        return values[:d], values[d], torch.stack([values[d + 1 : d + 4], stds], dim=1)
+
     def objective() -> Tensor:
         optimizer.zero_grad()
-        r = torch.sigmoid(z @ theta[:-1] + theta[-1])
-        likelihood = mixture_log_likelihood(log_agree, log_disagree, r, label_noise).mean()
-        loss = -likelihood + 0.5 * l2 * (theta[:-1] ** 2).sum()
+        w, c, cases = unpack(theta)
+        r = torch.sigmoid(z @ w + c)
+        densities = component_log_densities(nll, cases)
+        likelihood = mixture_log_likelihood(densities, r, label_noise).mean()
+        loss = -likelihood + 0.5 * l2 * (w**2).sum()
         loss.backward()
         return loss
 
     optimizer.step(objective)
-    theta = theta.detach()
-    return theta[:-1].clone(), theta[-1].clone()
+    w, c, cases = unpack(theta.detach())
+    return w.clone(), c.clone(), cases.clone()
 
 
 def _columns(nll: Tensor, teachers: int) -> Tensor:

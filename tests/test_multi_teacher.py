@@ -293,9 +293,9 @@ def test_every_weighting_weighs_the_channels_of_both_teachers(
         assert (last["big/cosine_probs/beta_mean"], last["qwen/fkl/beta_mean"]) == (2.0, 1.0)
     reliability = result.trainer.head.objective.weighting.reliability
     if reliability is not None:
-        # One fit per teacher: the two teachers' mixtures differ.
+        # One fit per teacher: the two teachers' NLL distributions differ.
         assert reliability.fitted and reliability.teachers == 2
-        assert not torch.equal(reliability.mixture[0], reliability.mixture[1])
+        assert not torch.equal(reliability.components[0], reliability.components[1])
 
 
 # --------------------------------------------------------------------------- caches

@@ -15,8 +15,9 @@ from betakd.reliability import (
     NllMixture,
     TeacherReliability,
     _logistic_regression,
+    component_log_densities,
+    fit_cases,
     fit_nll_mixture,
-    fit_teacher_right,
     mixture_log_likelihood,
     posterior,
 )
@@ -57,38 +58,41 @@ def test_em_fit_matches_a_direct_likelihood_maximisation():
     assert fitted.disagree_mean == pytest.approx(1.5, abs=0.1)
 
 
-def test_posterior_is_bayes_rule_over_the_three_cases():
-    mixture = NllMixture(0.7, -4.0, 1.0, 1.5, 0.5)
-    nll = torch.tensor([0.02, 3.0, 6.0])
-    r = torch.tensor([0.95, 0.95, 0.05])
+def test_posterior_is_bayes_rule_over_the_four_cases():
+    components = torch.tensor([[-4.0, 1.0], [1.2, 0.4], [2.2, 0.4]], dtype=torch.float64)
+    nll = torch.tensor([0.02, 3.0, 9.0, 3.0])
+    r = torch.tensor([0.95, 0.95, 0.05, 0.05])
     eps = 0.2
-    log_a, log_d = mixture.log_densities(nll)
-    post = posterior(log_a, log_d, r, eps)
+    post = posterior(component_log_densities(nll, components), r, eps)
 
     def density(x, mean, std):
         return math.exp(-0.5 * ((x - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
 
-    for i in range(3):
+    for i in range(4):
         x = math.log(float(nll[i]))
+        f_agree, f_rejected, f_wrong = (density(x, *row) for row in components.tolist())
         ri = float(r[i])
         joint = [
-            ri * (1 - eps) * density(x, -4.0, 1.0),
-            ri * eps * density(x, 1.5, 0.5),
-            (1 - ri) * density(x, 1.5, 0.5),
+            ri * (1 - eps) * f_agree,
+            ri * eps * f_rejected,
+            (1 - ri) * (1 - eps) * f_wrong,
+            (1 - ri) * eps * f_rejected,
         ]
         total = sum(joint)
-        assert float(post.agree[i]) == pytest.approx(joint[0] / total, rel=1e-9)
-        assert float(post.label_wrong[i]) == pytest.approx(joint[1] / total, rel=1e-9)
-        assert float(post.teacher_wrong[i]) == pytest.approx(joint[2] / total, rel=1e-9)
+        for value, want in zip(
+            (post.both_right, post.label_wrong, post.teacher_wrong, post.both_wrong), joint
+        ):
+            assert float(value[i]) == pytest.approx(want / total, rel=1e-9)
         assert float(post.teacher_right[i]) == pytest.approx((joint[0] + joint[1]) / total)
-        label_right = (joint[0] + (1 - eps) * joint[2]) / total
-        assert float(post.label_right[i]) == pytest.approx(label_right, rel=1e-9)
-    # Hand-made reading: an agreeing sample keeps both; a disagreement where the teacher
-    # is reliable is a wrong label (teacher kept, CE dropped); one in an unreliable region
-    # is the teacher's error (teacher dropped, CE kept).
+        assert float(post.label_right[i]) == pytest.approx((joint[0] + joint[2]) / total)
+    # Hand-made reading: an agreeing sample keeps both; a rejected label where the teacher
+    # is reliable is a wrong label (teacher kept, CE dropped); a confident rejection where
+    # it is not is the teacher's error (teacher dropped, CE kept); a mild rejection there
+    # is both wrong (both dropped).
     assert post.teacher_right[0] > 0.99 and post.label_right[0] > 0.99
-    assert post.teacher_right[1] > 0.75 and post.label_right[1] < 0.2
-    assert post.teacher_right[2] < 0.02 and post.label_right[2] > 0.75
+    assert post.teacher_right[1] > 0.9 and post.label_right[1] < 0.1
+    assert post.teacher_right[2] < 0.01 and post.label_right[2] > 0.98
+    assert post.teacher_right[3] < 0.1 and post.label_right[3] < 0.1
 
 
 def test_logistic_regression_minimises_the_penalised_cross_entropy():
@@ -111,30 +115,38 @@ def test_logistic_regression_minimises_the_penalised_cross_entropy():
     assert float(bias) == pytest.approx(direct.x[3], abs=1e-5)
 
 
-def test_teacher_right_is_the_maximum_likelihood_logistic_for_a_given_label_noise():
+def test_the_cases_fit_is_a_maximum_of_the_penalised_likelihood():
     nll, h, _, _ = blind_and_noisy(n=1500)
     z = h[:, :2].double()
-    mixture = fit_nll_mixture(nll)
-    log_a, log_d = mixture.log_densities(nll)
     eps, l2 = 0.2, 0.01
+    start = torch.tensor([[-4.0, 1.0], [1.5, 0.6], [1.5, 0.6]], dtype=torch.float64)
     zeros = torch.zeros(2, dtype=torch.float64)
-    weight, bias = fit_teacher_right(z, log_a, log_d, eps, l2, zeros, zeros.sum())
+    weight, bias, components = fit_cases(z, nll, eps, l2, zeros, zeros.sum(), start)
+    assert components[1, 1] == components[2, 1]  # the rejections share their spread
 
     def objective(theta):
-        t = torch.from_numpy(theta)
+        t = torch.from_numpy(np.asarray(theta, dtype=np.float64))
         r = torch.sigmoid(z @ t[:2] + t[2])
-        value = mixture_log_likelihood(log_a, log_d, r, eps).mean()
+        cases = torch.stack([t[3:6], torch.stack([t[6], t[7], t[7]])], dim=1)
+        value = mixture_log_likelihood(component_log_densities(nll, cases), r, eps).mean()
         return float(-value + 0.5 * l2 * (t[:2] ** 2).sum())
 
-    direct = minimize(objective, np.zeros(3), method="Nelder-Mead",
-                      options={"maxiter": 20000, "xatol": 1e-9, "fatol": 1e-14})  # fmt: skip
-    np.testing.assert_allclose(weight.numpy(), direct.x[:2], atol=1e-3)
-    assert float(bias) == pytest.approx(direct.x[2], abs=1e-3)
-    assert objective(torch.cat([weight, bias.reshape(1)]).numpy()) <= direct.fun + 1e-9
-    # The likelihood by hand: the three cases summed.
+    found = [*weight.tolist(), float(bias), *components[:, 0].tolist(),
+             float(components[0, 1]), float(components[1, 1])]  # fmt: skip
+    direct = minimize(objective, found, method="Nelder-Mead",
+                      options={"maxiter": 40000, "xatol": 1e-10, "fatol": 1e-15})  # fmt: skip
+    # Nelder-Mead from the fit finds nothing better: a (local) maximum.
+    assert objective(found) <= direct.fun + 1e-9
+    np.testing.assert_allclose(direct.x, found, atol=2e-3)
+    # The likelihood by hand: the four cases summed.
     r = torch.sigmoid(z @ weight + bias)
-    by_hand = torch.log(r * (1 - eps) * log_a.exp() + r * eps * log_d.exp() + (1 - r) * log_d.exp())
-    torch.testing.assert_close(mixture_log_likelihood(log_a, log_d, r, eps), by_hand)
+    f = component_log_densities(nll, components).exp()
+    by_hand = torch.log(
+        r * (1 - eps) * f[:, 0] + r * eps * f[:, 1] + (1 - r) * (1 - eps) * f[:, 2]
+        + (1 - r) * eps * f[:, 1]
+    )  # fmt: skip
+    densities = component_log_densities(nll, components)
+    torch.testing.assert_close(mixture_log_likelihood(densities, r, eps), by_hand)
 
 
 def blind_and_noisy(n=4000, seed=0):
@@ -195,7 +207,7 @@ def test_reliability_of_several_teachers_combines_their_evidence_about_the_label
     assert label[a_only & ~noisy].mean() > 0.9
     # Each teacher's posterior alone, by hand, combined as independent experts.
     posts = reliability.posteriors(nll, h)
-    eps = [p.label_noise for p in posts]
+    eps = reliability.label_noise.tolist()
     log_odds = sum(torch.logit(p.label_right, eps=1e-9) for p in posts)
     prior = [math.log((1 - e) / e) for e in eps]
     expected = torch.sigmoid(log_odds - sum(prior) + sum(prior) / 2)
@@ -250,7 +262,7 @@ def test_reliability_must_be_fitted_and_its_state_is_saved():
         built(torch.rand(2, 2), h[:2], nll[:2])
     built.reliability.fit(nll, h)
     state = built.state_dict()
-    assert {"reliability.mixture", "reliability.weight", "reliability.label_noise"} <= set(state)
+    assert {"reliability.components", "reliability.weight", "reliability.label_noise"} <= set(state)
     other = weighting.build("fixed", ["ce", "kd"], weights={"kd": 1.0},
                             reliability={"input_dim": 6})  # fmt: skip
     other.load_state_dict(state)

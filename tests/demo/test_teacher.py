@@ -95,8 +95,11 @@ def test_overrides_change_the_design_and_strategies_expand_sweeps():
     assert block["options"] == {"weights": {"cosine_probs": 0.1}, "scale_relative": True}
     reference = select(config, ["reference_task"])[0]
     assert reference.channels(config.channels)["features"] == []  # no feature to change
-    default = load_demo_config()
-    assert reference.channels(default.channels)["features"] == [
+    scenario = load_demo_config().feature_channel
+    with_feature = load_demo_config(overrides=[f"channels.feature={dict(scenario.feature)}"])
+    assert reference.channels(with_feature.channels)["features"] == [
         {"name": "visual", "energy": "mse", "adapter": "teacher", "normalize": True}
     ]
+    annealed = select(with_feature, ["reliable_instance_annealed"])[0]
+    assert annealed.channels(with_feature.channels)["features"][0]["anneal_steps"] == 125
     assert select(config, None) == select(config, list(config.run))
