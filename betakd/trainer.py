@@ -103,7 +103,9 @@ class BetaKDTrainer(Trainer):
         self._group_counts: dict[str, int] = defaultdict(int)
         self._step_energy: list[torch.Tensor] | None = None
         self._policy_sums: dict[str, float] = defaultdict(float)
-        self.add_callback(_HeadCallback(self))
+        # First of all callbacks: others (diagnostics, user callbacks) may run the loss in
+        # on_train_begin, which needs the fitted reliability and the energy scales.
+        self.callback_handler.callbacks.insert(0, _HeadCallback(self))
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TrainerAwareCallback):
                 callback.trainer = self

@@ -79,11 +79,11 @@ class TwoTeachers:
     second_blind_value: str = "green"  # teacher b never sees these (a: data.blind_value)
     seeds: tuple[int, ...] = (0, 1, 2)
     fixed_sweep: tuple[float, ...] = (0.3, 1.0, 3.0)  # equal weight of both teachers
-    single: str = "robust_instance"  # the weighting (a strategy name) of one-teacher runs
+    single: str = "reliable_instance"  # the weighting (a strategy name) of one-teacher runs
     task: str = "task"  # the strategies whose weightings the two-teacher runs use
-    instance: str = "robust_instance"
+    instance: str = "reliable_instance"
     # A fixed strategy (kd_weight, options) run on both teachers as an ablation; None: none.
-    ablation: str | None = "fixed_trust"
+    ablation: str | None = "fixed_reliability"
     representation_from: tuple[str, ...] = ("a",)  # h(x) of instance runs
 
 

@@ -289,6 +289,8 @@ def _plot_accuracy(results: dict, path: Path) -> None:
     keys = [("all", "all"), ("outside_blind", "outside blind slice"), ("blind", "blind slice")]
     # Without a blind slice (data.blind_value null) its panel has no values: left out.
     keys = [(key, title) for key, title in keys if summarize(runs, key)]
+    if not keys:  # every run failed: nothing to plot
+        return
     order = [
         s["name"] for s in results["strategies"] if any(r["strategy"] == s["name"] for r in runs)
     ]

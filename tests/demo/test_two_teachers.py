@@ -17,9 +17,11 @@ def test_the_runs_compare_one_teacher_both_with_fixed_weights_and_beta_kd():
     config = load_demo_config()
     runs = {r.name: r for r in scenario_runs(config)}
     sweep = [f"fixed_x{w:g}" for w in config.two_teachers.fixed_sweep]
-    assert list(runs) == ["ce_only", "a_only", "b_only", *sweep, "fixed_trust", "task", "instance"]
-    trust = runs["fixed_trust"].weighting["options"]
-    assert trust["trust"] == {"reference": "data"} and trust["scale_relative"]
+    assert list(runs) == [
+        "ce_only", "a_only", "b_only", *sweep, "fixed_reliability", "task", "instance"
+    ]  # fmt: skip
+    ablation = runs["fixed_reliability"].weighting["options"]
+    assert ablation["reliability"] == {} and ablation["scale_relative"]
     assert runs["ce_only"].teachers == () and runs["a_only"].teachers == ("a",)
     assert runs["instance"].teachers == ("a", "b")
     assert runs["instance"].weighting["representation_from"] == ["a"]
