@@ -264,9 +264,7 @@ class BetaKDTrainer(Trainer):
         weighting.set_energy_scale(torch.ones(len(weighting.weighted_channels)))
         was_training = self.model.training
         self.model.eval()
-        if weighting.ce_relative:
-            weighting.set_ce_scale(1.0)
-        sums, count, ce_sum = None, 0, 0.0
+        sums, count = None, 0
         with torch.no_grad():
             for start in range(0, n, size):
                 rows = [self.train_dataset[i] for i in range(start, min(n, start + size))]
@@ -274,16 +272,11 @@ class BetaKDTrainer(Trainer):
                 batch_sums, batch_count = objective.weighted_energy_sums(out.energies, out.valid)
                 sums = batch_sums if sums is None else sums + batch_sums
                 count += int(batch_count)
-                # The CE is the objective's first channel.
-                ce_sum += float(out.energies[out.valid, 0].sum())
         self.model.train(was_training)
         if not count:
             raise RuntimeError("no calibration sample has a supervised answer token")
         scale = sums / count
         weighting.set_energy_scale(scale)
-        if weighting.ce_relative:
-            weighting.set_ce_scale(ce_sum / count)
-            logger.info("CE scale from %d samples: %.6f", count, ce_sum / count)
         logger.info(
             "energy scales from %d samples: %s",
             count,

@@ -316,17 +316,11 @@ class Weighting(nn.Module):
         channel_teachers: Mapping[str, str | None] | None = None,
         scale_momentum: float | None = None,
         uses_energy_scale: bool = False,
-        ce_relative: bool = False,
     ) -> None:
         """``reliability``: the teacher-reliability model (``betakd.reliability``) whose
         posteriors multiply the teacher channels' betas and the CE; ``channel_teachers``:
-        which teacher each teacher channel reads, when there are several (default: one).
-        ``ce_relative``: the Gamma prior's concentration ``c = d/2 + a - 1`` is counted in
-        units of the CE's energy scale (its mean over the calibration samples), so that
-        the teacher channels' betas stand in the same ratio to the CE whatever the energy
-        and however far from the data the student starts."""
+        which teacher each teacher channel reads, when there are several (default: one)."""
         super().__init__()
-        self.ce_relative = ce_relative
         self._uses_energy_scale = uses_energy_scale
         channels = list(channels)
         if len(set(channels)) != len(channels):
@@ -373,16 +367,12 @@ class Weighting(nn.Module):
         if scale_momentum is not None and not 0 <= scale_momentum < 1:
             raise ValueError(f"scale_momentum must be in [0, 1), got {scale_momentum}")
         self.scale_momentum = scale_momentum
-        if ce_relative and CE not in channels:
-            raise ValueError(f"ce_relative counts the prior in units of the {CE!r} channel")
         if self.needs_energy_scale:
             # Persistent: checkpoints and init_from carry it, so a resumed run continues
             # with the same scale instead of measuring it again.
             self.register_buffer(
                 "energy_scale", torch.full((len(self.weighted_channels),), math.nan)
             )
-        if ce_relative:
-            self.register_buffer("ce_scale", torch.tensor(math.nan))
 
     def set_channel_gains(self, gains: Mapping[str, float]) -> None:
         """Scheduled factors on some weighted channels' betas (others keep theirs),
@@ -401,7 +391,6 @@ class Weighting(nn.Module):
     def needs_energy_scale(self) -> bool:
         return (
             self._uses_energy_scale
-            or self.ce_relative
             or self.prior.rate_scale is not None
             or (self.trust is not None and self.trust.reference == "student")
             or self.scale_momentum is not None
@@ -409,25 +398,7 @@ class Weighting(nn.Module):
 
     @property
     def has_energy_scale(self) -> bool:
-        measured = self.needs_energy_scale and bool(torch.isfinite(self.energy_scale).all())
-        return measured and (not self.ce_relative or bool(torch.isfinite(self.ce_scale)))
-
-    def set_ce_scale(self, mean_ce: float | Tensor) -> None:
-        """The CE's mean over the calibration samples (``ce_relative``)."""
-        if not self.ce_relative:
-            raise RuntimeError("this weighting counts nothing in units of the CE")
-        self.ce_scale.fill_(max(float(mean_ce), 1e-8))
-
-    def prior_concentration(self) -> Tensor:
-        """``c`` per weighted channel ``[K]``, in units of the CE scale if ``ce_relative``."""
-        if not self.ce_relative:
-            return self.concentration
-        if not bool(torch.isfinite(self.ce_scale)):
-            raise RuntimeError(
-                "ce_relative needs the CE's scale: call set_ce_scale() first (betakd train "
-                "measures it on the first training samples before training)"
-            )
-        return self.concentration * self.ce_scale
+        return self.needs_energy_scale and bool(torch.isfinite(self.energy_scale).all())
 
     def set_energy_scale(self, mean_energy: Tensor) -> None:
         """Set the scale from each weighted channel's mean energy ``[K]`` (calibration)."""
@@ -460,7 +431,7 @@ class Weighting(nn.Module):
     def _scale(self) -> Tensor | None:
         if not self.needs_energy_scale:
             return None
-        if not bool(torch.isfinite(self.energy_scale).all()):
+        if not self.has_energy_scale:
             raise RuntimeError(
                 "this weighting needs each channel's energy scale (prior_rate_scale, trust "
                 "or scale_momentum): call set_energy_scale() first (betakd train measures it "
@@ -627,7 +598,7 @@ class Weighting(nn.Module):
         Without a hyperprior, ``b = 0`` and ``c = d/2``: the Laplace term -(d/2) log beta.
         """
         beta = log_beta.exp()
-        regulariser = -self.prior_concentration() * log_beta
+        regulariser = -self.concentration * log_beta
         if self.prior.active:
             rates = self.prior.rates(self._scale(), self.concentration)
             regulariser = regulariser + rates * beta
@@ -741,7 +712,6 @@ class TaskWeighting(Weighting):
         prior_shape: float = 1.0,
         prior_rate: float = 0.0,
         prior_rate_scale: float | None = None,
-        ce_relative: bool = False,
         trust: Mapping | SharedTrust | None = None,
         reliability: Mapping | TeacherReliability | None = None,
         channel_teachers: Mapping[str, str | None] | None = None,
@@ -752,7 +722,6 @@ class TaskWeighting(Weighting):
             weight_ce=weight_ce,
             d=d,
             prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
-            ce_relative=ce_relative,
             trust=trust,
             reliability=reliability,
             channel_teachers=channel_teachers,
@@ -799,7 +768,6 @@ class InstanceWeighting(Weighting):
         prior_shape: float = 1.0,
         prior_rate: float = 0.0,
         prior_rate_scale: float | None = None,
-        ce_relative: bool = False,
         trust: Mapping | SharedTrust | None = None,
         reliability: Mapping | TeacherReliability | None = None,
         channel_teachers: Mapping[str, str | None] | None = None,
@@ -810,7 +778,6 @@ class InstanceWeighting(Weighting):
             weight_ce=weight_ce,
             d=d,
             prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
-            ce_relative=ce_relative,
             trust=trust,
             reliability=reliability,
             channel_teachers=channel_teachers,
@@ -867,7 +834,6 @@ class ClosedFormWeighting(Weighting):
         prior_shape: float = 1.0,
         prior_rate: float = 0.0,
         prior_rate_scale: float | None = None,
-        ce_relative: bool = False,
         trust: Mapping | SharedTrust | None = None,
         reliability: Mapping | TeacherReliability | None = None,
         channel_teachers: Mapping[str, str | None] | None = None,
@@ -878,7 +844,6 @@ class ClosedFormWeighting(Weighting):
             weight_ce=weight_ce,
             d=d,
             prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
-            ce_relative=ce_relative,
             trust=trust,
             reliability=reliability,
             channel_teachers=channel_teachers,
@@ -899,7 +864,7 @@ class ClosedFormWeighting(Weighting):
             energy = scale.reshape(1, -1).expand_as(energy)
         rates = self.prior_rates()
         floored = energy + rates <= self.min_energy
-        log_beta = torch.log(self.prior_concentration()) - torch.log(
+        log_beta = torch.log(self.concentration) - torch.log(
             (energy + rates).clamp_min(self.min_energy)
         )
         beta, reg = self.laplace_terms(log_beta)

@@ -59,7 +59,7 @@ ROBUST = [
                   "trust": {"channels": ["cosine_probs"], "kind": "superloss"}}),
     ("fixed", {"weights": {"cosine_probs": 1.0, "visual": 1.0}, "scale_relative": True}),
     ("instance", {"hidden": 8, "prior_shape": 3.0, "prior_rate_scale": 0.5,
-                  "ce_relative": True, "reliability": {}}),
+                  "reliability": {}}),
 ]  # fmt: skip
 
 

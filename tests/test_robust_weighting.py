@@ -269,25 +269,3 @@ def test_running_scale_is_an_exponential_mean_of_observed_step_means():
     frozen.set_energy_scale(torch.tensor([1.0, 2.0]))
     frozen.observe_energy(torch.tensor([0.2, 2.0]))
     torch.testing.assert_close(frozen.energy_scale, torch.tensor([1.0, 2.0]))
-
-
-def test_ce_relative_counts_the_prior_concentration_in_units_of_the_ce_scale():
-    """beta* = (d/2 + a - 1) * s_ce / (l + rho * s_k): at l = s_k (the start) the teacher
-    channel's weight is (d/2 + a - 1) / (1 + rho) times s_ce / s_k, the initial-scale
-    ratio of the fixed baseline, whatever the energy's units."""
-    built = W.build("closed_form", ["ce", "kd"], prior_shape=3.0, prior_rate_scale=0.5,
-                    ce_relative=True)  # fmt: skip
-    built.set_energy_scale(torch.tensor([0.2]))
-    with pytest.raises(RuntimeError, match="set_ce_scale"):
-        built(torch.ones(2, 2))
-    built.set_ce_scale(6.0)
-    losses = torch.tensor([[6.0, 0.2], [1.0, 0.05]], dtype=torch.float64)
-    out = built(losses)
-    c = 0.5 + 3.0 - 1
-    expected = c * 6.0 / (losses[:, 1] + 0.5 * 0.2)
-    torch.testing.assert_close(out.betas[:, 1].double(), expected, rtol=1e-6, atol=0)
-    assert float(out.betas[0, 1]) == pytest.approx(c / 1.5 * 6.0 / 0.2)
-    # Saved with the head, so a resumed run keeps it.
-    assert float(built.state_dict()["ce_scale"]) == 6.0
-    with pytest.raises(ValueError, match="units of the 'ce' channel"):
-        W.build("task", ["kd", "other"], ce_relative=True)
