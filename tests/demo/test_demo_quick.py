@@ -6,6 +6,7 @@ from click.testing import CliRunner
 
 from betakd.cli import main
 from betakd.demo.config import load_demo_config
+from betakd.demo.strategies import select
 
 
 def test_quick_demo_writes_report_results_and_plots(tmp_path, monkeypatch, demo_cache_dir):
@@ -15,7 +16,7 @@ def test_quick_demo_writes_report_results_and_plots(tmp_path, monkeypatch, demo_
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     strategies = {r["strategy"] for r in results["runs"]}
-    assert strategies == set(load_demo_config().run)
+    assert strategies == {s.name for s in select(load_demo_config(), None)}
     for run in results["runs"]:
         assert set(run["accuracy"]) >= {"all", "outside_blind", "blind", "colour"}
         assert all(0.0 <= v <= 100.0 for v in run["accuracy"].values())
