@@ -492,8 +492,9 @@ def write_report(results: dict, out: Path) -> Path:
             "## Where the weights go",
             "",
             "Final per-sample betas of every training sample under the trained student "
-            "(mean per slice, averaged over seeds; fixed weights are constant unless a trust "
-            "re-weights them), and the ROC AUC of 'lower beta' for the blind slice and for "
+            "(mean per slice, averaged over seeds; fixed weights are constant unless a trust or the "
+            "reliability re-weights them; the CE row, when shown, is the factor the reliability "
+            "puts on the CE), and the ROC AUC of 'lower beta' for the blind slice and for "
             "noisy labels (0.5: no separation, 1.0: perfect):",
             "",
             _betas_table(results),
