@@ -13,6 +13,8 @@ checkpointing, ``report_to``, progress bars). What this subclass adds:
 * the channels' energy scales, when the weighting uses them: measured on the first
   training samples before training, and folded into a running mean after every
   optimizer step from the whole accumulated batch of every process;
+* the teacher reliability, when the weighting has one: fitted on the first training
+  samples' teacher NLLs and h(x) before training (``fit_reliability``);
 * checkpoints that hold a standard student (``save_pretrained``) plus
   ``betakd_head.safetensors``; resuming restores both;
 * a policy for non-finite losses: stop with the step and sample ids, or skip the step;

@@ -252,16 +252,23 @@ def lambert_w(x: Tensor, iterations: int = 12) -> Tensor:
     return w.to(x.dtype)
 
 
+def option_group(value: object, name: str, keys: set[str]) -> dict:
+    """A nested option group (``trust``, ``reliability``) as a dict, its keys checked."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{name} must be a mapping of options {sorted(keys)}, got {value!r}")
+    unknown = sorted(set(value) - keys)
+    if unknown:
+        raise ValueError(f"{name}: unknown keys {unknown}; expected some of {sorted(keys)}")
+    return dict(value)
+
+
+TRUST_KEYS = {"channels", "reference", "kind", "rho", "lam", "threshold"}
+
+
 def build_trust(trust: Mapping | SharedTrust | None) -> SharedTrust | None:
     if trust is None or isinstance(trust, SharedTrust):
         return trust
-    if not isinstance(trust, Mapping):
-        raise ValueError(f"trust must be a mapping {{channels, kind, rho, lam}}, got {trust!r}")
-    keys = {"channels", "reference", "kind", "rho", "lam", "threshold"}
-    unknown = sorted(set(trust) - keys)
-    if unknown:
-        raise ValueError(f"trust: unknown keys {unknown}; expected some of {sorted(keys)}")
-    options = dict(trust)
+    options = option_group(trust, "trust", TRUST_KEYS)
     channels = options.pop("channels", None)
     if isinstance(channels, str):
         channels = [channels]
@@ -278,14 +285,7 @@ def build_reliability(
     representation h(x), which ``betakd train`` fills in)."""
     if reliability is None or isinstance(reliability, TeacherReliability):
         return reliability
-    if not isinstance(reliability, Mapping):
-        raise ValueError(f"reliability must be a mapping of options, got {reliability!r}")
-    unknown = sorted(set(reliability) - RELIABILITY_KEYS)
-    if unknown:
-        raise ValueError(
-            f"reliability: unknown keys {unknown}; expected some of {sorted(RELIABILITY_KEYS)}"
-        )
-    options = dict(reliability)
+    options = option_group(reliability, "reliability", RELIABILITY_KEYS)
     if "input_dim" not in options:
         raise ValueError("reliability needs input_dim, the width of the representation h(x)")
     return TeacherReliability(int(options.pop("input_dim")), **options)
