@@ -227,7 +227,7 @@ class TeacherReliability(nn.Module):
     ``anchor_share`` the share of inputs, most agreeing first, assumed to have a right
     teacher.
 
-    Its state (mixtures, ``eps``, regression weights, standardisation) lives in
+    Its state (NLL distributions, ``eps``, regression weights, standardisation) lives in
     buffers, so checkpoints and ``init_from`` carry it and a resumed run does not refit.
     """
 
@@ -266,8 +266,8 @@ class TeacherReliability(nn.Module):
     # ----------------------------------------------------------------- fit
 
     def fit(self, nll: Tensor, representation: Tensor) -> dict[str, float]:
-        """Fit every teacher's mixture, ``a(h)`` and ``eps`` on ``nll [N]`` or ``[N, T]``
-        and ``representation [N, D]``; returns a summary per teacher."""
+        """Fit every teacher's NLL distributions, ``eps`` and ``r(h)`` on ``nll [N]`` or
+        ``[N, T]`` and ``representation [N, D]``; returns a summary per teacher."""
         nll = _columns(nll, self.teachers)
         h = representation.detach().double().cpu()
         if h.shape != (nll.shape[0], self.input_dim):
@@ -310,8 +310,8 @@ class TeacherReliability(nn.Module):
             for q in (0.1, 0.5, 0.9):
                 summary[f"{prefix}nll_q{int(q * 100)}"] = float(torch.quantile(column, q))
             summary[f"{prefix}agree_share"] = mixture.agree_weight
-            for name, (mean, _) in zip(COMPONENTS, components.tolist()):
-                summary[f"{prefix}{name}_nll_median"] = math.exp(mean)
+            for name, (log_median, _) in zip(COMPONENTS, components.tolist()):
+                summary[f"{prefix}{name}_nll_median"] = math.exp(log_median)
             summary[f"{prefix}label_noise"] = eps
             summary[f"{prefix}teacher_right_mean"] = float(teacher_right.mean())
         return summary
