@@ -55,6 +55,7 @@ SKIP_REASONS = (
     "empty_answer",
     "no_assistant_turn",
     "bad_record",
+    "duplicate_id",
 )
 # Skips logged one by one per reason; the rest only count (and stay in the report).
 _LOGGED_PER_REASON = 50
@@ -188,11 +189,19 @@ def parse_record(record: Mapping, index: int, image_folder: str | Path | None) -
     if not turns:
         raise SkipSample("no_assistant_turn", "no conversations")
     messages = []
-    for turn in turns:
+    for number, turn in enumerate(turns):
         role = ROLES.get(turn.get("from"))
         if role is None:
             raise SkipSample("bad_record", f"unknown speaker {turn.get('from')!r}")
-        value = turn.get("value") or ""
+        value = turn.get("value")
+        if value is None:
+            value = ""
+        if not isinstance(value, str):
+            raise SkipSample(
+                "bad_record",
+                f"conversations[{number}].value is a {type(value).__name__} ({value!r}), "
+                "not a string",
+            )
         if role == "assistant":
             if IMAGE_PLACEHOLDER in value:
                 raise SkipSample("bad_record", "an <image> placeholder in an assistant turn")
@@ -229,6 +238,8 @@ def _image_path(name: str, image_folder: str | Path | None) -> Path:
 
 def open_image(path: Path) -> Image.Image:
     """Decode an image fully (lazy decoding would hide truncated files)."""
+    if path.is_dir():
+        raise SkipSample("missing_image", f"{path} is a folder, not an image file")
     if not path.is_file():
         raise SkipSample("missing_image", f"no file at {path}")
     try:
@@ -518,9 +529,14 @@ def _validate(
         desc="validating samples",
         disable=len(records) < 2000,
     )
+    seen: set[str] = set()
     for index, record in rows:
         try:
             conversation = parse_record(record, index, image_folder)
+            if conversation.id in seen:
+                # Per-sample ids key caches, groups and reports: the first one is kept.
+                raise SkipSample("duplicate_id", f"id {conversation.id!r} appeared earlier")
+            seen.add(conversation.id)
             images = open_images(conversation)
             encoded = {name: e.encode_cached(conversation, images) for name, e in encoders.items()}
             if equal_answers:

@@ -16,6 +16,7 @@ from betakd.data import (
     SkipReport,
     SkipSample,
     build_dataset,
+    open_image,
     parse_record,
 )
 from betakd.labels import IGNORE_INDEX
@@ -56,12 +57,29 @@ def test_parse_record_without_placeholder_prepends_image(llava_files, tmp_path):
         ([{"from": "human", "value": "hi"}], "no_assistant_turn"),
         ([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "  "}], "empty_answer"),
         ([{"from": "robot", "value": "hi"}], "bad_record"),
+        ([{"from": "human", "value": "How many?"}, {"from": "gpt", "value": 3}], "bad_record"),
+        ([{"from": "human", "value": ["hi"]}, {"from": "gpt", "value": "yes"}], "bad_record"),
     ],
 )
 def test_parse_record_rejects(turns, reason):
     with pytest.raises(SkipSample) as err:
         parse_record({"id": "z", "conversations": turns}, 0, None)
     assert err.value.reason == reason
+
+
+def test_a_non_string_value_names_its_turn_and_type():
+    turns = [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": 3}]
+    with pytest.raises(SkipSample, match=r"conversations\[1\]\.value is a int \(3\)"):
+        parse_record({"id": "z", "conversations": turns}, 0, None)
+
+
+def test_an_image_path_that_is_a_folder_is_named_as_one(tmp_path):
+    (tmp_path / "shapes").mkdir()
+    with pytest.raises(SkipSample, match="is a folder, not an image file") as err:
+        open_image(tmp_path / "shapes")
+    assert err.value.reason == "missing_image"
+    with pytest.raises(SkipSample, match="no file at"):
+        open_image(tmp_path / "nowhere.png")
 
 
 def test_labels_cover_only_answers(tiny_model_dir, vqa_data):
@@ -113,23 +131,36 @@ def test_skips_are_counted_with_reasons_and_logged(llava_files, tiny_model_dir, 
             "image": "ok.png",
             "conversations": [{"from": "human", "value": "<image>"}],
         },
+        llava_files.record("ok3", "What colour is the shape?", "red", "ok.png"),
+        {
+            "id": "number",
+            "image": "ok.png",
+            "conversations": [
+                {"from": "human", "value": "<image>\nHow many shapes?"},
+                {"from": "gpt", "value": 3},
+            ],
+        },
     ]
     data = llava_files.write_records(tmp_path / "d.json", records)
     encoder = encoder_for(tiny_model_dir("llava"), max_length=64)
     with caplog.at_level(logging.WARNING, logger="betakd.data"):
         dataset = build_dataset(data, images, [encoder], max_skip_fraction=0.5)
     report = dataset.report
-    assert len(dataset) == 10 and report.total == 15 and report.count == 5
+    assert len(dataset) == 10 and report.total == 17 and report.count == 7
     assert report.counts() == {
         "missing_image": 1,
         "corrupt_image": 1,
         "too_long": 1,
         "empty_answer": 1,
         "no_assistant_turn": 1,
-        "bad_record": 0,
+        "bad_record": 1,
+        "duplicate_id": 1,
     }
     assert "nowhere.png" in caplog.text and "corrupt.png" in caplog.text
-    assert "noanswer" in caplog.text
+    assert "noanswer" in caplog.text and "id 'ok3' appeared earlier" in caplog.text
+    assert "conversations[1].value is a int (3), not a string" in caplog.text
+    # The first of two samples with one id is the one kept.
+    assert [c.index for c in dataset if c.id == "ok3"] == [3]
     with pytest.raises(DataError, match="max_skip_fraction=0.1"):
         build_dataset(data, images, [encoder], max_skip_fraction=0.1)
 
