@@ -26,7 +26,11 @@ def main(verbose: bool) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @config_overrides
 @click.option("--resume", is_flag=True, help="Continue the run in training.output_dir.")
-@click.option("--check", is_flag=True, help="Validate the config and exit (loads no model).")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Validate the config and the files and folders it names, and exit (loads no model).",
+)
 def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) -> None:
     """Distill a student from a teacher as the YAML CONFIG says.
 
@@ -48,6 +52,13 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     """
     cfg = load_config(config, overrides)
     if check:
+        from betakd.train import path_problems
+
+        problems = path_problems(cfg)
+        if problems:
+            raise click.ClickException(
+                f"{config}: the settings are valid, but " + "; ".join(problems)
+            )
         click.echo(f"{config}: valid")
         return
     from betakd.data import DataError

@@ -125,12 +125,34 @@ def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
     return changed
 
 
-def check_model_paths(config: cfg.TrainConfig) -> None:
-    """A model path that looks local must exist; hub ids are left to transformers."""
-    models.check_model_path("student.path", config.student.path)
+def path_problems(config: cfg.TrainConfig) -> list[str]:
+    """Every file and folder the config names that is not there, each as ``key: what``,
+    without loading a model: the data file, the image folder, the models (local paths;
+    hub ids only when ``HF_HUB_OFFLINE=1``), teacher caches and ``init_from``."""
+    problems = []
+    models_by_key = {"student.path": config.student.path} | {
+        f"{plan.key}.path": plan.settings.path
+        for plan in config.teacher_plans()
+        if plan.settings.path is not None
+    }
+    for key, path in models_by_key.items():
+        try:
+            models.check_model_path(key, path)
+        except FileNotFoundError as err:
+            problems.append(str(err))
+    data = config.data
+    if not Path(data.train_file).is_file():
+        problems.append(f"data.train_file: no file at {data.train_file}")
+    if data.image_folder is not None and not Path(data.image_folder).is_dir():
+        problems.append(f"data.image_folder: no folder at {data.image_folder}")
     for plan in config.teacher_plans():
-        if plan.settings.path is not None:
-            models.check_model_path(f"{plan.key}.path", plan.settings.path)
+        cache = plan.settings.cache_dir
+        if plan.settings.source == "cache" and not Path(cache).is_dir():
+            problems.append(f"{plan.key}.cache_dir: no teacher cache at {cache}")
+    init_from = config.weighting.init_from
+    if init_from is not None and not Path(init_from).exists():
+        problems.append(f"weighting.init_from: nothing at {init_from}")
+    return problems
 
 
 @dataclass
@@ -195,7 +217,9 @@ def build_trainer(
     ``transformers`` trainer callbacks. ``data_cache`` keeps encodings and validation
     passes; pass one to share them between runs in a process (default: one per run).
     """
-    check_model_paths(config)
+    problems = path_problems(config)
+    if problems:
+        raise FileNotFoundError("; ".join(problems))
     data_cache = data_cache if data_cache is not None else DataCache()
     student = models.load(
         config.student.path,

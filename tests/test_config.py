@@ -84,10 +84,44 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.yaml")))
 def test_shipped_example_configs_pass_train_check(path):
-    """`betakd train RECIPE --check`, offline: hub ids need no download to validate."""
+    """`betakd train RECIPE --check`: the settings validate; the recipes name data (and
+    hub models) this machine does not have, which --check reports by key."""
     from click.testing import CliRunner
 
     from betakd.cli import main
 
+    result = CliRunner().invoke(main, ["train", str(path), "--check"])
+    assert result.exit_code == 1, result.output
+    assert "the settings are valid, but " in result.output
+    assert "data.train_file: no file at" in result.output
+    problems = result.output.strip().split("the settings are valid, but ")[1].split("; ")
+    keys = ("student.path", "teacher.path", "data.", "weighting.init_from")
+    assert all(p.startswith(keys) for p in problems), problems
+
+
+def test_check_reports_every_missing_path_by_key_and_passes_when_all_exist(tmp_path):
+    from click.testing import CliRunner
+
+    from betakd.cli import main
+
+    raw = {
+        "student": {"path": str(tmp_path / "student")},
+        "teacher": {"path": str(tmp_path / "teacher"), "source": "cache",
+                    "cache_dir": str(tmp_path / "cache")},
+        "data": {"train_file": str(tmp_path / "data.json"), "image_folder": str(tmp_path / "img")},
+        "channels": {"logits": [{"energy": "fkl"}]},
+        "weighting": {"name": "task", "init_from": str(tmp_path / "head")},
+        "training": {"output_dir": str(tmp_path / "out")},
+    }  # fmt: skip
+    path = tmp_path / "config.yaml"
+    path.write_text(cfg.yaml.safe_dump(raw))
+    result = CliRunner().invoke(main, ["train", str(path), "--check"])
+    assert result.exit_code == 1
+    for key in ("student.path", "teacher.path", "data.train_file", "data.image_folder",
+                "teacher.cache_dir", "weighting.init_from"):  # fmt: skip
+        assert f"{key}: " in result.output, (key, result.output)
+    for folder in ("student", "teacher", "img", "cache", "head"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "data.json").write_text("[]")
     result = CliRunner().invoke(main, ["train", str(path), "--check"])
     assert result.exit_code == 0 and result.output.strip().endswith("valid"), result.output
