@@ -538,7 +538,7 @@ def _validate(
                 raise SkipSample("duplicate_id", f"id {conversation.id!r} appeared earlier")
             seen.add(conversation.id)
             images = open_images(conversation)
-            encoded = {name: e.encode_cached(conversation, images) for name, e in encoders.items()}
+            encoded = {name: _encode(name, e, conversation, images) for name, e in encoders.items()}
             if equal_answers:
                 _check_equal_answers(encoded)
         except SkipSample as skip:
@@ -547,6 +547,15 @@ def _validate(
             continue
         kept.append(conversation)
     return kept, report
+
+
+def _encode(name: str, encoder: SampleEncoder, conversation: Conversation, images) -> Encoded:
+    """One model's encoding; a skip says whose (the student's and a teacher's encodings
+    differ in length, e.g. by their image-token counts)."""
+    try:
+        return encoder.encode_cached(conversation, images)
+    except SkipSample as skip:
+        raise SkipSample(skip.reason, f"{name}'s encoding: {skip.detail}") from skip
 
 
 def _check_equal_answers(encoded: Mapping[str, Encoded]) -> None:

@@ -159,6 +159,9 @@ def test_skips_are_counted_with_reasons_and_logged(llava_files, tiny_model_dir, 
     assert "nowhere.png" in caplog.text and "corrupt.png" in caplog.text
     assert "noanswer" in caplog.text and "id 'ok3' appeared earlier" in caplog.text
     assert "conversations[1].value is a int (3), not a string" in caplog.text
+    # Which model's encoding was too long, and its limit.
+    (too_long,) = report.skipped["too_long"]
+    assert too_long.startswith("long: encoder 0's encoding: ") and "max_length=64" in too_long
     # The first of two samples with one id is the one kept.
     assert [c.index for c in dataset if c.id == "ok3"] == [3]
     with pytest.raises(DataError, match="max_skip_fraction=0.1"):
