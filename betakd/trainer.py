@@ -260,21 +260,14 @@ class BetaKDTrainer(Trainer):
         size or accumulation), measured with the initial models, without gradients."""
         weighting = self._weighting
         objective = self.head.objective
-        n = min(self.calibration_samples, len(self.train_dataset))
-        size = self.args.per_device_train_batch_size
         # The energies are read before weighting; a placeholder scale lets the forward run.
         weighting.set_energy_scale(torch.ones(len(weighting.weighted_channels)))
-        was_training = self.model.training
-        self.model.eval()
         sums, count = None, 0
-        with torch.no_grad():
-            for start in range(0, n, size):
-                rows = [self.train_dataset[i] for i in range(start, min(n, start + size))]
-                out = self.model(*self.loss_inputs(self.data_collator(rows)))
-                batch_sums, batch_count = objective.weighted_energy_sums(out.energies, out.valid)
-                sums = batch_sums if sums is None else sums + batch_sums
-                count += int(batch_count)
-        self.model.train(was_training)
+        for batch in self._first_batches(self.calibration_samples, "measuring energy scales"):
+            out = self.model(*self.loss_inputs(batch))
+            batch_sums, batch_count = objective.weighted_energy_sums(out.energies, out.valid)
+            sums = batch_sums if sums is None else sums + batch_sums
+            count += int(batch_count)
         if not count:
             raise RuntimeError("no calibration sample has a supervised answer token")
         scale = sums / count
@@ -292,28 +285,13 @@ class BetaKDTrainer(Trainer):
         gradients. Samples without a supervised answer token are left out."""
         reliability = self._weighting.reliability
         module = self.distillation_module
-        n = min(self.reliability_samples, len(self.train_dataset))
-        size = self.args.per_device_train_batch_size
         nlls, representations = [], []
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
-            for start in tqdm(
-                range(0, n, size),
-                desc="fitting the teacher reliability",
-                disable=not self.is_local_process_zero(),
-            ):
-                batch = self.data_collator(
-                    [self.train_dataset[i] for i in range(start, min(n, start + size))]
-                )
-                inputs, aligned, targets, image_counts = self.loss_inputs(batch)
-                nll, representation = module.reliability_inputs(
-                    inputs, aligned, targets, image_counts
-                )
-                valid = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
-                nlls.append(nll[valid].float().cpu())
-                representations.append(representation[valid].float().cpu())
-        self.model.train(was_training)
+        for batch in self._first_batches(self.reliability_samples, "fitting the reliability"):
+            inputs, aligned, targets, image_counts = self.loss_inputs(batch)
+            nll, representation = module.reliability_inputs(inputs, aligned, targets, image_counts)
+            valid = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
+            nlls.append(nll[valid].float().cpu())
+            representations.append(representation[valid].float().cpu())
         nll = torch.cat(nlls)
         if nll.shape[0] < 4:
             raise RuntimeError(
@@ -337,6 +315,24 @@ class BetaKDTrainer(Trainer):
                 {k: round(v, 3) for k, v in low.items()},
             )
         return summary
+
+    def _first_batches(self, samples: int, desc: str):
+        """Collated batches of the first ``samples`` training samples in data-file order
+        (so nothing measured on them depends on shuffling, batch size or accumulation),
+        with the model in evaluation mode and without gradients; a progress bar on the
+        local main process."""
+        n = min(samples, len(self.train_dataset))
+        size = self.args.per_device_train_batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                starts = range(0, n, size)
+                for start in tqdm(starts, desc=desc, disable=not self.is_local_process_zero()):
+                    rows = [self.train_dataset[i] for i in range(start, min(n, start + size))]
+                    yield self.data_collator(rows)
+        finally:
+            self.model.train(was_training)
 
     def _accumulate_step_energy(self, out) -> None:
         if self._weighting.scale_momentum is None:
