@@ -102,7 +102,14 @@ class FeatureChannelScenario:
         }
     )
     seeds: tuple[int, ...] = (0, 1, 2)
-    run: tuple[str, ...] = ("ce_only", "fixed_sweep", "fixed", "reliable_instance")
+    run: tuple[str, ...] = (
+        "ce_only",
+        "fixed_sweep",
+        "fixed",
+        "fixed_reliability",
+        "reliable_instance",
+        "reliable_instance_annealed",
+    )
 
 
 @dataclass(frozen=True)
