@@ -509,11 +509,7 @@ class Weighting(nn.Module):
         )
         columns = teacher_right[:, self.reliability_teacher].to(losses.dtype)
         is_teacher = torch.tensor([c != CE for c in self.weighted_channels], device=losses.device)
-        trust = torch.where(is_teacher, columns, torch.ones_like(columns))
-        betas, regulariser, at_bound = self.precisions(losses, representation)
-        out = self.assemble(
-            losses, betas * trust * self.channel_gain.to(betas.dtype), regulariser, at_bound
-        )
+        out = self.combine(losses, representation, torch.where(is_teacher, columns, 1.0))
         ce = self.channels.index(CE)
         factor = torch.ones_like(out.weighted)
         factor[:, ce] = label_right.to(losses.dtype)
