@@ -59,3 +59,15 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def folder_sha256(folder: str | Path) -> str:
+    """SHA-256 over the names and contents of a folder's files (not subfolders or dot-files).
+
+    Identifies a saved model (weights, config, tokenizer) wherever the folder
+    lives; reading the weights once costs about a second per GB.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{path.name}\0{file_sha256(path)}\0".encode())
+    return digest.hexdigest()

@@ -9,7 +9,7 @@ Typical in-process use (the model may already be loaded):
 """
 
 from betakd.eval.normalize import normalize_answer
-from betakd.eval.records import EvalDataError, load_predictions
+from betakd.eval.records import EvalDataError, PredictionsMismatch, load_predictions
 from betakd.eval.registry import (
     BENCHMARKS,
     PAPER_SIX,
@@ -26,7 +26,9 @@ __all__ = [
     "PAPER_SIX",
     "BenchmarkData",
     "EvalDataError",
+    "PredictionsMismatch",
     "Sample",
+    "check_images",
     "generate",
     "generate_batch",
     "get_benchmark",
@@ -42,7 +44,7 @@ __all__ = [
 def __getattr__(name: str):
     # The runner imports torch and transformers (seconds); loading it on first
     # use keeps `betakd --help` and scoring without a model fast.
-    if name in ("generate", "generate_batch"):
+    if name in ("check_images", "generate", "generate_batch"):
         from betakd.eval import runner
 
         return getattr(runner, name)

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from betakd.eval.mme import PERCEPTION
+from betakd.files import folder_sha256
 from betakd.eval.records import EvalDataError, load_predictions, read_json
 from betakd.eval.registry import BENCHMARKS, PAPER_SIX, get_benchmark, six_benchmark_average
 
@@ -31,6 +32,7 @@ SUMMARY_FILE = "summary.json"
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N samples (a quick check; not comparable to published numbers).")  # fmt: skip
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=None, help="Override the benchmark's default.")  # fmt: skip
+@click.option("--overwrite", is_flag=True, help="Delete the benchmark's predictions under --output first (by default a run resumes them, and refuses those of another model or other settings).")  # fmt: skip
 @click.option("--score-only", is_flag=True, help="Score an existing predictions file; loads no model.")  # fmt: skip
 @click.option("--predictions", "predictions_path", type=click.Path(exists=True, dir_okay=False), help="With --score-only and one benchmark: the predictions file (default: the one under --output).")  # fmt: skip
 @click.option("--device", default=None, help="torch device (default: cuda if available, else cpu).")  # fmt: skip
@@ -43,6 +45,7 @@ def eval_command(
     batch_size: int,
     limit: int | None,
     max_new_tokens: int | None,
+    overwrite: bool,
     score_only: bool,
     predictions_path: str | None,
     device: str | None,
@@ -53,8 +56,11 @@ def eval_command(
         raise click.UsageError("--model is required unless --score-only is given")
     if predictions_path is not None and (not score_only or len(benchmarks) != 1):
         raise click.UsageError("--predictions needs --score-only and exactly one --benchmark")
+    if overwrite and score_only:
+        raise click.UsageError("--overwrite deletes predictions; it cannot go with --score-only")
     output = Path(output_dir)
     loaded = None if score_only else _load_model(model_path, device, dtype)
+    weights = None if score_only else folder_sha256(model_path)
     several = len(set(benchmarks)) > 1
     try:
         for name in dict.fromkeys(benchmarks):  # repeated names run once
@@ -69,6 +75,13 @@ def eval_command(
             if loaded is not None:
                 run.update(model=model_path, dtype=dtype, batch_size=batch_size)
                 run["max_new_tokens"] = max_new_tokens or get_benchmark(name).max_new_tokens
+                run["producer"] = {
+                    "model_sha256": weights,
+                    "dtype": dtype,
+                    "max_new_tokens": run["max_new_tokens"],
+                }
+                if overwrite:
+                    predictions.unlink(missing_ok=True)
             metrics = _evaluate(name, run, loaded)
             _write_json(output / name / METRICS_FILE, {"benchmark": name, "metrics": metrics, "run": run})  # fmt: skip
             _warn_partial(name, metrics)
@@ -85,7 +98,16 @@ def _evaluate(name: str, run: dict[str, Any], loaded: tuple[Any, Any] | None) ->
         from betakd.eval.runner import generate
 
         model, processor = loaded
-        generate(model, processor, data.samples, run["batch_size"], run["max_new_tokens"], run["predictions"])  # fmt: skip
+        generate(
+            model,
+            processor,
+            data.samples,
+            run["batch_size"],
+            run["max_new_tokens"],
+            run["predictions"],
+            model_id=run["model"],
+            producer=run["producer"],
+        )
     return benchmark.score(load_predictions(run["predictions"]), data.annotations)
 
 
@@ -105,7 +127,8 @@ def collect_metrics(output: Path) -> dict[str, dict[str, Any]]:
 
 
 def summary_table(metrics: dict[str, dict[str, Any]]) -> str:
-    """One row per benchmark (headline metric, coverage) and the six-benchmark mean."""
+    """One row per benchmark (headline metric, coverage); the paper's six-benchmark mean
+    when one of the six was evaluated."""
     rows = [("benchmark", "metric", "value", "scored")]
     for name, m in metrics.items():
         bench = BENCHMARKS[name]
@@ -120,7 +143,7 @@ def summary_table(metrics: dict[str, dict[str, Any]]) -> str:
     average = six_benchmark_average(metrics)
     if average is not None:
         rows.append(("average (6, MME/20)", "", f"{average:.2f}", ""))
-    else:
+    elif any(name in metrics for name in PAPER_SIX):
         missing = [n for n in PAPER_SIX if n not in metrics]
         rows.append(("average (6, MME/20)", "", "-", f"missing: {', '.join(missing)}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]

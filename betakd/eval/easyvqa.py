@@ -16,8 +16,7 @@ from typing import Any
 
 import easy_vqa
 
-from betakd.eval.matching import coverage, pair_up, percent
-from betakd.eval.normalize import normalize_answer
+from betakd.eval import custom
 from betakd.eval.questions import read_question_file
 from betakd.eval.records import EvalDataError
 from betakd.eval.samples import BenchmarkData, Sample, with_suffix
@@ -31,29 +30,26 @@ COLORS = frozenset({"red", "green", "blue", "black", "gray", "teal", "brown", "y
 YES_NO = frozenset({"yes", "no"})
 
 
-def question_type(answer: str) -> str:
+def question_type(answer: str, where: str = "") -> str:
     """ "shape", "color" or "yes_no", from an easy-VQA answer."""
     for name, answers in (("shape", SHAPES), ("color", COLORS), ("yes_no", YES_NO)):
         if answer in answers:
             return name
-    raise EvalDataError(f"{answer!r} is not an easy-VQA answer; give the question's 'type'")
+    prefix = f"{where}: " if where else ""
+    raise EvalDataError(
+        f"{prefix}{answer!r} is not an easy-VQA answer; give the question's 'type', or "
+        "evaluate your own questions with --benchmark custom (docs/eval.md)"
+    )
 
 
 def is_correct(prediction: str, answer: str) -> bool:
-    return normalize_answer(prediction) == normalize_answer(answer)
+    return custom.is_correct(prediction, [answer])
 
 
 def score(predictions: Mapping[str, str], annotations: Mapping[str, Mapping[str, Any]]) -> dict:
     """Accuracy (%) overall and per type; annotations hold `answer` and `type`."""
-    per_type: dict[str, list[bool]] = {}
-    for _, text, ann in pair_up(predictions, annotations, NAME):
-        per_type.setdefault(ann["type"], []).append(is_correct(text, ann["answer"]))
-    results = [r for rs in per_type.values() for r in rs]
-    return {
-        "accuracy": percent(sum(results), len(results)),
-        "types": {t: percent(sum(rs), len(rs)) for t, rs in sorted(per_type.items())},
-        **coverage(predictions, annotations),
-    }
+    accepted = {q: {"answers": [a["answer"]], "type": a["type"]} for q, a in annotations.items()}
+    return custom.score(predictions, accepted, NAME)
 
 
 def load(data_dir: str | Path) -> BenchmarkData:
@@ -62,15 +58,16 @@ def load(data_dir: str | Path) -> BenchmarkData:
     samples = read_question_file(path, data_dir, PROMPT_SUFFIX)
     annotations = {}
     for sample in samples:
+        where = sample.describe()
         if "answer" not in sample.extra:
-            raise EvalDataError(f"{path}: question {sample.question_id} has no 'answer'")
+            raise EvalDataError(f"{where}: missing field 'answer'")
         answer = str(sample.extra["answer"])
         annotations[sample.question_id] = {
             "answer": answer,
-            "type": sample.extra.get("type") or question_type(answer),
+            "type": sample.extra.get("type") or question_type(answer, where),
         }
     # The answer stays out of the prediction records.
-    samples = [Sample(s.question_id, s.text, s.image) for s in samples]
+    samples = [Sample(s.question_id, s.text, s.image, source=s.source) for s in samples]
     return BenchmarkData(samples, annotations)
 
 

@@ -19,6 +19,10 @@ class EvalDataError(ValueError):
     """A benchmark or predictions file does not have the expected content."""
 
 
+class PredictionsMismatch(EvalDataError):
+    """A predictions file holds answers of another model or other settings."""
+
+
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
@@ -92,7 +96,7 @@ def load_predictions(source: str | Path | Mapping[str, str] | Iterable[Mapping])
 
     Records use the LLaVA answer-file fields `question_id` and `text`. A
     question id that appears twice is an error: which answer counts would be
-    ambiguous.
+    ambiguous. So are records of different `producer`s (another model's answers).
     """
     if isinstance(source, Mapping):
         return {
@@ -104,11 +108,21 @@ def load_predictions(source: str | Path | Mapping[str, str] | Iterable[Mapping])
     else:
         numbered = ((f"predictions[{i}]", r) for i, r in enumerate(source))
     predictions: dict[str, str] = {}
+    first_producer: tuple[str, Any] | None = None
     for where, record in numbered:
         qid = question_id(require(record, "question_id", where), where)
         if qid in predictions:
             raise EvalDataError(f"{where}: duplicate question_id {qid!r}")
         predictions[qid] = _text(require(record, "text", where), where)
+        # One score, one model: answers `betakd eval` wrote for two models never mix.
+        producer = record.get("producer")
+        if first_producer is None:
+            first_producer = (where, producer)
+        elif producer != first_producer[1]:
+            raise EvalDataError(
+                f"{where}: answer of another model or other settings than at "
+                f"{first_producer[0]} (producer {producer!r} vs {first_producer[1]!r})"
+            )
     return predictions
 
 

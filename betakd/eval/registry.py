@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from betakd.eval import easyvqa, gqa, mmbench, mme, pope, scienceqa, textvqa
+from betakd.eval import custom, easyvqa, gqa, mmbench, mme, pope, scienceqa, textvqa
 from betakd.eval.records import load_predictions
 from betakd.eval.samples import BenchmarkData
 
@@ -46,6 +46,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("mme", mme, "perception", headline_scale=1 / 20),
         Benchmark("mmbench", mmbench, "accuracy"),
         Benchmark("easyvqa", easyvqa, "accuracy"),
+        Benchmark("custom", custom, "accuracy"),
     )
 }
 

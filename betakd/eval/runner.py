@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from betakd.eval.records import (
     EvalDataError,
+    PredictionsMismatch,
     append_jsonl,
     drop_torn_last_line,
     iter_jsonl,
@@ -39,6 +40,7 @@ def generate(
     output_jsonl: str | Path | None = None,
     *,
     model_id: str | None = None,
+    producer: Mapping[str, Any] | None = None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Greedy answers for `samples`, one record per sample, in sample order.
@@ -48,25 +50,33 @@ def generate(
     (or tokenizer for text-only models) and must carry a chat template.
     With `output_jsonl`, each finished batch is appended to that file at once;
     samples already present there (from an interrupted run) are not generated
-    again. Records have the LLaVA answer-file fields `question_id`, `prompt`,
-    `text`, `model_id`, plus the sample's extra fields.
+    again, and records another model wrote there are refused
+    (`PredictionsMismatch`): a file holds one model's answers. `producer`
+    identifies the model and settings (`betakd eval` gives the model folder,
+    a digest of its weights, dtype and max_new_tokens); without it, the model's
+    name and `max_new_tokens`. Records have the LLaVA answer-file fields
+    `question_id`, `prompt`, `text`, `model_id`, `producer`, plus the sample's
+    extra fields. Every image is opened before the first answer is generated,
+    so a missing or broken one stops the run at once, naming file and question.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     todo = _unique_samples(samples)
+    model_id = model_id or _model_name(model)
+    producer = dict(producer or {"model_id": model_id, "max_new_tokens": max_new_tokens})
     path = Path(output_jsonl) if output_jsonl is not None else None
-    done = _resume(path) if path is not None else {}
+    done = _resume(path, producer) if path is not None else {}
     _check_same_prompts(todo, done, path)
     pending = [s for s in todo if s.question_id not in done]
-    model_id = model_id or _model_name(model)
+    check_images(pending, progress=progress)
     with tqdm(
         total=len(todo), initial=len(todo) - len(pending), disable=not progress, desc="generate"
     ) as bar:
         for batch in _chunks(pending, batch_size):
             texts = decode_batch(processor, generate_batch(model, processor, batch, max_new_tokens))
-            records = [_record(s, t, model_id) for s, t in zip(batch, texts)]
+            records = [_record(s, t, model_id, producer) for s, t in zip(batch, texts)]
             if path is not None:
                 append_jsonl(path, records)
             done.update((r["question_id"], r) for r in records)
@@ -123,7 +133,7 @@ def _encode(processor: Any, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
     # Per prompt, as the training encoder passes them (Gemma 3 and Idefics3 read the
     # nesting; the others flatten it).
     images = [
-        [load_image(s.image, f"question {s.question_id}")] if s.image is not None else []
+        [load_image(s.image, s.describe())] if s.image is not None else []
         for s in batch
     ]
     if not any(images):
@@ -188,7 +198,29 @@ def _unique_samples(samples: Iterable[Sample | Mapping[str, Any]]) -> list[Sampl
     return result
 
 
-def _resume(path: Path) -> dict[str, dict[str, Any]]:
+def check_images(samples: Sequence[Sample], *, progress: bool = True) -> None:
+    """Open every sample's image; one `EvalDataError` lists all that cannot be read.
+
+    Run before generation, so that a broken image stops the run before hours
+    of answers rather than after them.
+    """
+    problems = []
+    with_images = [s for s in samples if s.image is not None]
+    for sample in tqdm(with_images, disable=not progress or not with_images, desc="check images"):
+        try:
+            load_image(sample.image, sample.describe())
+        except EvalDataError as err:
+            problems.append(str(err))
+    if problems:
+        shown = "\n  ".join(problems[:10])
+        more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise EvalDataError(
+            f"{len(problems)} of {len(with_images)} images cannot be read; nothing was "
+            f"generated:\n  {shown}{more}"
+        )
+
+
+def _resume(path: Path, producer: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """Records already in `path`, by question id; creates the folder for a new file."""
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -199,6 +231,12 @@ def _resume(path: Path) -> dict[str, dict[str, Any]]:
         where = f"{path}:{number}"
         qid = question_id(require(record, "question_id", where), where)
         require(record, "text", where)
+        if record.get("producer") != producer:
+            raise PredictionsMismatch(
+                f"{where}: this file holds answers of {_describe_producer(record)}, not of "
+                f"this run ({_describe_producer({'producer': producer})}); evaluate into "
+                "another output folder, or start this one afresh (betakd eval --overwrite)"
+            )
         if qid in done:
             raise EvalDataError(f"{where}: duplicate question_id {qid!r} in predictions file")
         done[qid] = {**record, "question_id": qid}
@@ -219,7 +257,9 @@ def _check_same_prompts(
             )
 
 
-def _record(sample: Sample, text: str, model_id: str) -> dict[str, Any]:
+def _record(
+    sample: Sample, text: str, model_id: str, producer: Mapping[str, Any]
+) -> dict[str, Any]:
     # Extra fields first: they must not overwrite the runner's own fields.
     return {
         **sample.extra,
@@ -227,7 +267,15 @@ def _record(sample: Sample, text: str, model_id: str) -> dict[str, Any]:
         "prompt": sample.text,
         "text": text,
         "model_id": model_id,
+        "producer": dict(producer),
     }
+
+
+def _describe_producer(record: Mapping[str, Any]) -> str:
+    producer = record.get("producer")
+    if not isinstance(producer, Mapping):
+        return f"an unrecorded model (model_id {record.get('model_id')!r})"
+    return ", ".join(f"{k}={v}" for k, v in producer.items())
 
 
 def _model_name(model: Any) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,20 @@ class Sample:
     `text` is the full user turn (question plus the benchmark's suffix); the
     runner wraps it in the model's chat template. `image` is a path, encoded
     bytes (MMBench ships base64 images), a PIL image, or None (text only).
-    `extra` is copied into the prediction record.
+    `extra` is copied into the prediction record. `source` says where the
+    sample was read ("questions.jsonl:12"), so that errors can name it.
     """
 
     question_id: str
     text: str
     image: ImageSource = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    def describe(self) -> str:
+        """ "FILE:LINE: question ID", or "question ID" for a sample built in code."""
+        name = f"question {self.question_id!r}"
+        return f"{self.source}: {name}" if self.source else name
 
 
 def as_sample(item: Sample | Mapping[str, Any], where: str = "sample") -> Sample:
@@ -47,7 +54,8 @@ def as_sample(item: Sample | Mapping[str, Any], where: str = "sample") -> Sample
     if not isinstance(item["text"], str):
         raise EvalDataError(f"{where}: field 'text' must be a string")
     extra = {k: v for k, v in item.items() if k not in _SAMPLE_FIELDS}
-    return Sample(question_id(item["question_id"], where), item["text"], item.get("image"), extra)
+    qid = question_id(item["question_id"], where)
+    return Sample(qid, item["text"], item.get("image"), extra, source=where)
 
 
 def with_suffix(question: str, suffix: str) -> str:
@@ -63,18 +71,37 @@ def with_suffix(question: str, suffix: str) -> str:
 
 
 def load_image(source: ImageSource, where: str) -> Image.Image:
-    """Open an image as RGB (the vision towers expect three channels)."""
+    """Open an image as RGB (the vision towers expect three channels).
+
+    A missing file, a folder, or a file PIL cannot decode (truncated, not an
+    image) is an `EvalDataError` naming `where` and the file.
+    """
     if isinstance(source, Image.Image):
         return source.convert("RGB")
     if isinstance(source, bytes):
-        return Image.open(io.BytesIO(source)).convert("RGB")
+        return _decoded(lambda: Image.open(io.BytesIO(source)), where, "the embedded image")
     if isinstance(source, (str, Path)):
         path = Path(source)
-        if not path.is_file():
-            raise EvalDataError(f"{where}: image file not found: {path}")
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        _check_image_path(path, where)
+        return _decoded(lambda: Image.open(path), where, str(path))
     raise EvalDataError(f"{where}: unsupported image value of type {type(source).__name__}")
+
+
+def _check_image_path(path: Path, where: str) -> None:
+    if path.is_dir():
+        raise EvalDataError(f"{where}: the image path {path} is a folder, not an image file")
+    if not path.is_file():
+        raise EvalDataError(f"{where}: image file not found: {path}")
+
+
+def _decoded(open_image: Callable[[], Image.Image], where: str, name: str) -> Image.Image:
+    # PIL reports truncated or foreign files as OSError (UnidentifiedImageError is
+    # one) and some broken headers as ValueError/SyntaxError; all mean "not readable".
+    try:
+        with open_image() as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, SyntaxError) as err:
+        raise EvalDataError(f"{where}: cannot read the image {name}: {err}") from err
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def test_generate_limit_resume_and_score_only(tiny_llava_path, easyvqa_dir, tmp_
     hand.write_text("".join(json.dumps({"question_id": i, "text": a}) + "\n" for i, a in enumerate(answers)))  # fmt: skip
     scored = _run(["--score-only", "--predictions", hand, *common])
     assert re.search(r"easyvqa\s+accuracy\s+60\.00\s+5/5", scored.output)
-    assert "missing: gqa" in scored.output
+    assert "average (6" not in scored.output  # none of the paper's six was evaluated
 
 
 def test_bad_predictions_file_is_a_clear_error(easyvqa_dir, tmp_path):
@@ -122,3 +122,78 @@ def test_several_benchmarks_share_one_data_folder(easyvqa_dir, tmp_path, write_i
     assert re.search(r"easyvqa\s+accuracy\s+100\.00\s+1/5", result.output)
     summary = json.loads((out / "summary.json").read_text())
     assert summary == {"headline": {"gqa": 100.0, "easyvqa": 100.0}, "six_benchmark_average": None}
+
+
+def test_predictions_of_another_model_are_refused(tiny_llava_path, tiny_model_dir, easyvqa_dir, tmp_path):  # fmt: skip
+    other = tiny_model_dir("llava", "teacher", hidden=64, layers=2)
+    out = tmp_path / "results"
+    common = ["--benchmark", "easyvqa", "--data", easyvqa_dir, "--output", out, "--limit", "2"]
+    _run(["--model", tiny_llava_path, *common])
+    refused = CliRunner().invoke(eval_command, [str(a) for a in ["--model", other, *common]])
+    assert refused.exit_code != 0
+    assert "predictions.jsonl:1: this file holds answers of model_sha256=" in refused.output
+    assert "--overwrite" in refused.output and "Traceback" not in refused.output
+    predictions = out / "easyvqa" / "predictions.jsonl"
+    assert len(predictions.read_text().splitlines()) == 2  # nothing was mixed in
+
+    # Other settings are another producer too; --overwrite starts afresh.
+    refused = CliRunner().invoke(eval_command, [str(a) for a in ["--model", tiny_llava_path, *common, "--max-new-tokens", "3"]])  # fmt: skip
+    assert refused.exit_code != 0 and "max_new_tokens=16" in refused.output
+    _run(["--model", other, *common, "--overwrite"])
+    records = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert len(records) == 2 and len({json.dumps(r["producer"]) for r in records}) == 1
+    assert records[0]["model_id"] == str(other)
+
+    # A file that mixes two producers cannot be scored.
+    mixed = tmp_path / "mixed.jsonl"
+    first = dict(records[0], producer={"model_sha256": "x"})
+    mixed.write_text(json.dumps(first) + "\n" + json.dumps(records[1]) + "\n")
+    result = CliRunner().invoke(eval_command, ["--score-only", "--benchmark", "easyvqa", "--data", str(easyvqa_dir), "--predictions", str(mixed)])  # fmt: skip
+    assert result.exit_code != 0 and "mixed.jsonl:2: answer of another model" in result.output
+
+
+def test_easyvqa_answer_error_names_file_and_line(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    lines = [{"question_id": 1, "text": "q?", "answer": "red"}, {"question_id": 2, "text": "q?", "answer": 3}]  # fmt: skip
+    (folder / "questions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (tmp_path / "p.jsonl").write_text('{"question_id": 1, "text": "red"}\n')
+    result = CliRunner().invoke(eval_command, ["--score-only", "--benchmark", "easyvqa", "--data", str(folder), "--predictions", str(tmp_path / "p.jsonl")])  # fmt: skip
+    assert result.exit_code != 0
+    assert "questions.jsonl:2: question '2': '3' is not an easy-VQA answer" in result.output
+    assert "--benchmark custom" in result.output
+
+
+def test_custom_questions_generate_and_score(tiny_llava_path, tmp_path, write_images):
+    folder = tmp_path / "mine"
+    write_images(folder / "img", ["a.png"])
+    lines = [
+        {"question_id": "x1", "image": "img/a.png", "text": "Colour? One word.", "answer": ["red", "dark red"], "type": "colour", "source": "me"},  # fmt: skip
+        {"question_id": "x2", "text": "How many wheels has a car?", "answer": 4},
+    ]
+    (folder / "questions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "results"
+    result = _run(["--model", tiny_llava_path, "--benchmark", "custom", "--data", folder, "--output", out, "--max-new-tokens", "3"])  # fmt: skip
+    assert re.search(r"custom\s+accuracy\s+\d+\.\d\d\s+2/2", result.output)
+    assert "average (6" not in result.output
+    records = [json.loads(x) for x in (out / "custom" / "predictions.jsonl").read_text().splitlines()]  # fmt: skip
+    assert [r["prompt"] for r in records] == ["Colour? One word.", "How many wheels has a car?"]
+    assert records[0]["source"] == "me" and "answer" not in records[0]
+
+    # Scoring rules: any accepted answer, after the VQA normalisation; per type.
+    hand = tmp_path / "hand.jsonl"
+    hand.write_text('{"question_id": "x1", "text": "Dark red."}\n{"question_id": "x2", "text": "four"}\n')  # fmt: skip
+    _run(["--score-only", "--benchmark", "custom", "--data", folder, "--predictions", hand, "--output", out])  # fmt: skip
+    metrics = json.loads((out / "custom" / "metrics.json").read_text())["metrics"]
+    assert metrics["accuracy"] == 100.0
+    assert metrics["types"] == {"all": 100.0, "colour": 100.0}
+
+
+def test_custom_questions_bad_answer_names_the_line(tmp_path):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "questions.jsonl").write_text('{"question_id": 1, "text": "q", "answer": "a"}\n\n{"question_id": 2, "text": "q", "answer": {"x": 1}}\n')  # fmt: skip
+    (tmp_path / "p.jsonl").write_text('{"question_id": 1, "text": "a"}\n')
+    result = CliRunner().invoke(eval_command, ["--score-only", "--benchmark", "custom", "--data", str(folder), "--predictions", str(tmp_path / "p.jsonl")])  # fmt: skip
+    assert result.exit_code != 0
+    assert "questions.jsonl:3: question '2': 'answer' must be a string or a list of strings" in result.output

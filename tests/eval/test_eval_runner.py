@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from betakd.eval import EvalDataError, Sample, generate, generate_batch
+from betakd.eval import EvalDataError, PredictionsMismatch, Sample, generate, generate_batch
 
 WORDS = "what colour is the shape red blue is there a circle in image yes no".split()
 
@@ -44,15 +44,22 @@ def test_resume_after_interruption(tiny_llava, samples, tmp_path, monkeypatch):
     reference = generate(model, processor, samples, 4, 6, tmp_path / "ref.jsonl", progress=False)
 
     out = tmp_path / "out" / "preds.jsonl"
-    broken = list(samples)
-    broken[5] = Sample("q5", samples[5].text, tmp_path / "missing.png")
-    with pytest.raises(EvalDataError, match="missing.png"):
-        generate(model, processor, broken, 2, 6, out, progress=False)
+    original = model.generate
+
+    def killed_at_third_batch(**kwargs):
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        calls.append(1)
+        return original(**kwargs)
+
+    calls: list[int] = []
+    monkeypatch.setattr(model, "generate", killed_at_third_batch)
+    with pytest.raises(KeyboardInterrupt):
+        generate(model, processor, samples, 2, 6, out, progress=False)
     written = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["question_id"] for r in written] == ["q0", "q1", "q2", "q3"]
 
     calls = []
-    original = model.generate
     monkeypatch.setattr(model, "generate", lambda **kw: calls.append(1) or original(**kw))
     resumed = generate(model, processor, samples, 2, 6, out, progress=False)
     assert len(calls) == 3  # only the six missing samples, two per batch
@@ -125,3 +132,40 @@ def test_text_only_prompt_is_a_plain_string():
     # A text-only template that only understands string content.
     tokenizer.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
     assert render_prompt(tokenizer, Sample("a", "is it red?")) == "[is it red?]"
+
+
+def test_broken_images_stop_the_run_before_any_answer(tiny_llava, samples, tmp_path):
+    model, processor = tiny_llava
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(samples[0].image.read_bytes()[:200])
+    (tmp_path / "a_folder.png").mkdir()
+    broken = [
+        *samples[:2],
+        Sample("q5", "missing?", tmp_path / "missing.png", source="qs.jsonl:6"),
+        Sample("q6", "folder?", tmp_path / "a_folder.png", source="qs.jsonl:7"),
+        Sample("q7", "truncated?", truncated, source="qs.jsonl:8"),
+    ]
+    out = tmp_path / "preds.jsonl"
+    with pytest.raises(EvalDataError) as err:
+        generate(model, processor, broken, 2, 4, out, progress=False)
+    message = str(err.value)
+    assert message.startswith("3 of 5 images cannot be read; nothing was generated")
+    assert "qs.jsonl:6: question 'q5': image file not found" in message
+    assert "qs.jsonl:7: question 'q6': the image path" in message and "is a folder" in message
+    assert "qs.jsonl:8: question 'q7': cannot read the image" in message
+    assert not out.exists() or out.read_text() == ""
+
+
+def test_resume_refuses_answers_of_another_model(tiny_llava, samples, tmp_path):
+    model, processor = tiny_llava
+    out = tmp_path / "preds.jsonl"
+    student = {"model_sha256": "aaa", "dtype": "auto", "max_new_tokens": 4}
+    generate(model, processor, samples[:2], 2, 4, out, producer=student, progress=False)
+    again = generate(model, processor, samples[:3], 2, 4, out, producer=student, progress=False)
+    assert [r["producer"] for r in again] == [student] * 3
+    teacher = {**student, "model_sha256": "bbb"}
+    with pytest.raises(PredictionsMismatch, match=r"preds.jsonl:1: this file holds answers of model_sha256=aaa"):  # fmt: skip
+        generate(model, processor, samples[:3], 2, 4, out, producer=teacher, progress=False)
+    # Without a producer, the model's name and max_new_tokens tell runs apart.
+    with pytest.raises(PredictionsMismatch, match="max_new_tokens=4"):
+        generate(model, processor, samples[:3], 2, 4, out, progress=False)
