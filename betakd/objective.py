@@ -170,7 +170,9 @@ def summarize(
     channels: list[str], losses: Tensor, out: WeightingOutput, valid: Tensor, prefix: str = ""
 ) -> dict[str, float]:
     """Per channel: mean energy, beta mean/min/max/std, weighted and regulariser terms,
-    and the share of betas at a bound, over the valid samples."""
+    and the share of betas at a bound, over the valid samples; where a trust, the
+    reliability or a channel gain multiplied the betas, also the learned betas' mean
+    (before the factor) and the factor's mean."""
     metrics: dict[str, float] = {}
     if not bool(valid.any()):
         return metrics
@@ -185,4 +187,10 @@ def summarize(
         metrics[f"{prefix}{name}/weighted"] = float(out.weighted[rows, k].detach().mean())
         metrics[f"{prefix}{name}/regulariser"] = float(out.regulariser[rows, k].detach().mean())
         metrics[f"{prefix}{name}/at_bound"] = float(out.at_bound[rows, k].float().mean())
+        learned = None if out.learned_betas is None else out.learned_betas[rows, k].float()
+        if learned is not None and not torch.equal(learned, beta):
+            # A trust, reliability or gain multiplied beta: the regulariser is that of the
+            # learned beta, so both are logged (docs/training.md, reading the logs).
+            metrics[f"{prefix}{name}/beta_learned_mean"] = float(learned.mean())
+            metrics[f"{prefix}{name}/trust_mean"] = float((beta / learned).mean())
     return metrics

@@ -42,6 +42,7 @@ from betakd.files import write_json_atomic
 from betakd.labels import supervised
 from betakd.models import stop_token_ids, tokenizer_of
 from betakd.objective import token_counts
+from betakd.weighting import CE
 from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sample_answers
 from betakd.teachers.protocol import BatchMeta, TeacherSource
 
@@ -284,37 +285,75 @@ class BetaKDTrainer(Trainer):
         training samples (data-file order): their teacher NLLs and h(x), without
         gradients. Samples without a supervised answer token are left out."""
         reliability = self._weighting.reliability
-        module = self.distillation_module
-        nlls, representations = [], []
-        for batch in self._first_batches(self.reliability_samples, "fitting the reliability"):
-            inputs, aligned, targets, image_counts = self.loss_inputs(batch)
-            nll, representation = module.reliability_inputs(inputs, aligned, targets, image_counts)
-            valid = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
-            nlls.append(nll[valid].float().cpu())
-            representations.append(representation[valid].float().cpu())
-        nll = torch.cat(nlls)
+        nll, representation = self._teacher_nll_and_representation(
+            self.reliability_samples, "fitting the reliability"
+        )
         if nll.shape[0] < 4:
             raise RuntimeError(
                 f"the teacher reliability needs at least 4 training samples with an answer, got "
                 f"{nll.shape[0]}"
             )
-        summary = reliability.fit(self._weighting.reliability_nll(nll), torch.cat(representations))
+        summary = reliability.fit(self._weighting.reliability_nll(nll), representation)
         logger.info(
             "teacher reliability from %d samples (teacher NLL of the answers in nats, the "
             "fitted label-noise rate, the mean posterior that the teacher is right): %s",
             nll.shape[0],
             {k: round(v, 4) for k, v in summary.items()},
         )
-        low = {k: v for k, v in summary.items() if k.endswith("teacher_right_mean") and v < 0.5}
-        if low:
-            logger.warning(
-                "the teacher reliability trusts the teacher on less than half of the training "
-                "samples (%s): the teacher disagrees with most answers; distillation is mostly "
-                "off. Check that teacher and data match (chat template, answer format), or "
-                "use another teacher.",
-                {k: round(v, 3) for k, v in low.items()},
-            )
         return summary
+
+    def _teacher_nll_and_representation(self, samples: int, desc: str):
+        """The teacher NLLs of the answers and h(x) of the first ``samples`` training
+        samples with a supervised answer token."""
+        module = self.distillation_module
+        nlls, representations = [], []
+        for batch in self._first_batches(samples, desc):
+            inputs, aligned, targets, image_counts = self.loss_inputs(batch)
+            nll, representation = module.reliability_inputs(inputs, aligned, targets, image_counts)
+            valid = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
+            nlls.append(nll[valid].float().cpu())
+            if representation is not None:
+                representations.append(representation[valid].float().cpu())
+        return torch.cat(nlls), torch.cat(representations) if representations else None
+
+    def report_teacher_weights(self) -> dict[str, dict[str, float]]:
+        """What the data trust or the reliability does to the teacher channels at the
+        start, on the first ``calibration_samples`` samples: per weighted teacher channel,
+        quantiles of its teacher's NLL of the answers and of the factor on its beta, and
+        the share of samples left with under a tenth of the teacher's weight. Logged;
+        a warning when that share is over half (distillation would be mostly off)."""
+        weighting = self._weighting
+        nll, representation = self._teacher_nll_and_representation(
+            self.calibration_samples, "teacher weights at the start"
+        )
+        factors = weighting.teacher_factors(nll, representation)
+        per_channel = nll if nll.dim() == 2 else nll[:, None].expand_as(factors)
+        report = {}
+        for k, channel in enumerate(weighting.weighted_channels):
+            if channel == CE:
+                continue
+            report[channel] = {
+                **_quantiles("teacher_nll", per_channel[:, k]),
+                **_quantiles("factor", factors[:, k]),
+                "share_below_0.1": float((factors[:, k] < 0.1).float().mean()),
+            }
+        logger.info(
+            "teacher weights at the start, on %d samples (teacher NLL of the answers in nats; "
+            "the %s factor on each teacher channel's beta): %s",
+            nll.shape[0],
+            "reliability" if weighting.reliability is not None else "trust",
+            {c: {k: round(v, 3) for k, v in r.items()} for c, r in report.items()},
+        )
+        low: dict[int, list[str]] = defaultdict(list)  # one warning per teacher
+        for channel, r in report.items():
+            if r["share_below_0.1"] > 0.5:
+                column = weighting.weighted_channels.index(channel)
+                low[weighting.reliability_teacher[column]].append(channel)
+        for channels in low.values():
+            logger.warning(
+                _little_teacher_weight(channels, report[channels[0]], weighting.reliability is None)
+            )
+        return report
 
     def _first_batches(self, samples: int, desc: str):
         """Collated batches of the first ``samples`` training samples in data-file order
@@ -508,12 +547,36 @@ class _HeadCallback(TrainerCallback):
             self.trainer.fit_reliability()
         if weighting.needs_energy_scale and not weighting.has_energy_scale:
             self.trainer.calibrate_energy_scale()
+        if weighting.needs_teacher_nll and state.global_step == 0:
+            self.trainer.report_teacher_weights()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.head.set_step(state.global_step)
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._commit_step_energy()
+
+
+def _quantiles(name: str, values: torch.Tensor) -> dict[str, float]:
+    q = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9]))
+    return {f"{name}_p10": float(q[0]), f"{name}_median": float(q[1]), f"{name}_p90": float(q[2])}
+
+
+def _little_teacher_weight(channels: list[str], report: dict[str, float], data_trust: bool) -> str:
+    what = "data trust" if data_trust else "teacher reliability"
+    advice = (
+        "raise weighting.options.trust.threshold above the teacher's typical NLL "
+        f"(now {report['teacher_nll_median']:.2f} nats at the median) if the teacher should "
+        "count, or use weighting.options.reliability, which learns where the teacher is right"
+        if data_trust
+        else "the teacher disagrees with most answers"
+    )
+    return (
+        f"the {what} leaves {report['share_below_0.1']:.0%} of the first samples with under a "
+        f"tenth of the teacher's weight on {', '.join(map(repr, channels))} (median factor "
+        f"{report['factor_median']:.3f}): distillation is mostly off. Check that teacher and "
+        f"data match (chat template, answer format, images); {advice}; or use another teacher."
+    )
 
 
 COMPLETE_MARKER = "betakd_complete.json"

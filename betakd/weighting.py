@@ -59,6 +59,9 @@ class WeightingOutput:
     weighted: Tensor
     regulariser: Tensor
     at_bound: Tensor
+    # The learned precisions before a trust, reliability or channel gain multiplied them
+    # (the regulariser is computed on these); None where nothing multiplies them.
+    learned_betas: Tensor | None = None
 
 
 # --------------------------------------------------------------------------- positivity
@@ -507,9 +510,7 @@ class Weighting(nn.Module):
         teacher_right, label_right = self.reliability.factors(
             self.reliability_nll(teacher_nll), representation
         )
-        columns = teacher_right[:, self.reliability_teacher].to(losses.dtype)
-        is_teacher = torch.tensor([c != CE for c in self.weighted_channels], device=losses.device)
-        out = self.combine(losses, representation, torch.where(is_teacher, columns, 1.0))
+        out = self.combine(losses, representation, self._per_channel(teacher_right, losses.dtype))
         ce = self.channels.index(CE)
         factor = torch.ones_like(out.weighted)
         factor[:, ce] = label_right.to(losses.dtype)
@@ -520,7 +521,29 @@ class Weighting(nn.Module):
             weighted=weighted,
             regulariser=out.regulariser,
             at_bound=out.at_bound,
+            learned_betas=out.learned_betas,
         )
+
+    def _per_channel(self, teacher_right: Tensor, dtype: torch.dtype) -> Tensor:
+        """``[B, K]``: each weighted teacher channel gets its teacher's column of
+        ``teacher_right [B, T]``; the CE column 1."""
+        columns = teacher_right[:, self.reliability_teacher].to(dtype)
+        is_teacher = torch.tensor(
+            [c != CE for c in self.weighted_channels], device=teacher_right.device
+        )
+        return torch.where(is_teacher, columns, 1.0)
+
+    def teacher_factors(self, teacher_nll: Tensor, representation: Tensor | None) -> Tensor:
+        """``[B, K]``: the factor the data trust or the reliability puts on each weighted
+        channel's beta, from the teacher's NLL of the answers (what the trainer reports
+        at the start of a run). Needs ``needs_teacher_nll``."""
+        if not self.needs_teacher_nll:
+            raise ValueError("teacher factors need a data trust or a teacher reliability")
+        if self.reliability is not None:
+            right, _ = self.reliability.factors(self.reliability_nll(teacher_nll), representation)
+            return self._per_channel(right, torch.float32)
+        placeholder = teacher_nll.new_zeros(teacher_nll.shape[0], len(self.channels)).float()
+        return self.trust_factors(placeholder, teacher_nll)
 
     def combine(
         self, losses: Tensor, representation: Tensor | None, trust: Tensor
@@ -532,7 +555,9 @@ class Weighting(nn.Module):
         """
         betas, regulariser, at_bound = self.precisions(losses, representation)
         factor = trust.to(betas.dtype) * self.channel_gain.to(betas.dtype)
-        return self.assemble(losses, betas * factor, regulariser, at_bound)
+        out = self.assemble(losses, betas * factor, regulariser, at_bound)
+        out.learned_betas = self.assemble(losses, betas, regulariser, at_bound).betas
+        return out
 
     def precisions(
         self, losses: Tensor, representation: Tensor | None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -377,3 +379,53 @@ def test_an_annealed_feature_channel_falls_to_zero_weight(llava_pair, vqa_data, 
         h["cosine_probs/beta_mean"] for h in result.log_history if "cosine_probs/beta_mean" in h
     ]
     assert logit == pytest.approx([1.0] * 6)
+
+
+def test_the_start_reports_teacher_weights_and_warns_when_the_trust_turns_them_off(
+    llava_pair, vqa_data, tmp_path, caplog
+):
+    """A random tiny teacher is far from the data's answers: a data trust with a low
+    threshold leaves it almost no weight. The run says so before the first step, and the
+    logs show the learned beta, the trust and a regulariser computed on the learned beta."""
+    data, images = vqa_data
+    raw = kd_raw(llava_pair, data, images, tmp_path / "out", "task", max_steps=2, logging_steps=1)
+    raw["weighting"]["options"] = {"trust": {"reference": "data", "threshold": 1.0}}
+    config = cfg.validate(raw)
+    caplog.set_level(logging.INFO, logger="betakd.trainer")
+    trainer = build_trainer(config, training_arguments(config))
+    trainer.train()
+
+    starts = [r.getMessage() for r in caplog.records if "teacher weights at the start" in r.getMessage()]  # fmt: skip
+    assert len(starts) == 1 and "teacher_nll_median" in starts[0]
+    [warning] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "the data trust leaves 100% of the first samples" in warning
+    assert "on 'cosine_probs', 'visual'" in warning  # one teacher, one warning
+    assert "raise weighting.options.trust.threshold" in warning
+
+    # Direct: the trust's factor of each sample's teacher NLL, from a full batch.
+    report = trainer.report_teacher_weights()
+    rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
+    with torch.no_grad():
+        nll, _ = trainer.distillation_module.reliability_inputs(
+            *trainer.loss_inputs(trainer.data_collator(rows))
+        )
+    factor = torch.sigmoid(1.0 - nll)  # the mixture trust: 1 / (1 + exp(x - threshold))
+    for channel, values in report.items():
+        assert values["teacher_nll_median"] == pytest.approx(float(torch.quantile(nll, 0.5)), rel=1e-4)  # fmt: skip
+        assert values["factor_p90"] == pytest.approx(float(torch.quantile(factor, 0.9)), rel=1e-4)
+        assert values["share_below_0.1"] == pytest.approx(float((factor < 0.1).float().mean()))
+
+    logged = [h for h in trainer.state.log_history if "cosine_probs/beta_learned_mean" in h]
+    assert logged
+    weighting = trainer.head.objective.weighting
+    for h in logged:
+        for k, channel in enumerate(weighting.weighted_channels):
+            if channel == "ce":
+                continue
+            learned, trust = h[f"{channel}/beta_learned_mean"], h[f"{channel}/trust_mean"]
+            # A task weighting: one learned beta per channel, so the effective mean factors.
+            assert h[f"{channel}/beta_mean"] == pytest.approx(learned * trust, rel=1e-4)
+            assert trust < 0.1
+            # -(d/2) log beta on the learned beta (no hyperprior here).
+            expected = -float(weighting.concentration[k]) * math.log(learned)
+            assert h[f"{channel}/regulariser"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
