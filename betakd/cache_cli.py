@@ -170,4 +170,6 @@ def cache_teacher_command(
         )
     except (CacheError, FileNotFoundError, ModelError) as err:
         raise click.ClickException(str(err)) from err
+    # Sizes and the top-k's captured mass were logged by the writer (with a warning
+    # when the mass is low).
     click.echo(f"teacher cache written to {path}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import shutil
 from pathlib import Path
@@ -216,6 +217,18 @@ def test_cache_matches_the_online_teacher(written, llava_pair):
             rtol=2e-3,
         )
 
+    # The captured mass, direct from the online distributions: mean over answer tokens.
+    mass = index["topk_mass"]
+    probs = online.exp()
+    top = probs.topk(TOP_K, -1).values.sum(-1)
+    assert mass["k"] == TOP_K
+    assert mass["mean"] == pytest.approx(float(top.mean()), abs=2e-3)  # float16 tails
+    assert mass["min"] == pytest.approx(float(top.min()), abs=2e-3)
+    assert mass["p10"] == pytest.approx(float(torch.quantile(top, 0.1)), abs=2e-3)
+    for k in (32, 64, 512):
+        direct = probs.topk(k, -1).values.sum(-1).mean()
+        assert mass["mean_by_k"][str(k)] == pytest.approx(float(direct), rel=1e-5)
+
 
 @pytest.mark.parametrize("representation", ["teacher_answer_hidden", "teacher_confidence"])
 def test_cached_representations_equal_the_online_ones(
@@ -396,11 +409,12 @@ def test_build_trainer_trains_from_the_cache(written, llava_pair, tmp_path, monk
     assert trainer.state.global_step == 3
 
 
-def test_cli_writes_a_cache(llava_pair, data_files, tmp_path):
+def test_cli_writes_a_cache(llava_pair, data_files, tmp_path, caplog):
     from click.testing import CliRunner
 
     from betakd.cache_cli import cache_teacher_command
 
+    caplog.set_level(logging.INFO, logger="betakd.teachers.cache_writer")
     config = make_config(llava_pair, *data_files, tmp_path / "unused").model_dump()
     config["channels"]["features"] = []
     config["weighting"] = {"name": "task"}
@@ -413,6 +427,16 @@ def test_cli_writes_a_cache(llava_pair, data_files, tmp_path):
     assert result.exit_code == 0, result.output
     cache = TeacherCache(tmp_path / "c")
     assert cache.contents == {"logits": True, "visual": False, "representation": None}
+    # A random tiny teacher spreads its probability: the top 32 of 512 hold a fraction
+    # of it; the writer says what a larger k would hold and how the bytes split.
+    mass = cache.index["topk_mass"]
+    assert mass["mean"] < 0.9
+    logged = caplog.text
+    assert f"the cached top {TOP_K} tokens hold {mass['mean']:.0%}" in logged
+    by_k = {int(k): v for k, v in mass["mean_by_k"].items()}
+    suggested = min(k for k, v in by_k.items() if v >= 0.9)
+    assert f"teacher.cache_top_k: {suggested} would hold" in logged
+    assert "132 per token for the answer ids and the top-k" in logged
     assert cache.sample(0).visual is None
     with pytest.raises(CacheError, match=r"without visual tokens \(channels.features\)"):
         cache.check_contents(CacheContents(True, True, None))

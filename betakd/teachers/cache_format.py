@@ -63,6 +63,10 @@ VERSION = 1
 INDEX_FILE = "index.json"
 SHARD_NAME = "shard-{:05d}.safetensors"
 SHARD_GLOB = "shard-*.safetensors"
+# Shard tensors: the k the writer measured the captured mass of, and per k the sum over
+# the shard's answer tokens of the mass the top k hold (what `index.json` reports).
+MASS_K = "mass_k"
+MASS_SUM = "mass_sum"
 DEFAULT_SHARD_SIZE = 256
 DEFAULT_BATCH_SIZE = 4
 DEFAULT_VISUAL_TOKENS = 16

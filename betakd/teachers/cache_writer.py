@@ -32,6 +32,8 @@ from betakd.teachers.cache_format import (
     FLOAT_STORAGE,
     FORMAT,
     INDEX_FILE,
+    MASS_K,
+    MASS_SUM,
     SHARD_NAME,
     VERSION,
     CacheContents,
@@ -42,9 +44,15 @@ from betakd.teachers.cache_format import (
     id_storage,
 )
 from betakd.teachers.online import OnlineTeacher
-from betakd.teachers.targets import topk_summary
+from betakd.teachers.targets import captured_mass, topk_summary
 
 logger = logging.getLogger(__name__)
+
+# Below this mean share of the teacher's probability mass in the top k, the cached
+# distribution is mostly the tail rule's guess: `cache-teacher` warns and suggests a k.
+MIN_MEAN_TOPK_MASS = 0.9
+# The other k the writer measures the mass of, as multiples of the cached k.
+MASS_MULTIPLES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 @dataclass
@@ -109,7 +117,8 @@ def write_cache(
 
     summarise = _Summariser(teacher, top_k, visual_tokens, torch.device(device))
     collator = KDCollator(encoder)
-    shards = []
+    shards: list[dict] = []
+    shard_tails: list[Tensor] = []
     bar = tqdm(total=len(dataset), desc="caching teacher", unit="sample", disable=not progress)
     for number, positions in enumerate(_shard_plan(len(dataset), shard_size)):
         conversations = [dataset[p] for p in positions]
@@ -117,9 +126,12 @@ def write_cache(
         path = cache_dir / SHARD_NAME.format(number)
         if not _shard_is_complete(path, fingerprint_json, indices):
             records = []
+            summarise.reset_mass()
             for start in range(0, len(conversations), batch_size):
                 records.extend(summarise(collator(conversations[start : start + batch_size])))
             tensors = _shard_tensors(records, contents, storage)
+            if contents.logits:
+                tensors.update(summarise.mass_tensors())
             files.write_atomic(
                 path,
                 lambda tmp, t=tensors: save_file(
@@ -132,6 +144,10 @@ def write_cache(
             logger.info("keeping complete shard %s", path.name)
         with safe_open(str(path), framework="pt") as handle:
             tokens = handle.get_slice("target_ids").get_shape()[0]
+            tails = handle.get_tensor("tail_log_mass").float() if contents.logits else None
+            mass = _mass_record(handle, tokens) if MASS_K in handle.keys() else None
+        if tails is not None:
+            shard_tails.append(tails)
         shards.append(
             {
                 "file": path.name,
@@ -139,6 +155,7 @@ def write_cache(
                 "sample_ids": [c.id for c in conversations],
                 "tokens": tokens,
                 "bytes": path.stat().st_size,
+                **({"topk_mass": mass} if mass is not None else {}),
             }
         )
         bar.update(len(conversations))
@@ -170,15 +187,86 @@ def write_cache(
         },
         "skips": dataset.report.as_dict(),
     }
+    if contents.logits:
+        index["topk_mass"] = topk_mass_report(top_k, shards, shard_tails)
     files.write_json_atomic(cache_dir / INDEX_FILE, index)
-    logger.info(
-        "teacher cache %s: %d samples, %d answer tokens, %.1f bytes per token",
-        cache_dir,
-        index["totals"]["samples"],
-        index["totals"]["tokens"],
-        index["totals"]["bytes"] / max(index["totals"]["tokens"], 1),
-    )
+    for line in describe_cache(index):
+        logger.info("%s: %s", cache_dir, line)
+    if contents.logits and index["topk_mass"]["mean"] < MIN_MEAN_TOPK_MASS:
+        logger.warning("%s", low_mass_warning(index["topk_mass"], top_k))
     return cache_dir
+
+
+def _mass_record(handle, tokens: int) -> dict:
+    ks, sums = handle.get_tensor(MASS_K).tolist(), handle.get_tensor(MASS_SUM).tolist()
+    return {"tokens": tokens, "sums": {str(k): v for k, v in zip(ks, sums)}}
+
+
+def topk_mass_report(top_k: int, shards: Sequence[dict], tails: Sequence[Tensor]) -> dict:
+    """The share of the teacher's probability mass its cached top-k holds, over every
+    answer token: mean, 10% quantile and minimum (from the stored tails), and the mean
+    with larger k (from the writer's sums; absent when a shard predates them)."""
+    captured = 1.0 - torch.cat(list(tails)).double().exp() if tails else torch.ones(1)
+    report = {
+        "k": top_k,
+        "mean": float(captured.mean()),
+        "p10": float(torch.quantile(captured, 0.1)),
+        "min": float(captured.min()),
+    }
+    if shards and all("topk_mass" in s for s in shards):
+        tokens = sum(s["topk_mass"]["tokens"] for s in shards)
+        keys = shards[0]["topk_mass"]["sums"]
+        report["mean_by_k"] = {
+            k: sum(s["topk_mass"]["sums"][k] for s in shards) / max(tokens, 1) for k in keys
+        }
+    return report
+
+
+def low_mass_warning(mass: dict, top_k: int) -> str:
+    by_k = {int(k): v for k, v in mass.get("mean_by_k", {}).items()}
+    enough = [k for k, v in sorted(by_k.items()) if v >= MIN_MEAN_TOPK_MASS]
+    if enough:
+        advice = (
+            f"teacher.cache_top_k: {enough[0]} would hold {by_k[enough[0]]:.0%} on average"
+        )
+    elif by_k:
+        largest = max(by_k)
+        advice = (
+            f"even k = {largest} holds only {by_k[largest]:.0%}: this teacher spreads its "
+            "probability widely (check that it answers in the data's format), or train with "
+            "the online teacher"
+        )
+    else:
+        advice = "raise teacher.cache_top_k"
+    return (
+        f"the cached top {top_k} tokens hold {mass['mean']:.0%} of the teacher's probability "
+        f"on average (10% of answer tokens: under {mass['p10']:.0%}), below "
+        f"{MIN_MEAN_TOPK_MASS:.0%}: the cached energies see mostly the evenly spread tail, "
+        f"not the teacher's distribution, and differ from the online teacher's; {advice}"
+    )
+
+
+def describe_cache(index: dict) -> list[str]:
+    """What a cache holds and costs, in lines for the user: sizes per answer token and
+    per sample, and the top-k's captured mass."""
+    totals, layout = index["totals"], index["layout"]
+    tokens, samples = max(totals["tokens"], 1), max(totals["samples"], 1)
+    per_token = layout["bytes_per_token_fields"]
+    per_sample = (totals["bytes"] - per_token * totals["tokens"]) / samples
+    lines = [
+        f"{totals['samples']} samples, {totals['tokens']} answer tokens, "
+        f"{totals['bytes'] / 1e6:.1f} MB: {totals['bytes'] / tokens:.0f} bytes per answer "
+        f"token in all, of which {per_token} per token for the answer ids and the top-k, "
+        f"and {per_sample:.0f} per sample for the pooled visual tokens, the "
+        "representation, offsets and file headers"
+    ]
+    mass = index.get("topk_mass")
+    if mass is not None:
+        lines.append(
+            f"the top {mass['k']} hold {mass['mean']:.1%} of the teacher's probability on "
+            f"average (10% quantile {mass['p10']:.1%}, minimum {mass['min']:.1%})"
+        )
+    return lines
 
 
 def _to_half(values: Tensor, what: str, sample_id: str) -> Tensor:
@@ -202,6 +290,17 @@ class _Summariser:
         self.top_k = top_k
         self.visual_tokens = visual_tokens
         self.device = device
+        self.mass_ks = sorted({min(top_k * m, teacher.vocab_rows) for m in MASS_MULTIPLES})
+        self.reset_mass()
+
+    def reset_mass(self) -> None:
+        self.mass_sums = torch.zeros(len(self.mass_ks), dtype=torch.float64)
+        self.mass_tokens = 0
+
+    def mass_tensors(self) -> dict[str, Tensor]:
+        """The captured-mass sums since the last reset (a shard's), as shard tensors (the
+        header's metadata order is not deterministic, tensors are)."""
+        return {MASS_K: torch.tensor(self.mass_ks), MASS_SUM: self.mass_sums.clone()}
 
     @torch.no_grad()
     def __call__(self, batch: dict) -> list[_SampleRecord]:
@@ -237,10 +336,12 @@ class _Summariser:
     def _topk(self, tokens) -> tuple[Tensor, Tensor, Tensor]:
         """The top-k summary of every aligned row, built a chunk of rows at a time."""
         n, size = tokens.num_tokens, self.teacher.chunk_size or tokens.num_tokens or 1
-        parts = [
-            topk_summary(tokens.logits(s, min(s + size, n), self.teacher.vocab_rows), self.top_k)
-            for s in range(0, max(n, 1), size)
-        ]
+        parts = []
+        for start in range(0, max(n, 1), size):
+            logits = tokens.logits(start, min(start + size, n), self.teacher.vocab_rows)
+            parts.append(topk_summary(logits, self.top_k))
+            self.mass_sums += captured_mass(logits, self.mass_ks).sum(dim=0).double().cpu()
+            self.mass_tokens += logits.shape[0]
         return tuple(torch.cat(p) for p in zip(*parts))
 
     def _pooled_visual(self, tokens: Tensor, sample_id: str) -> Tensor:

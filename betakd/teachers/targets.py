@@ -27,6 +27,7 @@ top-k teacher.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -143,6 +144,14 @@ def dense_from_topk(
     fill = tail - math.log(vocab_size - k) - log_norm
     dense = fill.expand(n, vocab_size).contiguous()
     return dense.scatter_(1, ids, head - log_norm)
+
+
+def captured_mass(logits: Tensor, ks: Sequence[int]) -> Tensor:
+    """``[n, len(ks)]``: the probability mass of each row's ``k`` most likely tokens, for
+    each ``k`` in ``ks`` (how much of the teacher a top-k cache keeps)."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    cumulative = probs.topk(max(ks), dim=-1).values.cumsum(dim=-1)
+    return cumulative[:, [k - 1 for k in ks]]
 
 
 def topk_summary(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
