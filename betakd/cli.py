@@ -64,7 +64,13 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     from betakd.data import DataError
     from betakd.models import ModelError
     from betakd.teachers import CacheError
-    from betakd.train import OutputDirError, exit_process, release_processes, run_training
+    from betakd.train import (
+        SKIPPED_FILE,
+        OutputDirError,
+        exit_process,
+        release_processes,
+        run_training,
+    )
     from betakd.trainer import EngineError
 
     try:
@@ -81,7 +87,14 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
         raise click.ClickException(str(err)) from err
     finally:
         distributed = release_processes()
-    click.echo(f"student saved to {result.output_dir} ({result.skips.summary()})")
+    skips = result.skips
+    skipped = (
+        f"; {skips.count} of {skips.total} samples skipped, listed in "
+        f"{result.output_dir / SKIPPED_FILE}"
+        if skips.count
+        else f"; all {skips.total} samples used"
+    )
+    click.echo(f"student saved to {result.output_dir}{skipped}")
     if distributed:
         exit_process()
 

@@ -331,6 +331,20 @@ class NonFinitePolicy(Strict):
     action: Literal["stop", "skip"] = "stop"
 
 
+class ScheduleSettings(Strict):
+    restart_at: int | None = Field(
+        None,
+        ge=0,
+        description=(
+            "extending a finished run: the learning-rate schedule (training.lr_scheduler_type,"
+            " its warmup) starts afresh after this step and spans the steps up to "
+            "training.max_steps; set it to the step the run resumes from. None: one schedule "
+            "over the whole run, so a resumed run with a larger max_steps follows the "
+            "schedule planned for the new length from the step it resumes at"
+        ),
+    )
+
+
 class TrainConfig(Strict):
     student: StudentSettings
     teacher: TeacherSettings | None = None
@@ -341,6 +355,7 @@ class TrainConfig(Strict):
     channels: ChannelSettings = Field(default_factory=ChannelSettings)
     weighting: WeightingSettings = Field(default_factory=WeightingSettings)
     non_finite: NonFinitePolicy = Field(default_factory=NonFinitePolicy)
+    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
     policy: PolicySettings = Field(default_factory=PolicySettings)
     training: dict[str, Any] = Field(default_factory=dict)
 

@@ -7,6 +7,7 @@ wires them in order. It is, with the command line, the only reader of the config
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -24,6 +25,7 @@ from betakd.align import representation_dim
 from betakd.data import DataCache, KDCollator, SampleEncoder, SkipReport, build_dataset
 from betakd.distill import DistillationHead, DistillationModule, LogitChannelSpec
 from betakd.features import FeatureChannel
+from betakd.files import write_json_atomic
 from betakd.objective import DistillationObjective
 from betakd.onpolicy import GenerationSettings, PolicyMix
 from betakd.teachers import (
@@ -43,9 +45,10 @@ logger = logging.getLogger(__name__)
 RESOLVED_CONFIG = "betakd_config.yaml"
 # What a resumed run may change: how long it runs and what it logs or saves, never what
 # it learns from (models, data, channels, weighting, optimisation).
-RESUMABLE_KEYS = frozenset(
+RESUMABLE_KEYS = frozenset({"schedule.restart_at"}) | frozenset(
     f"training.{key}"
     for key in (
+        "output_dir",  # a copied or moved run folder resumes where it now is
         "max_steps",
         "num_train_epochs",
         "logging_steps",
@@ -63,6 +66,9 @@ RESUMABLE_KEYS = frozenset(
 
 class OutputDirError(RuntimeError):
     """The output directory holds another run."""
+
+
+SKIPPED_FILE = "betakd_skipped.json"
 
 
 @dataclass
@@ -246,7 +252,8 @@ def build_trainer(
         # Several teachers supervise the same student tokens: no answer may be cut for one.
         equal_answers=config.teachers is not None,
     )
-    logger.info("training samples: %d (%s)", len(dataset), dataset.report.summary())
+    # The skips themselves were logged once by build_dataset (and go to SKIPPED_FILE).
+    logger.info("training samples: %d of %d records", len(dataset), dataset.report.total)
     conversations = dataset.conversations
     for source in _sources(teacher.source):
         if isinstance(source, CachedTeacher):
@@ -294,6 +301,7 @@ def build_trainer(
         reliability_samples=config.weighting.reliability_samples,
         sample_groups=sample_groups,
         non_finite=config.non_finite.action,
+        schedule_restart_at=config.schedule.restart_at,
         callbacks=list(callbacks),
         policy=policy_mix(config, args.seed),
         generation=GenerationSettings(**config.policy.generation.model_dump()),
@@ -526,7 +534,10 @@ def run_training(
     output_dir.mkdir(parents=True, exist_ok=True)
     if trainer.is_world_process_zero():
         cfg.dump(config, output_dir / RESOLVED_CONFIG)
+        write_json_atomic(output_dir / SKIPPED_FILE, trainer.train_dataset.report.as_dict())
     resume_from = _last_complete_checkpoint(output_dir) if resume else None
+    if resume_from is not None:
+        _explain_an_extension(Path(resume_from), trainer, config.schedule.restart_at)
     trainer.train(resume_from_checkpoint=resume_from)
     save_final(trainer, output_dir)
     # Every process returns once the saved student exists: one that reached its exit
@@ -553,6 +564,30 @@ def exit_process() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _explain_an_extension(
+    checkpoint: Path, trainer: BetaKDTrainer, restart_at: int | None
+) -> None:
+    """Say what a resumed run with another length does to the learning rate."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    step, planned, now = state["global_step"], state["max_steps"], trainer.args.max_steps
+    if now <= 0 or now == planned:
+        return
+    if restart_at is None:
+        logger.warning(
+            "resuming at step %d a run planned for %d steps, now %d: the learning rate "
+            "follows the schedule planned for %d steps from step %d on (after a finished "
+            "decay it jumps back up). For a fresh warmup and decay over the added steps, "
+            "resume with --set schedule.restart_at=%d",
+            step, planned, now, now, step + 1, step,
+        )  # fmt: skip
+    else:
+        logger.info(
+            "resuming at step %d: the learning-rate schedule restarts after step %d and "
+            "spans the steps up to %d",
+            step, restart_at, now,
+        )  # fmt: skip
 
 
 def save_final(trainer: BetaKDTrainer, output_dir: Path) -> None:

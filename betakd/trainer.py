@@ -44,6 +44,7 @@ from betakd.models import stop_token_ids, tokenizer_of
 from betakd.objective import token_counts
 from betakd.weighting import CE
 from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sample_answers
+from betakd.schedule import apply_current_lr, restarted_scheduler
 from betakd.teachers.protocol import BatchMeta, TeacherSource
 
 logger = logging.getLogger(__name__)
@@ -71,10 +72,12 @@ class BetaKDTrainer(Trainer):
         reliability_samples: int = 8192,
         policy: PolicyMix | None = None,
         generation: GenerationSettings | None = None,
+        schedule_restart_at: int | None = None,
         **kwargs,
     ) -> None:
         """``policy``: which rows the student answers itself (default: none, off-policy);
-        ``generation``: how it samples them."""
+        ``generation``: how it samples them; ``schedule_restart_at``: the step after which
+        the learning-rate schedule starts afresh (:mod:`betakd.schedule`)."""
         super().__init__(*args, **kwargs)
         if not isinstance(self.model, DistillationModule):
             raise TypeError("BetaKDTrainer trains a betakd.distill.DistillationModule")
@@ -99,6 +102,7 @@ class BetaKDTrainer(Trainer):
         self.sample_groups = dict(sample_groups or {})
         self.calibration_samples = calibration_samples
         self.reliability_samples = reliability_samples
+        self.schedule_restart_at = schedule_restart_at
         self.skipped_steps = 0
         self._metric_sums: dict[str, float] = defaultdict(float)
         self._metric_count = 0
@@ -467,6 +471,19 @@ class BetaKDTrainer(Trainer):
 
     # ----------------------------------------------------------------- optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.schedule_restart_at is None or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        self.lr_scheduler = restarted_scheduler(
+            self.args.lr_scheduler_type,
+            optimizer or self.optimizer,
+            restart_at=self.schedule_restart_at,
+            total_steps=num_training_steps,
+            warmup_steps=self.args.get_warmup_steps,
+            kwargs=self.args.lr_scheduler_kwargs,
+        )
+        return self.lr_scheduler
+
     def create_optimizer(self, model=None):
         """The student's groups as Trainer builds them, then the weighting's parameters
         (betas or the instance network, with ``head_weight_decay``) and the feature
@@ -549,6 +566,10 @@ class _HeadCallback(TrainerCallback):
             self.trainer.calibrate_energy_scale()
         if weighting.needs_teacher_nll and state.global_step == 0:
             self.trainer.report_teacher_weights()
+        # After a checkpoint's optimizer state (and its learning rate) loaded: a run
+        # resumed with another length or a restarted schedule takes the new schedule's
+        # rate from its first step on (unchanged when the schedule is the same).
+        apply_current_lr(self.trainer.lr_scheduler)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer.head.set_step(state.global_step)

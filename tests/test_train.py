@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from click.testing import CliRunner
 from kd_configs import StopAfter, assert_same_final_state, kd_raw, losses_on_repeated_batch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, TrainerCallback
 
 from betakd import config as cfg
 from betakd.cli import main
@@ -153,15 +154,71 @@ def test_resume_accepts_run_length_and_logging_changes_and_names_other_keys(
         assert key in message and "training.max_steps changed" not in message, message
 
 
-def test_a_resumed_run_can_train_longer(llava_pair, vqa_data, tmp_path):
+def logged_learning_rates(history) -> dict[int, float]:
+    return {h["step"]: h["learning_rate"] for h in history if "learning_rate" in h}
+
+
+@pytest.mark.parametrize("restart", [False, True])
+def test_a_resumed_run_can_train_longer(llava_pair, vqa_data, tmp_path, caplog, restart):
+    """Extending a finished 4-step linear schedule to 8 steps: by default the rest follows
+    the schedule planned for 8 steps (said in a warning); with schedule.restart_at the
+    schedule runs afresh over the added steps, from the first one on."""
     data, images = vqa_data
-    extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 3}
+    extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 4, "logging_steps": 1}
     first = make_config(*llava_pair, data, images, tmp_path / "r", "instance", **extra)
-    run_training(first)
+    peak = first.training["learning_rate"]
+    before = logged_learning_rates(run_training(first).log_history)
+    # The logged rate at step t is the one step t used: peak * (1 - (t - 1) / 4).
+    assert before == pytest.approx({t: peak * (1 - (t - 1) / 4) for t in range(1, 5)})
     longer = first.model_dump()
-    longer["training"]["max_steps"] = 5
-    result = run_training(cfg.validate(longer), resume=True)
-    assert result.trainer.state.global_step == 5
+    longer["training"]["max_steps"] = 8
+    if restart:
+        longer["schedule"] = {"restart_at": 4}
+    caplog.set_level(logging.INFO, logger="betakd.train")
+    seen = []
+    result = run_training(cfg.validate(longer), resume=True, callbacks=[RateAtEachStep(seen)])
+    assert result.trainer.state.global_step == 8
+    after = {t: r for t, r in logged_learning_rates(result.log_history).items() if t > 4}
+    if restart:
+        # Steps 5..8 use peak * (1 - k / 4) for k = 0..3: a new decay over the added steps.
+        assert seen == pytest.approx([peak * (1 - k / 4) for k in range(4)])
+        assert after == pytest.approx({t: peak * (1 - (t - 5) / 4) for t in range(5, 9)})
+        assert "restarts after step 4" in caplog.text
+    else:
+        assert after == pytest.approx({t: peak * (1 - (t - 1) / 8) for t in range(5, 9)})
+        assert "planned for 4 steps, now 8" in caplog.text
+        assert "--set schedule.restart_at=4" in caplog.text
+
+
+class RateAtEachStep(TrainerCallback):
+    """The learning rate each optimizer step of this run uses."""
+
+    def __init__(self, seen: list[float]) -> None:
+        self.seen = seen
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        self.seen.append(optimizer.param_groups[0]["lr"])
+
+
+def test_a_copied_run_folder_resumes_where_it_now_is(llava_pair, vqa_data, tmp_path):
+    data, images = vqa_data
+    extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 5}
+    straight = make_config(*llava_pair, data, images, tmp_path / "a", "instance", **extra)
+    run_training(straight)
+    broken = make_config(*llava_pair, data, images, tmp_path / "b", "instance", **extra)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(broken, callbacks=[StopAfter(3)])
+    shutil.copytree(tmp_path / "b", tmp_path / "moved")
+    shutil.rmtree(tmp_path / "b")
+    # The copy's own config still names the old folder; the command line says where it is.
+    result = CliRunner().invoke(
+        main,
+        ["train", str(tmp_path / "moved" / RESOLVED_CONFIG), "--resume",
+         "--set", f"training.output_dir={tmp_path / 'moved'}"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "b").exists()
+    assert_same_final_state(tmp_path / "a", tmp_path / "moved")
 
 
 def test_second_stage_starts_from_first_stage_betas(llava_pair, vqa_data, tmp_path):
