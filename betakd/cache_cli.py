@@ -8,23 +8,22 @@ counterpart of :func:`betakd.train.run_training`; the command is registered on t
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import torch
 
-from betakd import chunked, models
-from betakd import config as cfg
 from betakd.cli_options import config_overrides, load_config
-from betakd.data import DataCache, SampleEncoder, build_dataset
-from betakd.models import ModelError
-from betakd.teachers import CacheError, write_cache
-from betakd.teachers.cache_format import (
+from betakd.teachers.cache_defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SHARD_SIZE,
     DEFAULT_VISUAL_TOKENS,
-    teacher_identity,
 )
-from betakd.train import cache_contents, config_data_fingerprint, online_source
+
+if TYPE_CHECKING:
+    import torch
+
+    from betakd import config as cfg
+    from betakd.data import DataCache
 
 
 def cache_teacher(
@@ -42,6 +41,13 @@ def cache_teacher(
     with what its channels and the weighting need; returns the folder. Resumable (see
     :func:`betakd.teachers.write_cache`). With several teachers, ``teacher_name`` says
     which one."""
+    # Here, not at the top: the command line imports this module for its options only.
+    from betakd import chunked, models
+    from betakd.data import SampleEncoder, build_dataset
+    from betakd.teachers import CacheError, write_cache
+    from betakd.teachers.cache_format import teacher_identity
+    from betakd.train import cache_contents, config_data_fingerprint, online_source
+
     plan = select_teacher(config, teacher_name)
     teacher = plan.settings
     if not teacher.cache_dir:
@@ -95,6 +101,8 @@ def cache_teacher(
 
 def select_teacher(config: cfg.TrainConfig, name: str | None) -> cfg.TeacherPlan:
     """The teacher called ``name`` (the only one when None and there is one)."""
+    from betakd.teachers import CacheError
+
     plans = config.teacher_plans()
     names = [p.name for p in plans]
     if config.teachers is None:
@@ -158,6 +166,9 @@ def cache_teacher_command(
     --set teacher.source=cache. With several teachers, cache each one with
     --teacher NAME and set teachers.N.source=cache.
     """
+    from betakd.models import ModelError
+    from betakd.teachers import CacheError
+
     try:
         path = cache_teacher(
             load_config(config, overrides),

@@ -11,35 +11,51 @@
   :mod:`~betakd.teachers.cache_reader` (``TeacherCache``, ``CachedTeacher``).
 """
 
-from betakd.teachers.cache_format import CacheContents, CacheError
-from betakd.teachers.cache_reader import CachedSample, CachedTeacher, TeacherCache
-from betakd.teachers.cache_writer import write_cache
-from betakd.teachers.ensemble import TeacherEnsemble
-from betakd.teachers.online import OnlineTeacher
-from betakd.teachers.protocol import BatchMeta, TeacherSource, TeacherTargets
-from betakd.teachers.targets import (
-    DenseLogits,
-    HiddenStateLogits,
-    TopKLogits,
-    dense_from_topk,
-    topk_summary,
-)
+from __future__ import annotations
 
-__all__ = [
-    "BatchMeta",
-    "CacheContents",
-    "CacheError",
-    "CachedSample",
-    "CachedTeacher",
-    "DenseLogits",
-    "HiddenStateLogits",
-    "OnlineTeacher",
-    "TeacherCache",
-    "TeacherEnsemble",
-    "TeacherSource",
-    "TeacherTargets",
-    "TopKLogits",
-    "dense_from_topk",
-    "topk_summary",
-    "write_cache",
-]
+import importlib
+from typing import TYPE_CHECKING
+
+# Name -> submodule. Loaded on first use, so that importing a light submodule (the
+# cache defaults the command line shows) does not import torch through this package.
+_EXPORTS = {
+    "BatchMeta": "protocol",
+    "CacheContents": "cache_format",
+    "CacheError": "cache_format",
+    "CachedSample": "cache_reader",
+    "CachedTeacher": "cache_reader",
+    "DenseLogits": "targets",
+    "HiddenStateLogits": "targets",
+    "OnlineTeacher": "online",
+    "TeacherCache": "cache_reader",
+    "TeacherEnsemble": "ensemble",
+    "TeacherSource": "protocol",
+    "TeacherTargets": "protocol",
+    "TopKLogits": "targets",
+    "dense_from_topk": "targets",
+    "topk_summary": "targets",
+    "write_cache": "cache_writer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from betakd.teachers.cache_format import CacheContents, CacheError
+    from betakd.teachers.cache_reader import CachedSample, CachedTeacher, TeacherCache
+    from betakd.teachers.cache_writer import write_cache
+    from betakd.teachers.ensemble import TeacherEnsemble
+    from betakd.teachers.online import OnlineTeacher
+    from betakd.teachers.protocol import BatchMeta, TeacherSource, TeacherTargets
+    from betakd.teachers.targets import (
+        DenseLogits,
+        HiddenStateLogits,
+        TopKLogits,
+        dense_from_topk,
+        topk_summary,
+    )
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'betakd.teachers' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"betakd.teachers.{_EXPORTS[name]}"), name)

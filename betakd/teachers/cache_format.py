@@ -67,9 +67,6 @@ SHARD_GLOB = "shard-*.safetensors"
 # the shard's answer tokens of the mass the top k hold (what `index.json` reports).
 MASS_K = "mass_k"
 MASS_SUM = "mass_sum"
-DEFAULT_SHARD_SIZE = 256
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_VISUAL_TOKENS = 16
 FLOAT_STORAGE = "float16"
 ID_BYTES = {"int16": 2, "int24": 3}
 # Per-sample tensors (the rest is per token).

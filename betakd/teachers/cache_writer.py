@@ -25,10 +25,12 @@ from betakd import align, files
 from betakd.align import align_positions, representation_dim
 from betakd.data import ConversationDataset, KDCollator, SampleEncoder
 from betakd.models import visual_width
-from betakd.teachers.cache_format import (
+from betakd.teachers.cache_defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SHARD_SIZE,
     DEFAULT_VISUAL_TOKENS,
+)
+from betakd.teachers.cache_format import (
     FLOAT_STORAGE,
     FORMAT,
     INDEX_FILE,
