@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="fresh processes per command")
     args = parser.parse_args()
     times: dict[str, list[float]] = {name: [] for name in COMMANDS}
-    for name, command in COMMANDS.items():
+    for command in COMMANDS.values():
         wall_time(command)  # warm the file cache; not counted
     for _ in range(args.runs):
         for name, command in COMMANDS.items():

@@ -68,6 +68,8 @@ def folder_sha256(folder: str | Path) -> str:
     lives; reading the weights once costs about a second per GB.
     """
     digest = hashlib.sha256()
-    for path in sorted(p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")):
+    for path in sorted(
+        p for p in Path(folder).iterdir() if p.is_file() and not p.name.startswith(".")
+    ):
         digest.update(f"{path.name}\0{file_sha256(path)}\0".encode())
     return digest.hexdigest()

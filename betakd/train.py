@@ -566,9 +566,7 @@ def exit_process() -> None:
     os._exit(0)
 
 
-def _explain_an_extension(
-    checkpoint: Path, trainer: BetaKDTrainer, restart_at: int | None
-) -> None:
+def _explain_an_extension(checkpoint: Path, trainer: BetaKDTrainer, restart_at: int | None) -> None:
     """Say what a resumed run with another length does to the learning rate."""
     state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
     step, planned, now = state["global_step"], state["max_steps"], trainer.args.max_steps

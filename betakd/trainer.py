@@ -42,10 +42,10 @@ from betakd.files import write_json_atomic
 from betakd.labels import supervised
 from betakd.models import stop_token_ids, tokenizer_of
 from betakd.objective import token_counts
-from betakd.weighting import CE
 from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sample_answers
 from betakd.schedule import apply_current_lr, restarted_scheduler
 from betakd.teachers.protocol import BatchMeta, TeacherSource
+from betakd.weighting import CE
 
 logger = logging.getLogger(__name__)
 

@@ -467,7 +467,7 @@ def test_the_start_reports_teacher_weights_and_warns_when_the_trust_turns_them_o
             *trainer.loss_inputs(trainer.data_collator(rows))
         )
     factor = torch.sigmoid(1.0 - nll)  # the mixture trust: 1 / (1 + exp(x - threshold))
-    for channel, values in report.items():
+    for values in report.values():
         assert values["teacher_nll_median"] == pytest.approx(float(torch.quantile(nll, 0.5)), rel=1e-4)  # fmt: skip
         assert values["factor_p90"] == pytest.approx(float(torch.quantile(factor, 0.9)), rel=1e-4)
         assert values["share_below_0.1"] == pytest.approx(float((factor < 0.1).float().mean()))

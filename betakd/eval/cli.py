@@ -10,9 +10,9 @@ from typing import Any
 import click
 
 from betakd.eval.mme import PERCEPTION
-from betakd.files import folder_sha256
 from betakd.eval.records import EvalDataError, load_predictions, read_json
 from betakd.eval.registry import BENCHMARKS, PAPER_SIX, get_benchmark, six_benchmark_average
+from betakd.files import folder_sha256
 
 logger = logging.getLogger(__name__)
 

@@ -132,10 +132,7 @@ def _encode(processor: Any, batch: Sequence[Sample]) -> dict[str, torch.Tensor]:
     prompts = [render_prompt(processor, s) for s in batch]
     # Per prompt, as the training encoder passes them (Gemma 3 and Idefics3 read the
     # nesting; the others flatten it).
-    images = [
-        [load_image(s.image, s.describe())] if s.image is not None else []
-        for s in batch
-    ]
+    images = [[load_image(s.image, s.describe())] if s.image is not None else [] for s in batch]
     if not any(images):
         images = []
     # The chat template already holds the special tokens (BOS etc.); adding

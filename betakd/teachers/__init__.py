@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
 # Name -> submodule. Loaded on first use, so that importing a light submodule (the
 # cache defaults the command line shows) does not import torch through this package.
@@ -38,21 +37,6 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-if TYPE_CHECKING:
-    from betakd.teachers.cache_format import CacheContents, CacheError
-    from betakd.teachers.cache_reader import CachedSample, CachedTeacher, TeacherCache
-    from betakd.teachers.cache_writer import write_cache
-    from betakd.teachers.ensemble import TeacherEnsemble
-    from betakd.teachers.online import OnlineTeacher
-    from betakd.teachers.protocol import BatchMeta, TeacherSource, TeacherTargets
-    from betakd.teachers.targets import (
-        DenseLogits,
-        HiddenStateLogits,
-        TopKLogits,
-        dense_from_topk,
-        topk_summary,
-    )
 
 
 def __getattr__(name: str):

@@ -228,9 +228,7 @@ def low_mass_warning(mass: dict, top_k: int) -> str:
     by_k = {int(k): v for k, v in mass.get("mean_by_k", {}).items()}
     enough = [k for k, v in sorted(by_k.items()) if v >= MIN_MEAN_TOPK_MASS]
     if enough:
-        advice = (
-            f"teacher.cache_top_k: {enough[0]} would hold {by_k[enough[0]]:.0%} on average"
-        )
+        advice = f"teacher.cache_top_k: {enough[0]} would hold {by_k[enough[0]]:.0%} on average"
     elif by_k:
         largest = max(by_k)
         advice = (

@@ -168,7 +168,14 @@ def test_custom_questions_generate_and_score(tiny_llava_path, tmp_path, write_im
     folder = tmp_path / "mine"
     write_images(folder / "img", ["a.png"])
     lines = [
-        {"question_id": "x1", "image": "img/a.png", "text": "Colour? One word.", "answer": ["red", "dark red"], "type": "colour", "source": "me"},  # fmt: skip
+        {
+            "question_id": "x1",
+            "image": "img/a.png",
+            "text": "Colour? One word.",
+            "answer": ["red", "dark red"],
+            "type": "colour",
+            "source": "me",
+        },  # fmt: skip
         {"question_id": "x2", "text": "How many wheels has a car?", "answer": 4},
     ]
     (folder / "questions.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -196,4 +203,7 @@ def test_custom_questions_bad_answer_names_the_line(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"question_id": 1, "text": "a"}\n')
     result = CliRunner().invoke(eval_command, ["--score-only", "--benchmark", "custom", "--data", str(folder), "--predictions", str(tmp_path / "p.jsonl")])  # fmt: skip
     assert result.exit_code != 0
-    assert "questions.jsonl:3: question '2': 'answer' must be a string or a list of strings" in result.output
+    assert (
+        "questions.jsonl:3: question '2': 'answer' must be a string or a list of strings"
+        in result.output
+    )
