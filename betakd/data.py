@@ -185,6 +185,8 @@ def _split_placeholders(text: str) -> list[dict]:
 def parse_record(record: Mapping, index: int, image_folder: str | Path | None) -> Conversation:
     """Validate one record's structure; raises SkipSample with the reason."""
     sample_id = str(record.get("id") if record.get("id") is not None else index)
+    if not sample_id.strip():
+        raise SkipSample("bad_record", "field 'id' is an empty string")
     turns = record.get("conversations")
     if not turns:
         raise SkipSample("no_assistant_turn", "no conversations")
@@ -225,6 +227,9 @@ def parse_record(record: Mapping, index: int, image_folder: str | Path | None) -
         raise SkipSample(
             "bad_record", f"{placeholders} <image> placeholders for {len(images)} images"
         )
+    for number, message in enumerate(messages):
+        if message["role"] != "assistant" and not message["content"]:
+            raise SkipSample("bad_record", f"conversations[{number}].value is empty")
     paths = tuple(_image_path(p, image_folder) for p in images)
     return Conversation(index, sample_id, tuple(messages), paths)
 

@@ -59,6 +59,7 @@ def test_parse_record_without_placeholder_prepends_image(llava_files, tmp_path):
         ([{"from": "robot", "value": "hi"}], "bad_record"),
         ([{"from": "human", "value": "How many?"}, {"from": "gpt", "value": 3}], "bad_record"),
         ([{"from": "human", "value": ["hi"]}, {"from": "gpt", "value": "yes"}], "bad_record"),
+        ([{"from": "human", "value": " "}, {"from": "gpt", "value": "yes"}], "bad_record"),
     ],
 )
 def test_parse_record_rejects(turns, reason):
@@ -71,6 +72,18 @@ def test_a_non_string_value_names_its_turn_and_type():
     turns = [{"from": "human", "value": "How many?"}, {"from": "gpt", "value": 3}]
     with pytest.raises(SkipSample, match=r"conversations\[1\]\.value is a int \(3\)"):
         parse_record({"id": "z", "conversations": turns}, 0, None)
+
+
+def test_empty_strings_name_their_field():
+    turns = [{"from": "human", "value": ""}, {"from": "gpt", "value": "yes"}]
+    with pytest.raises(SkipSample, match=r"conversations\[0\]\.value is empty"):
+        parse_record({"id": "z", "conversations": turns}, 0, None)
+    turns[0]["value"] = "hi"
+    with pytest.raises(SkipSample, match="field 'id' is an empty string"):
+        parse_record({"id": "", "conversations": turns}, 0, None)
+    # An image alone is a question (LLaVA puts it before the first human turn).
+    with_image = {"id": "z", "image": "a.png", "conversations": [{**turns[0], "value": ""}, turns[1]]}  # fmt: skip
+    assert parse_record(with_image, 0, None).messages[0]["content"] == [{"type": "image"}]
 
 
 def test_an_image_path_that_is_a_folder_is_named_as_one(tmp_path):
