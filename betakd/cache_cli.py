@@ -45,8 +45,13 @@ def cache_teacher(
     from betakd import chunked, models
     from betakd.data import SampleEncoder, build_dataset
     from betakd.teachers import CacheError, write_cache
+    from betakd.teachers.build import (
+        cache_contents,
+        config_data_fingerprint,
+        online_source,
+        select_teacher,
+    )
     from betakd.teachers.cache_format import teacher_identity
-    from betakd.train import cache_contents, config_data_fingerprint, online_source
 
     plan = select_teacher(config, teacher_name)
     teacher = plan.settings
@@ -97,25 +102,6 @@ def cache_teacher(
         device=device,
         progress=progress,
     )
-
-
-def select_teacher(config: cfg.TrainConfig, name: str | None) -> cfg.TeacherPlan:
-    """The teacher called ``name`` (the only one when None and there is one)."""
-    from betakd.teachers import CacheError
-
-    plans = config.teacher_plans()
-    names = [p.name for p in plans]
-    if config.teachers is None:
-        if name is not None:
-            raise CacheError(f"--teacher {name}: the config has a single, unnamed teacher")
-        return plans[0]
-    if name is None:
-        if len(plans) == 1:
-            return plans[0]
-        raise CacheError(f"the config has several teachers: choose one with --teacher {names}")
-    if name not in names:
-        raise CacheError(f"--teacher {name}: no such teacher; the config has {names}")
-    return plans[names.index(name)]
 
 
 @click.command("cache-teacher")

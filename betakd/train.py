@@ -28,16 +28,8 @@ from betakd.features import FeatureChannel
 from betakd.files import write_json_atomic
 from betakd.objective import DistillationObjective
 from betakd.onpolicy import GenerationSettings, PolicyMix
-from betakd.teachers import (
-    CacheContents,
-    CachedTeacher,
-    CacheError,
-    OnlineTeacher,
-    TeacherCache,
-    TeacherEnsemble,
-    TeacherSource,
-)
-from betakd.teachers.cache_format import data_fingerprint
+from betakd.teachers import CachedTeacher
+from betakd.teachers.build import build_teacher, sources_of, weighting_representation
 from betakd.trainer import BetaKDTrainer, is_complete
 
 logger = logging.getLogger(__name__)
@@ -161,53 +153,6 @@ def path_problems(config: cfg.TrainConfig) -> list[str]:
     return problems
 
 
-@dataclass
-class TeacherSide:
-    """What the recipe builds for the teachers, whichever their sources."""
-
-    source: TeacherSource
-    # The teacher's encoder (several teachers: by name, online ones only); None when no
-    # teacher batch is built (a cache).
-    encoder: SampleEncoder | dict[str, SampleEncoder] | None
-    vocab_rows: int  # the shared vocabulary (logit columns beyond it are padding)
-    visual_dims: dict[str | None, int | None]  # per teacher (None: the single teacher)
-    representation_dim: int
-
-
-def build_teacher(
-    config: cfg.TrainConfig, student: models.LoadedModel, data_cache: DataCache | None = None
-) -> TeacherSide:
-    """The config's teacher sources (each ``source``: online or cache) for ``student``;
-    several teachers become one :class:`~betakd.teachers.TeacherEnsemble`."""
-    sides = {
-        plan.name: _teacher_of_plan(config, plan, student, data_cache)
-        for plan in config.teacher_plans()
-    }
-    if config.teachers is None:
-        return sides[None]
-    sources = config.representation_sources() if _representation(config) else []
-    representation_from = [name for name in sources if name != cfg.STUDENT]
-    encoders = {name: side.encoder for name, side in sides.items() if side.encoder is not None}
-    return TeacherSide(
-        source=TeacherEnsemble({n: side.source for n, side in sides.items()}, representation_from),
-        encoder=encoders or None,
-        vocab_rows=min(side.vocab_rows for side in sides.values()),
-        visual_dims={name: side.visual_dims[name] for name, side in sides.items()},
-        representation_dim=sum(sides[n].representation_dim for n in representation_from),
-    )
-
-
-def _teacher_of_plan(
-    config: cfg.TrainConfig,
-    plan: cfg.TeacherPlan,
-    student: models.LoadedModel,
-    data_cache: DataCache | None,
-) -> TeacherSide:
-    if plan.settings.source == "cache":
-        return _cached_teacher(config, plan, student)
-    return _online_teacher(config, plan, student, data_cache)
-
-
 def build_trainer(
     config: cfg.TrainConfig,
     args: TrainingArguments,
@@ -255,7 +200,7 @@ def build_trainer(
     # The skips themselves were logged once by build_dataset (and go to SKIPPED_FILE).
     logger.info("training samples: %d of %d records", len(dataset), dataset.report.total)
     conversations = dataset.conversations
-    for source in _sources(teacher.source):
+    for source in sources_of(teacher.source):
         if isinstance(source, CachedTeacher):
             source.cache.check_covers(
                 [c.index for c in conversations], [c.id for c in conversations]
@@ -314,10 +259,6 @@ def policy_mix(config: cfg.TrainConfig, seed: int) -> PolicyMix:
     return PolicyMix(policy.mode, policy.student_fraction, policy.per, seed, policy.start_step)
 
 
-def _sources(source: TeacherSource) -> list[TeacherSource]:
-    return list(source.members.values()) if isinstance(source, TeacherEnsemble) else [source]
-
-
 def build_head(
     config: cfg.TrainConfig,
     *,
@@ -367,139 +308,10 @@ def build_head(
     return DistillationHead(objective, specs, feats, feature_teachers, anneal_steps)
 
 
-def _representation(config: cfg.TrainConfig) -> str | None:
-    """The weighting's ``h(x)``, when it has one."""
-    return config.weighting.representation if config.weighting.needs_representation else None
-
-
 def _student_representation(config: cfg.TrainConfig) -> str | None:
     """The kind of the student's own part of ``h(x)``, when the weighting has one."""
     wanted = cfg.STUDENT in config.representation_sources()
-    return _representation(config) if wanted else None
-
-
-def teacher_contents(config: cfg.TrainConfig, plan: cfg.TeacherPlan) -> CacheContents:
-    """What one teacher's channels and the weighting need from it."""
-    wants_representation = plan.name in config.representation_sources()
-    return CacheContents(
-        logits=bool(plan.logits),
-        visual=bool(plan.features),
-        representation=_representation(config) if wants_representation else None,
-    )
-
-
-def cache_contents(config: cfg.TrainConfig, plan: cfg.TeacherPlan) -> CacheContents:
-    """What a cache of one teacher holds for the config; prompt positions cannot be cached."""
-    for i, channel in enumerate(plan.logits):
-        if channel.positions != "answer":
-            where = "channels" if plan.name is None else f"{plan.key}.channels"
-            raise CacheError(
-                f"{where}.logits.{i}.positions: {channel.positions!r} needs the teacher at "
-                "prompt positions; the cache holds answer tokens only (use an online teacher)"
-            )
-    return teacher_contents(config, plan)
-
-
-def config_data_fingerprint(config: cfg.TrainConfig, tokenizer) -> dict:
-    """The run's data and tokenizer fields of a cache fingerprint."""
-    data = config.data
-    return data_fingerprint(data.train_file, data.image_folder, tokenizer, data.max_length)
-
-
-def _online_teacher(
-    config: cfg.TrainConfig,
-    plan: cfg.TeacherPlan,
-    student: models.LoadedModel,
-    data_cache: DataCache | None,
-) -> TeacherSide:
-    settings = plan.settings
-    teacher = models.load(
-        settings.path,
-        dtype=settings.dtype,
-        trust_remote_code=settings.trust_remote_code,
-        frozen=True,
-        key=f"{plan.key}.path",
-    )
-    models.check_same_vocabulary(student.processor, teacher.processor, teacher_name=plan.name)
-    vocab = models.vocab_rows(student.processor, student.model, teacher.model)
-    return TeacherSide(
-        source=online_source(
-            config,
-            plan,
-            teacher,
-            vocab,
-            config.channels.chunk_size,
-            student_adapter=student.adapter,
-        ),
-        encoder=SampleEncoder(
-            teacher.processor, teacher.adapter, config.data.max_length, data_cache
-        ),
-        vocab_rows=vocab,
-        visual_dims={plan.name: teacher.visual_width},
-        representation_dim=representation_dim(
-            config.weighting.representation, teacher.model.config
-        ),
-    )
-
-
-def online_source(
-    config: cfg.TrainConfig,
-    plan: cfg.TeacherPlan,
-    teacher: models.LoadedModel,
-    vocab: int,
-    chunk_size: int | None,
-    *,
-    student_adapter: models.FamilyAdapter | None = None,
-) -> OnlineTeacher:
-    """One loaded teacher as an online source of what its channels and the weighting
-    need (``chunk_size``: see :class:`~betakd.teachers.OnlineTeacher`)."""
-    needs = teacher_contents(config, plan)
-    return OnlineTeacher(
-        teacher.model,
-        teacher.adapter,
-        vocab_rows=vocab,
-        need_logits=needs.logits,
-        need_visual=needs.visual,
-        representation=needs.representation,
-        chunk_size=chunk_size,
-        student_adapter=student_adapter,
-        include_prompt=any(c.positions != "answer" for c in plan.logits),
-        reuse_images=config.policy.on_policy,
-    )
-
-
-def _cached_teacher(
-    config: cfg.TrainConfig, plan: cfg.TeacherPlan, student: models.LoadedModel
-) -> TeacherSide:
-    """source: cache -- no teacher model is loaded. The cache must have been written for
-    this data, tokenizer (the student's: both share one vocabulary), teacher and top k,
-    and hold what the teacher's channels and the weighting need."""
-    needs = cache_contents(config, plan)
-    where = "channels" if plan.name is None else f"{plan.key}.channels"
-    if needs.visual and not student.adapter.multimodal:
-        raise CacheError(f"{where}.features: the student is text-only, it has no visual tokens")
-    settings = plan.settings
-    cache = TeacherCache(settings.cache_dir)
-    cache.check_fingerprint(
-        config_data_fingerprint(config, student.processor),
-        teacher_path=settings.path,
-        top_k=settings.cache_top_k if needs.logits else None,
-    )
-    vocab = models.vocab_rows(student.processor, student.model)
-    source = CachedTeacher(
-        cache,
-        vocab_rows=vocab,
-        need_logits=needs.logits,
-        need_visual=needs.visual,
-        representation=needs.representation,
-    )
-    return TeacherSide(
-        source=source,
-        encoder=None,
-        vocab_rows=vocab,
-        visual_dims={plan.name: cache.teacher_visual_dim},
-        representation_dim=cache.representation_dim or 1,
-    )
+    return weighting_representation(config) if wanted else None
 
 
 def _with_lora(student, lora: cfg.LoraSettings):

@@ -31,10 +31,10 @@ from betakd.teachers import (
     topk_summary,
 )
 from betakd.teachers import cache_format as fmt
+from betakd.teachers.build import build_teacher
 from betakd.teachers.cache_format import INDEX_FILE
 from betakd.teachers.cache_reader import token_ranks
 from betakd.teachers.targets import LOG_TAIL_FLOOR
-from betakd.train import build_teacher
 
 TOP_K = 32
 # float16 storage of log-probabilities around log(1/512) = -6.2: |error| <= 6.2 * 2**-11.

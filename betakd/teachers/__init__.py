@@ -8,7 +8,9 @@
 * :mod:`~betakd.teachers.ensemble`: several named sources at once (multi-teacher);
 * the offline cache: :mod:`~betakd.teachers.cache_format` (layout, ids, fingerprint),
   :mod:`~betakd.teachers.cache_writer` (run the teacher once),
-  :mod:`~betakd.teachers.cache_reader` (``TeacherCache``, ``CachedTeacher``).
+  :mod:`~betakd.teachers.cache_reader` (``TeacherCache``, ``CachedTeacher``);
+* :mod:`~betakd.teachers.build`: the config's teacher plans -> sources (every command
+  builds its teachers there).
 """
 
 from __future__ import annotations
