@@ -1,4 +1,4 @@
-"""The ``betakd`` command line: train, eval, cache-teacher, demo."""
+"""The ``betakd`` command line: train, eval, cache-teacher, audit, demo."""
 
 from __future__ import annotations
 
@@ -100,11 +100,13 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
 
 
 def _register_subcommands() -> None:
+    from betakd.audit.cli import audit_command
     from betakd.cache_cli import cache_teacher_command
     from betakd.eval.cli import eval_command
 
     main.add_command(eval_command, "eval")
     main.add_command(cache_teacher_command, "cache-teacher")
+    main.add_command(audit_command, "audit")
 
 
 _register_subcommands()
