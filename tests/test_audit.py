@@ -140,6 +140,8 @@ def test_the_audit_names_the_blind_slice_and_the_wrong_labels(llava_pair, plante
     assert "| meta.colour | blue |" in report and "São Paulo" in report
     assert "serial (48 values)" in report
     assert json.loads((tmp_path / "audit" / "audit.json").read_text())["samples_scored"] == 48
+    lines = (tmp_path / "audit" / "samples.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(x)["id"] for x in lines] == [f"s{i}" for i in range(48)]
 
 
 def test_the_audit_gives_the_training_runs_trust(llava_pair, planted, tmp_path):

@@ -1,4 +1,5 @@
-"""Writing an audit: audit.json (everything), report.md (the readable part), a plot."""
+"""Writing an audit: audit.json (the summary), samples.jsonl (every sample's scores),
+report.md (the readable part), a plot."""
 
 from __future__ import annotations
 
@@ -9,14 +10,19 @@ from typing import Any
 from betakd.files import write_text_atomic
 
 JSON_FILE = "audit.json"
+SAMPLES_FILE = "samples.jsonl"
 REPORT_FILE = "report.md"
 PLOT_FILE = "teachers.png"
 SHOWN = 10  # rows of each table in report.md (audit.json has more)
 
 
-def write_report(output: Path, result: dict[str, Any]) -> None:
+def write_report(output: Path, result: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    """audit.json (``result``), samples.jsonl (one line per scored sample, in data order),
+    the plot and report.md."""
     output.mkdir(parents=True, exist_ok=True)
     write_text_atomic(output / JSON_FILE, json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    lines = (json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
+    write_text_atomic(output / SAMPLES_FILE, "".join(lines))
     _plot(output / PLOT_FILE, result)
     write_text_atomic(output / REPORT_FILE, render(result))
 

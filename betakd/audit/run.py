@@ -140,7 +140,7 @@ def audit_trainer(
         top=top,
     )
     result["seconds"] = time.perf_counter() - started
-    write_report(output, result)
+    write_report(output, result, result.pop("samples"))
     return result
 
 
@@ -228,6 +228,7 @@ def summarise(
         }
     report = trainer.train_dataset.report
     result: dict[str, Any] = {
+        "samples": samples,
         "config": {
             "train_file": str(config.data.train_file),
             "teachers": names,

@@ -406,6 +406,36 @@ def failed_runs(results: dict) -> list[str]:
     ]
 
 
+def _audit_lines(audit: dict | None) -> list[str]:
+    """What `betakd audit` found in the training data before the runs, against what the
+    demo planted."""
+    if not audit:
+        return []
+    top = audit["top_slice"]
+
+    def found(pr: dict, what: str) -> str:
+        if pr["precision"] is None or pr["recall"] is None:
+            return f"{pr['flagged']} samples flagged as {what} ({pr['planted']} planted)"
+        return (
+            f"{pr['flagged']} flagged as {what}: precision {pr['precision']:.1%}, recall "
+            f"{pr['recall']:.1%} of the {pr['planted']} planted"
+        )
+
+    return [
+        "",
+        "## Audit of the training data",
+        "",
+        f"`betakd audit` ([report]({audit['report']}); {audit['samples']} samples, "
+        f"{audit['seconds']:.0f} s, teacher forward passes only) on the recommended "
+        "strategy's config, without the demo's ground-truth fields. Its worst slice: "
+        f"{top['field']} = {top['value']} ({top['samples']} samples, P(teacher right) "
+        f"{top['p_teacher_right']:.2f})"
+        + (" -- the planted blind slice." if audit["blind_slice_named_first"] else ".")
+        + f" At posterior 0.5: {found(audit['label_errors'], 'wrong labels')}; "
+        f"{found(audit['teacher_errors'], 'teacher errors')} (the blind slice).",
+    ]
+
+
 def write_report(results: dict, out: Path) -> Path:
     """report.md plus PNG plots in ``out``."""
     runs = results["runs"]
@@ -499,6 +529,7 @@ def write_report(results: dict, out: Path) -> Path:
             "",
             _betas_table(results),
         ]
+    lines += _audit_lines(results.get("audit"))
     lines += ["", "## Plots", "", "![accuracy](accuracy.png)", ""]
     if has_slices:
         lines += ["![betas per slice over training](betas_by_slice.png)", ""]

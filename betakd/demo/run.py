@@ -24,9 +24,10 @@ import torch
 
 from betakd import config as cfg
 from betakd.demo import report
+from betakd.demo.audit import audit_demo_data
 from betakd.demo.config import DemoConfig, load_demo_config
 from betakd.demo.easyvqa_data import DemoData, read_jsonl
-from betakd.demo.strategies import Strategy, select
+from betakd.demo.strategies import Strategy, recommended, select
 from betakd.demo.teacher import (
     answer_nll,
     cache_root,
@@ -601,6 +602,7 @@ def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -
         kind: ensure_teacher_cache(config, teacher, inits[settings.seeds[0]], data, settings, kind)
         for kind in sorted({representation_of(s) for s in chosen})
     }
+    audit = audit_data(config, settings, chosen, inits[settings.seeds[0]], teacher, data, out)
     jobs_list = [
         Job(s, seed, config, settings, inits[seed], teacher, data, caches[representation_of(s)],
             out, tests)
@@ -625,6 +627,7 @@ def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -
             "answer_nll": nll_by_slice,
         },
         "data": data.manifest,
+        "audit": audit,
         "runs": [asdict(r) for r in runs],
         "failed": [asdict(f) for f in failures],
         "wall_seconds": round(time.time() - started, 1),
@@ -634,6 +637,18 @@ def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -
     report.write_report(results, out)
     raise_for_failures(failures, len(jobs_list), out)
     return results
+
+
+def audit_data(config, settings, chosen, student, teacher, data, out: Path) -> dict:
+    """`betakd audit` of the training data with the recommended strategy's config (the
+    first strategy's without one)."""
+    strategy = recommended(chosen) or chosen[0]
+    run_config = train_config(
+        strategy, settings.seeds[0], config=config, student=student, teacher=teacher,
+        data=data, out=out / "audit" / "run", settings=settings,
+    )  # fmt: skip
+    blind = config.data.blind_value
+    return audit_demo_data(run_config, out, (config.data.blind_attribute, blind) if blind else None)
 
 
 def job_name(job: Job) -> str:

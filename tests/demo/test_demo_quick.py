@@ -34,6 +34,13 @@ def test_quick_demo_writes_report_results_and_plots(tmp_path, monkeypatch, demo_
     assert task["separation"]["cosine_probs"]["auc_blind_lower"] == 0.5
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "Quick smoke run" in report and "## Targets" in report
+    # The audit ran on the training data, without the ground-truth fields; it is linked.
+    audit = results["audit"]
+    assert audit["samples"] == 384 and (out / "audit" / "report.md").is_file()
+    assert "## Audit of the training data" in report and "(audit/report.md)" in report
+    audit_json = json.loads((out / "audit" / "audit.json").read_text())
+    assert not any(f.startswith(("meta.noisy", "meta.blind", "meta.original")) for f in audit_json["teachers"]["teacher"]["slices"])  # fmt: skip
+    assert audit["label_errors"]["planted"] > 0
     for plot in ("accuracy.png", "betas_by_slice.png"):
         assert (out / plot).stat().st_size > 1000
 

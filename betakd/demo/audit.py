@@ -1,0 +1,55 @@
+"""The demo's data audited before the runs (`betakd audit`), and how well the audit
+finds what the demo planted: the teacher's blind slice and the noisy labels.
+
+The audit sees only what a user's data would carry: the demo's ground-truth fields
+(which answers were made noisy, which samples are blind, the original answers) are
+left out of its slices and used here only to score it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from betakd import config as cfg
+from betakd.audit.report import SAMPLES_FILE
+from betakd.audit.run import run_audit
+from betakd.demo.easyvqa_data import read_jsonl
+
+AUDIT_FOLDER = "audit"
+GROUND_TRUTH_FIELDS = ("meta.noisy", "meta.blind", "meta.original_answer")
+
+
+def audit_demo_data(config: cfg.TrainConfig, out: Path, blind: tuple[str, str] | None) -> dict:
+    """Audit a demo run's config into ``out/audit``; ``blind``: the planted blind slice
+    as (attribute, value), or None. Returns the audit's findings against the truth."""
+    folder = out / AUDIT_FOLDER
+    result = run_audit(config, folder, ignore_fields=GROUND_TRUTH_FIELDS, top=20)
+    truth = {r["id"]: r["meta"] for r in read_jsonl(Path(config.data.train_file))}
+    samples = [json.loads(line) for line in (folder / SAMPLES_FILE).read_text().splitlines()]
+    noisy = [bool(truth[s["id"]]["noisy"]) for s in samples]
+    in_blind = [bool(truth[s["id"]]["blind"]) for s in samples]
+    label_wrong = [s["p_label_right"] < 0.5 for s in samples]
+    teacher_wrong = [s["p_teacher_right"]["teacher"] < 0.5 for s in samples]
+    worst = result["teachers"]["teacher"]["worst_slices"][0]
+    named = blind is not None and (worst["field"], worst["value"]) == (f"meta.{blind[0]}", blind[1])
+    return {
+        "report": f"{AUDIT_FOLDER}/report.md",
+        "samples": len(samples),
+        "seconds": round(result["seconds"], 1),
+        "top_slice": {k: worst[k] for k in ("field", "value", "samples", "p_teacher_right")},
+        "blind_slice_named_first": named,
+        "label_errors": _precision_recall(label_wrong, noisy),
+        "teacher_errors": _precision_recall(teacher_wrong, in_blind),
+    }
+
+
+def _precision_recall(predicted: list[bool], actual: list[bool]) -> dict:
+    hits = sum(p and a for p, a in zip(predicted, actual))
+    flagged, present = sum(predicted), sum(actual)
+    return {
+        "flagged": flagged,
+        "planted": present,
+        "precision": hits / flagged if flagged else None,
+        "recall": hits / present if present else None,
+    }
