@@ -32,7 +32,8 @@ def audit_demo_data(config: cfg.TrainConfig, out: Path, blind: tuple[str, str] |
     label_wrong = [s["p_label_right"] < 0.5 for s in samples]
     teacher_wrong = [s["p_teacher_right"]["teacher"] < 0.5 for s in samples]
     worst = result["teachers"]["teacher"]["worst_slices"][0]
-    named = blind is not None and (worst["field"], worst["value"]) == (f"meta.{blind[0]}", blind[1])
+    # The attribute itself, or the answer: colour questions answer with the colour.
+    named = blind is not None and worst["value"] == blind[1] and worst["field"] in (f"meta.{blind[0]}", "answer")  # fmt: skip
     return {
         "report": f"{AUDIT_FOLDER}/report.md",
         "samples": len(samples),
