@@ -48,6 +48,7 @@ def cache_teacher(
     from betakd.teachers.build import (
         cache_contents,
         config_data_fingerprint,
+        load_teacher_model,
         online_source,
         select_teacher,
     )
@@ -63,13 +64,7 @@ def cache_teacher(
         raise CacheError(f"{plan.key}.path: writing the cache needs the teacher model")
     cache_contents(config, plan)  # refuses what a cache cannot hold, before any model loads
     device = models.default_device(device)
-    loaded = models.load(
-        teacher.path,
-        dtype=teacher.dtype,
-        trust_remote_code=teacher.trust_remote_code,
-        frozen=True,
-        key=f"{plan.key}.path",
-    )
+    loaded = load_teacher_model(plan)
     loaded.model.to(device)
     vocab = models.vocab_rows(loaded.processor, loaded.model)
     encoder = SampleEncoder(loaded.processor, loaded.adapter, config.data.max_length, data_cache)

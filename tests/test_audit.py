@@ -14,7 +14,7 @@ from kd_configs import kd_raw
 
 from betakd import config as cfg
 from betakd.audit import scores as audit_scores
-from betakd.audit.run import audit_config, audit_trainer
+from betakd.audit.run import AuditOptions, audit_config, audit_trainer
 from betakd.cli import main
 from betakd.teachers import DenseLogits, TeacherTargets
 from betakd.train import build_trainer, training_arguments
@@ -99,11 +99,12 @@ def user_config(pair, data, images, tmp_path, **options):
     return cfg.validate(raw)
 
 
-def audited(config, tmp_path, **kwargs):
+def audited(config, tmp_path, **options):
     derived = audit_config(config, tmp_path / "audit")
     trainer = build_trainer(derived, training_arguments(derived))
     plant(trainer)
-    return audit_trainer(trainer, config, tmp_path / "audit", progress=False, **kwargs), trainer
+    settings = AuditOptions(progress=False, **options)
+    return audit_trainer(trainer, config, tmp_path / "audit", settings), trainer
 
 
 def test_the_audit_names_the_blind_slice_and_the_wrong_labels(llava_pair, planted, tmp_path):

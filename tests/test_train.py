@@ -111,17 +111,22 @@ def test_saved_student_reloads_offline_and_head_is_separate(llava_pair, vqa_data
     assert logged, result.log_history
 
 
-def test_resume_matches_an_uninterrupted_run(llava_pair, vqa_data, tmp_path):
+def straight_and_interrupted(llava_pair, vqa_data, tmp_path):
+    """A 5-step run to the end in ``a``; the same run killed after step 3 in ``b``
+    (checkpoints every 2 steps). Returns b's config."""
     data, images = vqa_data
     extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 5}
     straight = make_config(*llava_pair, data, images, tmp_path / "a", "instance", **extra)
     run_training(straight)
-
     broken = make_config(*llava_pair, data, images, tmp_path / "b", "instance", **extra)
-    trainer_args = training_arguments(broken)
     with pytest.raises(KeyboardInterrupt):
         run_training(broken, callbacks=[StopAfter(3)])
-    assert (Path(trainer_args.output_dir) / "checkpoint-2").is_dir()
+    return broken
+
+
+def test_resume_matches_an_uninterrupted_run(llava_pair, vqa_data, tmp_path):
+    broken = straight_and_interrupted(llava_pair, vqa_data, tmp_path)
+    assert (tmp_path / "b" / "checkpoint-2").is_dir()
     with pytest.raises(OutputDirError, match="--resume"):
         run_training(broken)
     run_training(broken, resume=True)
@@ -201,13 +206,7 @@ class RateAtEachStep(TrainerCallback):
 
 
 def test_a_copied_run_folder_resumes_where_it_now_is(llava_pair, vqa_data, tmp_path):
-    data, images = vqa_data
-    extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 5}
-    straight = make_config(*llava_pair, data, images, tmp_path / "a", "instance", **extra)
-    run_training(straight)
-    broken = make_config(*llava_pair, data, images, tmp_path / "b", "instance", **extra)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(broken, callbacks=[StopAfter(3)])
+    straight_and_interrupted(llava_pair, vqa_data, tmp_path)
     shutil.copytree(tmp_path / "b", tmp_path / "moved")
     shutil.rmtree(tmp_path / "b")
     # The copy's own config still names the old folder; the command line says where it is.

@@ -35,7 +35,7 @@ def audit_command(
     OUTPUT/report.md, audit.json and teachers.png. A killed audit continues where it
     stopped when rerun with the same OUTPUT.
     """
-    from betakd.audit.run import run_audit
+    from betakd.audit.run import AuditOptions, run_audit
     from betakd.audit.scores import AuditError
     from betakd.data import DataError
     from betakd.models import ModelError
@@ -43,14 +43,8 @@ def audit_command(
 
     settings = load_config(config, overrides)
     try:
-        result = run_audit(
-            settings,
-            output,
-            ignore_fields=ignore_fields,
-            top=top,
-            part_size=part_size,
-            progress=not no_progress,
-        )
+        options = AuditOptions(ignore_fields, top, part_size, progress=not no_progress)
+        result = run_audit(settings, output, options)
     except (AuditError, CacheError, DataError, FileNotFoundError, ModelError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     click.echo(

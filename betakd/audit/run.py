@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,43 +60,35 @@ def audit_config(config: cfg.TrainConfig, output: str | Path) -> cfg.TrainConfig
     return cfg.validate(raw)
 
 
+@dataclass(frozen=True)
+class AuditOptions:
+    """How an audit runs and what it keeps (the command line's options)."""
+
+    ignore_fields: tuple[str, ...] = ()  # metadata fields not to slice by (and below them)
+    top: int = 20  # slices and samples kept per list
+    part_size: int = 256  # samples per scores file: the unit of resuming
+    progress: bool = True
+
+
 def run_audit(
-    config: cfg.TrainConfig,
-    output: str | Path,
-    *,
-    ignore_fields: Sequence[str] = (),
-    top: int = 20,
-    part_size: int = 256,
-    progress: bool = True,
+    config: cfg.TrainConfig, output: str | Path, options: AuditOptions = AuditOptions()
 ) -> dict[str, Any]:
     """Audit ``config``'s training data with its teachers; writes ``output``/report.md,
-    audit.json and plots, and returns what audit.json holds."""
+    audit.json, samples.jsonl and a plot, and returns what audit.json holds."""
     from betakd.train import build_trainer, training_arguments
 
     started = time.perf_counter()
     derived = audit_config(config, output)
     trainer = build_trainer(derived, training_arguments(derived))
-    return audit_trainer(
-        trainer,
-        config,
-        output,
-        ignore_fields=ignore_fields,
-        top=top,
-        part_size=part_size,
-        progress=progress,
-        started=started,
-    )
+    return audit_trainer(trainer, config, output, options, started=started)
 
 
 def audit_trainer(
     trainer,
     config: cfg.TrainConfig,
     output: str | Path,
+    options: AuditOptions = AuditOptions(),
     *,
-    ignore_fields: Sequence[str] = (),
-    top: int = 20,
-    part_size: int = 256,
-    progress: bool = True,
     started: float | None = None,
 ) -> dict[str, Any]:
     """The audit with a trainer built from ``audit_config(config, output)`` (its teacher
@@ -108,8 +101,8 @@ def audit_trainer(
         trainer,
         output / SCORES_FOLDER,
         fingerprint=_fingerprint(config),
-        part_size=part_size,
-        progress=progress,
+        part_size=options.part_size,
+        progress=options.progress,
     )
     fit_n = int((scores.positions < config.weighting.reliability_samples).sum())
     fit = analysis.fit_reliability(
@@ -136,8 +129,8 @@ def audit_trainer(
         label_right=label_right,
         trust=trust,
         fit=fit,
-        ignore_fields=ignore_fields,
-        top=top,
+        ignore_fields=options.ignore_fields,
+        top=options.top,
     )
     result["seconds"] = time.perf_counter() - started
     write_report(output, result, result.pop("samples"))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from betakd import config as cfg
 from betakd.audit.report import SAMPLES_FILE
-from betakd.audit.run import run_audit
+from betakd.audit.run import AuditOptions, run_audit
 from betakd.demo.easyvqa_data import read_jsonl
 
 AUDIT_FOLDER = "audit"
@@ -24,7 +24,7 @@ def audit_demo_data(config: cfg.TrainConfig, out: Path, blind: tuple[str, str] |
     """Audit a demo run's config into ``out/audit``; ``blind``: the planted blind slice
     as (attribute, value), or None. Returns the audit's findings against the truth."""
     folder = out / AUDIT_FOLDER
-    result = run_audit(config, folder, ignore_fields=GROUND_TRUTH_FIELDS, top=20)
+    result = run_audit(config, folder, AuditOptions(ignore_fields=GROUND_TRUTH_FIELDS))
     truth = {r["id"]: r["meta"] for r in read_jsonl(Path(config.data.train_file))}
     samples = [json.loads(line) for line in (folder / SAMPLES_FILE).read_text().splitlines()]
     noisy = [bool(truth[s["id"]]["noisy"]) for s in samples]

@@ -107,20 +107,25 @@ def config_data_fingerprint(config: cfg.TrainConfig, tokenizer) -> dict:
     return data_fingerprint(data.train_file, data.image_folder, tokenizer, data.max_length)
 
 
-def _online_teacher(
-    config: cfg.TrainConfig,
-    plan: cfg.TeacherPlan,
-    student: models.LoadedModel,
-    data_cache: DataCache | None,
-) -> TeacherSide:
+def load_teacher_model(plan: cfg.TeacherPlan) -> models.LoadedModel:
+    """The plan's teacher model, frozen, as its settings say; errors name its key."""
     settings = plan.settings
-    teacher = models.load(
+    return models.load(
         settings.path,
         dtype=settings.dtype,
         trust_remote_code=settings.trust_remote_code,
         frozen=True,
         key=f"{plan.key}.path",
     )
+
+
+def _online_teacher(
+    config: cfg.TrainConfig,
+    plan: cfg.TeacherPlan,
+    student: models.LoadedModel,
+    data_cache: DataCache | None,
+) -> TeacherSide:
+    teacher = load_teacher_model(plan)
     models.check_same_vocabulary(student.processor, teacher.processor, teacher_name=plan.name)
     vocab = models.vocab_rows(student.processor, student.model, teacher.model)
     return TeacherSide(
