@@ -9,6 +9,7 @@ left out of its slices and used here only to score it.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from betakd import config as cfg
@@ -20,28 +21,38 @@ AUDIT_FOLDER = "audit"
 GROUND_TRUTH_FIELDS = ("meta.noisy", "meta.blind", "meta.original_answer")
 
 
-def audit_demo_data(config: cfg.TrainConfig, out: Path, blind: tuple[str, str] | None) -> dict:
-    """Audit a demo run's config into ``out/audit``; ``blind``: the planted blind slice
-    as (attribute, value), or None. Returns the audit's findings against the truth."""
+def audit_demo_data(
+    config: cfg.TrainConfig, out: Path, blind: Mapping[str, tuple[str, str]]
+) -> dict:
+    """Audit a demo run's config into ``out/audit``. ``blind``: per teacher (as the audit
+    names them: ``teacher`` for a single one), its planted blind slice as (attribute,
+    value). Returns the audit's findings against the truth."""
     folder = out / AUDIT_FOLDER
     result = run_audit(config, folder, AuditOptions(ignore_fields=GROUND_TRUTH_FIELDS))
     truth = {r["id"]: r["meta"] for r in read_jsonl(Path(config.data.train_file))}
     samples = [json.loads(line) for line in (folder / SAMPLES_FILE).read_text().splitlines()]
     noisy = [bool(truth[s["id"]]["noisy"]) for s in samples]
-    in_blind = [bool(truth[s["id"]]["blind"]) for s in samples]
     label_wrong = [s["p_label_right"] < 0.5 for s in samples]
-    teacher_wrong = [s["p_teacher_right"]["teacher"] < 0.5 for s in samples]
-    worst = result["teachers"]["teacher"]["worst_slices"][0]
-    # The attribute itself, or the answer: colour questions answer with the colour.
-    named = blind is not None and worst["value"] == blind[1] and worst["field"] in (f"meta.{blind[0]}", "answer")  # fmt: skip
+    teachers = {}
+    for name, (attribute, value) in blind.items():
+        in_blind = [truth[s["id"]][attribute] == value for s in samples]
+        teacher_wrong = [s["p_teacher_right"][name] < 0.5 for s in samples]
+        worst = result["teachers"][name]["worst_slices"][0]
+        # The attribute itself, or the answer: colour questions answer with the colour.
+        named = worst["value"] == value and worst["field"] in (f"meta.{attribute}", "answer")
+        teachers[name] = {
+            "blind": f"{attribute} = {value}",
+            "top_slice": {k: worst[k] for k in ("field", "value", "samples", "p_teacher_right")},
+            "blind_slice_named_first": named,
+            "teacher_errors": _precision_recall(teacher_wrong, in_blind),
+        }
     return {
         "report": f"{AUDIT_FOLDER}/report.md",
         "samples": len(samples),
         "seconds": round(result["seconds"], 1),
-        "top_slice": {k: worst[k] for k in ("field", "value", "samples", "p_teacher_right")},
-        "blind_slice_named_first": named,
+        "teachers": teachers,
         "label_errors": _precision_recall(label_wrong, noisy),
-        "teacher_errors": _precision_recall(teacher_wrong, in_blind),
+        **({"disagreement": result["disagreement"]} if "disagreement" in result else {}),
     }
 
 

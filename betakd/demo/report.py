@@ -406,12 +406,11 @@ def failed_runs(results: dict) -> list[str]:
     ]
 
 
-def _audit_lines(audit: dict | None) -> list[str]:
+def audit_lines(audit: dict | None) -> list[str]:
     """What `betakd audit` found in the training data before the runs, against what the
-    demo planted."""
+    demo planted (its report's section)."""
     if not audit:
         return []
-    top = audit["top_slice"]
 
     def found(pr: dict, what: str) -> str:
         if pr["precision"] is None or pr["recall"] is None:
@@ -421,19 +420,34 @@ def _audit_lines(audit: dict | None) -> list[str]:
             f"{pr['recall']:.1%} of the {pr['planted']} planted"
         )
 
-    return [
+    lines = [
         "",
         "## Audit of the training data",
         "",
         f"`betakd audit` ([report]({audit['report']}); {audit['samples']} samples, "
-        f"{audit['seconds']:.0f} s, teacher forward passes only) on the recommended "
-        "strategy's config, without the demo's ground-truth fields. Its worst slice: "
-        f"{top['field']} = {top['value']} ({top['samples']} samples, P(teacher right) "
-        f"{top['p_teacher_right']:.2f})"
-        + (" -- the planted blind slice." if audit["blind_slice_named_first"] else ".")
-        + f" At posterior 0.5: {found(audit['label_errors'], 'wrong labels')}; "
-        f"{found(audit['teacher_errors'], 'teacher errors')} (the blind slice).",
+        f"{audit['seconds']:.0f} s, forward passes only) with the recommended strategy's "
+        "config, without the demo's ground-truth fields. At posterior 0.5: "
+        f"{found(audit['label_errors'], 'wrong labels')}.",
+        "",
     ]
+    for name, t in audit["teachers"].items():
+        top = t["top_slice"]
+        lines.append(
+            f"- Teacher `{name}` (blind slice {t['blind']}): worst slice {top['field']} = "
+            f"{top['value']} ({top['samples']} samples, P(teacher right) "
+            f"{top['p_teacher_right']:.2f})"
+            + (", the planted one" if t["blind_slice_named_first"] else ", not the planted one")
+            + f"; {found(t['teacher_errors'], 'its errors')} (its blind slice)."
+        )
+    if "disagreement" in audit:
+        d = audit["disagreement"]
+        lines.append(
+            f"- The teachers' answers differ on {d['disagree']} of {d['samples']} samples; "
+            "there the label agrees with: "
+            + ", ".join(f"{k} {v}" for k, v in d["label_agrees_with"].items())
+            + "."
+        )
+    return lines
 
 
 def write_report(results: dict, out: Path) -> Path:
@@ -529,7 +543,7 @@ def write_report(results: dict, out: Path) -> Path:
             "",
             _betas_table(results),
         ]
-    lines += _audit_lines(results.get("audit"))
+    lines += audit_lines(results.get("audit"))
     lines += ["", "## Plots", "", "![accuracy](accuracy.png)", ""]
     if has_slices:
         lines += ["![betas per slice over training](betas_by_slice.png)", ""]

@@ -648,7 +648,8 @@ def audit_data(config, settings, chosen, student, teacher, data, out: Path) -> d
         data=data, out=out / "audit" / "run", settings=settings,
     )  # fmt: skip
     blind = config.data.blind_value
-    return audit_demo_data(run_config, out, (config.data.blind_attribute, blind) if blind else None)
+    planted = {"teacher": (config.data.blind_attribute, blind)} if blind else {}
+    return audit_demo_data(run_config, out, planted)
 
 
 def job_name(job: Job) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 
 from betakd import config as cfg
 from betakd.demo import report
+from betakd.demo.audit import audit_demo_data
 from betakd.demo.config import DemoConfig
 from betakd.demo.easyvqa_data import DemoData, read_jsonl
 from betakd.demo.run import (
@@ -310,6 +311,7 @@ def run_two_teachers(
             )
             for t in TEACHERS
         }  # fmt: skip
+        audit = _audit(runs, config, settings, inits, teachers, caches, blind, data, out)
         job_list = [
             ScenarioJob(run, seed, config, settings, inits[seed], teachers, caches, blind, data,
                         out, tests)
@@ -330,6 +332,7 @@ def run_two_teachers(
                 for t, p in teachers.items()
             },
             "data": data.manifest,
+            "audit": audit,
             "runs": [asdict(r) for r in records],
             "failed": [asdict(f) for f in failures],
             "wall_seconds": round(time.time() - started, 1),
@@ -339,6 +342,16 @@ def run_two_teachers(
         write_report(results, out)
         raise_for_failures(failures, len(job_list), out)
         return results
+
+
+def _audit(runs, config, settings, inits, teachers, caches, blind, data, out: Path) -> dict:
+    """`betakd audit` of the student's data with the instance run's two-teacher config."""
+    seed = settings.seeds[0]
+    instance = next(r for r in runs if r.name == "instance")
+    job = ScenarioJob(instance, seed, config, settings, inits[seed], teachers, caches, blind,
+                      data, out, [])  # fmt: skip
+    planted = {t: (config.data.blind_attribute, blind[t]) for t in TEACHERS if blind[t]}
+    return audit_demo_data(train_config(job, out / "audit" / "run"), out, planted)
 
 
 def job_name(job: ScenarioJob) -> str:
@@ -520,6 +533,8 @@ def write_report(results: dict, out: Path) -> Path:
         "## Targets (instance student)",
         "",
         *[f"- {'met' if ok else '**not met**'}: {name} ({numbers})" for name, ok, numbers in met],
+        "",
+        *report.audit_lines(results.get("audit")),
         "",
         "## Betas per slice at the end of training (mean over seeds)",
         "",

@@ -96,6 +96,10 @@ def test_quick_two_teacher_scenario_writes_its_report(tmp_path, monkeypatch, dem
     report = (out / "report.md").read_text()
     assert "## Design check" in report and "## Targets" in report and "Quick smoke run" in report
     assert (out / "accuracy.png").stat().st_size > 1000
+    # The two-teacher audit of the student's data: each teacher scored, linked.
+    audit = results["audit"]
+    assert set(audit["teachers"]) == {"a", "b"} and "disagreement" in audit
+    assert "## Audit of the training data" in report and (out / "audit" / "report.md").is_file()
     usage = CliRunner().invoke(
         main, ["demo", "--scenario", "two-teachers", "--strategies", "task", "--output", str(out)]
     )
