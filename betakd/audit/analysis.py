@@ -122,14 +122,6 @@ def metadata_columns(
     return {n: [f.get(n, ABSENT) for f in flat] for n in kept}
 
 
-def agreement(labels: Sequence[str], answers: Sequence[str]) -> Tensor:
-    """Whether each teacher answer equals the label after the VQA normalisation."""
-    return torch.tensor(
-        [normalize_answer(a) == normalize_answer(b) for a, b in zip(labels, answers)],
-        dtype=torch.float64,
-    )
-
-
 # --------------------------------------------------------------------------- slices
 
 

@@ -47,8 +47,9 @@ def render(result: dict[str, Any]) -> str:
         "teacher's answers agree with the labels, so a region where the teacher disagrees "
         "systematically (a blind spot) gets a low value, and a scattered disagreement where "
         "it is otherwise right reads as a wrong label (low *P(label right)*). *Agreement*: "
-        "the teacher's answer (its most likely token at each answer position) equals the "
-        "label after the VQA normalisation. *Trust*: the factor the configured weighting "
+        "the teacher's greedy answer is the label (it prefers the label's token at every "
+        "answer position, the end of the turn included); the teacher answer shown is its "
+        "greedy answer up to its first token that differs from the label. *Trust*: the factor the configured weighting "
         "puts on the teacher's channels in training. Slices group samples by each metadata "
         f"field of the records and by answer; see `{JSON_FILE}` for every table.",
         "",

@@ -186,7 +186,7 @@ def summarise(
     per_teacher = {}
     for t, name in enumerate(names):
         answers = [row[t] for row in scores.teacher_answers]
-        agree = analysis.agreement(labels, answers)
+        agree = scores.agree[:, t].double()
         measures = {
             "p_teacher_right": teacher_right[:, t],
             "agreement": agree,

@@ -3,8 +3,8 @@
 For every usable sample, in data-file order: each teacher's NLL of the data's answer
 (the mean over its answer tokens, as the data trust and the teacher reliability read
 it in training), the input representation h(x) the reliability reads, and the
-teacher's own answer (its most likely token at each answer position, with the data's
-answer as the context: one forward pass, no generation). They are computed by the
+teacher's greedy answer as far as one forward pass with the data's answer as context
+tells it (no generation), with whether it is the label. They are computed by the
 same trainer code as in `betakd train` (`loss_inputs`, `reliability_inputs`), so the
 numbers are training's.
 
@@ -48,7 +48,8 @@ class SampleScores:
     positions: Tensor  # [N] positions in the training data set (what training's fit reads)
     ids: list[str]
     nll: Tensor  # [N, T] each teacher's mean NLL of the data's answer tokens
-    teacher_answers: list[list[str]]  # [N][T] each teacher's answer (teacher-forced)
+    teacher_answers: list[list[str]]  # [N][T] each teacher's greedy answer, as far as known
+    agree: Tensor  # [N, T] whether each teacher's greedy answer is the label
     parts: list[Path]  # the part files, in order, holding h(x) of the reliability
 
     def __len__(self) -> int:
@@ -119,7 +120,7 @@ def _score_rows(trainer, rows: range, teachers: list[str | None]) -> dict:
     size = trainer.args.per_device_train_batch_size
     was_training = trainer.model.training
     trainer.model.eval()
-    out: dict = {"index": [], "position": [], "ids": [], "nll": [], "representation": [], "answers": []}  # fmt: skip
+    out: dict = {key: [] for key in ("index", "position", "ids", "nll", "representation", "answers", "agree")}  # fmt: skip
     try:
         for start in range(rows.start, rows.stop, size):
             conversations = [trainer.train_dataset[i] for i in range(start, min(rows.stop, start + size))]  # fmt: skip
@@ -144,36 +145,42 @@ def _score_rows(trainer, rows: range, teachers: list[str | None]) -> dict:
                 out["ids"].append(conversation.id)
                 out["nll"].append(per_teacher[row])
                 out["representation"].append(representation[row].float().cpu())
-                out["answers"].append([a[row] for a in answers])
+                out["answers"].append([a[row][0] for a in answers])
+                out["agree"].append([a[row][1] for a in answers])
     finally:
         trainer.model.train(was_training)
     return out
 
 
-def _teacher_answers(targets, aligned, vocab_rows: int, tokenizer) -> list[str]:
-    """Per sample, the teacher's most likely token at each of its answer positions,
-    decoded (special tokens such as the end of turn dropped)."""
+def _teacher_answers(targets, aligned, vocab_rows: int, tokenizer) -> list[tuple[str, bool]]:
+    """Per sample: the teacher's greedy answer as far as it is known from one forward
+    pass, and whether it is the label.
+
+    With the label as context, the teacher's most likely token at each answer position
+    is its greedy choice as long as the label's earlier tokens are its own: its greedy
+    answer is the label up to the first position where it prefers another token, then
+    that token (shown with "..." when the label goes on). It is the label exactly when it
+    prefers the label's token everywhere (the end of the turn included).
+    """
     if targets.tokens is None:
         raise AuditError("the audit needs the teacher's logits: give it a logit channel")
     n = len(aligned)
     chunk = 1024  # rows of [chunk, vocabulary] logits at a time
-    best = (
-        torch.cat(
-            [
-                targets.tokens.logits(s, min(s + chunk, n), vocab_rows).argmax(-1)
-                for s in range(0, n, chunk)
-            ]  # fmt: skip
-        )
-        if n
-        else torch.zeros(0, dtype=torch.long)
-    )
-    rows = aligned.batch_index.cpu()
-    answer = aligned.is_answer.cpu()
-    best = best.cpu()
-    return [
-        tokenizer.decode(best[(rows == r) & answer].tolist(), skip_special_tokens=True).strip()
-        for r in range(aligned.batch_size)
-    ]
+    parts = [targets.tokens.logits(s, min(s + chunk, n), vocab_rows).argmax(-1) for s in range(0, n, chunk)]  # fmt: skip
+    best = torch.cat(parts).cpu() if parts else torch.zeros(0, dtype=torch.long)
+    rows, answer = aligned.batch_index.cpu(), aligned.is_answer.cpu()
+    labels = aligned.token_ids.cpu()
+    result = []
+    for r in range(aligned.batch_size):
+        mine = (rows == r) & answer
+        label, chosen = labels[mine].tolist(), best[mine].tolist()
+        differ = next((k for k, (a, b) in enumerate(zip(label, chosen)) if a != b), None)
+        if differ is None:
+            result.append((tokenizer.decode(label, skip_special_tokens=True).strip(), True))
+            continue
+        text = tokenizer.decode(label[:differ] + [chosen[differ]], skip_special_tokens=True)
+        result.append((text.strip() + (" ..." if differ + 1 < len(label) else ""), False))
+    return result
 
 
 def _write_part(path: Path, part: dict, fingerprint_json: str) -> None:
@@ -182,6 +189,7 @@ def _write_part(path: Path, part: dict, fingerprint_json: str) -> None:
             "index": torch.tensor(part["index"], dtype=torch.long),
             "position": torch.tensor(part["position"], dtype=torch.long),
             "nll": torch.stack(part["nll"]),
+            "agree": torch.tensor(part["agree"], dtype=torch.bool),
             "representation": torch.stack(part["representation"]),
         }
     else:
@@ -235,5 +243,6 @@ def _concatenate(parts: Sequence[dict], teachers: list[str | None]) -> SampleSco
         ids=[i for p in scored for i in p["ids"]],
         nll=torch.cat([p["nll"] for p in scored]),
         teacher_answers=[a for p in scored for a in p["answers"]],
+        agree=torch.cat([p["agree"] for p in scored]),
         parts=[p["path"] for p in scored],
     )
