@@ -44,6 +44,7 @@ from betakd.models import stop_token_ids, tokenizer_of
 from betakd.objective import token_counts
 from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sample_answers
 from betakd.schedule import apply_current_lr, restarted_scheduler
+from betakd.step_metrics import StepMetrics
 from betakd.teachers.protocol import BatchMeta, TeacherSource
 from betakd.weighting import CE
 
@@ -104,12 +105,8 @@ class BetaKDTrainer(Trainer):
         self.reliability_samples = reliability_samples
         self.schedule_restart_at = schedule_restart_at
         self.skipped_steps = 0
-        self._metric_sums: dict[str, float] = defaultdict(float)
-        self._metric_count = 0
-        self._group_sums: dict[str, float] = defaultdict(float)
-        self._group_counts: dict[str, int] = defaultdict(int)
+        self.metrics = StepMetrics(self.head.objective.channels)
         self._step_energy: list[torch.Tensor] | None = None
-        self._policy_sums: dict[str, float] = defaultdict(float)
         # First of all callbacks: others (diagnostics, user callbacks) may run the loss in
         # on_train_begin, which needs the fitted reliability and the energy scales.
         self.callback_handler.callbacks.insert(0, _HeadCallback(self))
@@ -147,10 +144,11 @@ class BetaKDTrainer(Trainer):
         if not torch.isfinite(loss):
             loss = self._handle_non_finite(loss, sample_ids)
         elif model.training:
-            self._accumulate_metrics(out.metrics)
-            self._accumulate_groups(out, [self.sample_groups.get(str(i)) for i in sample_ids])
+            self.metrics.add(out.metrics)
+            groups = [self.sample_groups.get(str(i)) for i in sample_ids]
+            self.metrics.add_groups(out.energies, out.betas, out.valid, groups)
             if self.policy is not None:
-                self._accumulate_policy(out, generated)
+                self._add_policy_metrics(out, generated)
             self._accumulate_step_energy(out)
         return (loss, out) if return_outputs else loss
 
@@ -186,7 +184,7 @@ class BetaKDTrainer(Trainer):
             batch,
             self.generation,
             pad_token_id=collator.student.pad_token_id,
-            eos_token_id=sorted(self._stop_ids),
+            eos_token_id=sorted(self.stop_ids),
             seed=self.policy.generation_seed(step, batch["sample_index"].cpu()),
             suppress_tokens=self._image_token_ids,
         )
@@ -222,31 +220,27 @@ class BetaKDTrainer(Trainer):
                 "generation yet: use DDP or ZeRO-1/2, or policy.mode: off_policy"
             )
         student = self.distillation_module.student
-        self._stop_ids = stop_token_ids(student, tokenizer_of(self.data_collator.student.processor))
+        self.stop_ids = stop_token_ids(student, tokenizer_of(self.data_collator.student.processor))
         # Image tokens of any model: in an answer they would ask for images not there.
         encoders = [self.data_collator.student, *_encoders(self.data_collator.teacher)]
         self._image_token_ids = set().union(*(e.adapter.image_token_ids for e in encoders))
-        if not self._stop_ids:
+        if not self.stop_ids:
             raise ValueError("the student has no end-of-sequence or pad token to stop answers at")
 
-    def _accumulate_policy(self, out, generated: GeneratedRows | None) -> None:
+    def _add_policy_metrics(self, out, generated: GeneratedRows | None) -> None:
         """Share of student-answered samples, their answers' length and whether they
         ended, and every channel's metrics on and off policy."""
-        rows = out.valid.shape[0]
-        on = torch.zeros(rows, dtype=torch.bool)
+        on = torch.zeros(out.valid.shape[0], dtype=torch.bool)
+        lengths = ended = torch.zeros(0)
         if generated is not None:
             on[generated.rows.cpu()] = True
             labels = supervised(generated.batch["labels"])
-            lengths = labels.sum(dim=1).float()
+            lengths = labels.sum(dim=1)
             last = generated.batch["input_ids"].gather(1, (labels.cumsum(1).argmax(1))[:, None])
-            ended = torch.tensor([int(t) in self._stop_ids for t in last.squeeze(1).tolist()])
-            self._policy_sums["generated_tokens"] += float(lengths.sum())
-            self._policy_sums["ended"] += float(ended.sum())
-        self._policy_sums["samples"] += rows
-        self._policy_sums["on_policy"] += float(on.sum())
-        self._accumulate_groups(
-            out, ["on_policy" if flag else "off_policy" for flag in on.tolist()], prefix="policy"
-        )
+            ended = torch.tensor([int(t) in self.stop_ids for t in last.squeeze(1).tolist()])
+        self.metrics.add_policy(on, lengths, ended)
+        groups = ["on_policy" if flag else "off_policy" for flag in on.tolist()]
+        self.metrics.add_groups(out.energies, out.betas, out.valid, groups, prefix="policy")
 
     # ----------------------------------------------------------------- energy scales
 
@@ -421,55 +415,12 @@ class BetaKDTrainer(Trainer):
 
     # ----------------------------------------------------------------- metrics
 
-    def _accumulate_metrics(self, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            if key != "loss":
-                self._metric_sums[key] += value
-        self._metric_count += 1
-
-    def _accumulate_groups(self, out, groups: list[str | None], prefix: str = "group") -> None:
-        """Per group of samples (``groups``: each row's, None for none): sums of each
-        channel's energy, beta and weighted term, logged as ``prefix/group/channel/...``."""
-        channels = self.head.objective.channels
-        energies, betas, valid = out.energies, out.betas, out.valid
-        for row, name in enumerate(groups):
-            if name is None or not bool(valid[row]):
-                continue
-            group = f"{prefix}/{name}"
-            self._group_counts[group] += 1
-            for k, channel in enumerate(channels):
-                energy, beta = float(energies[row, k]), float(betas[row, k])
-                self._group_sums[f"{group}/{channel}/energy"] += energy
-                self._group_sums[f"{group}/{channel}/beta_mean"] += beta
-                self._group_sums[f"{group}/{channel}/weighted"] += beta * energy
-
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._metric_count and "loss" in logs:
-            for key, value in self._metric_sums.items():
-                logs[key] = value / self._metric_count
-            self._metric_sums.clear()
-            self._metric_count = 0
-            for key, value in self._group_sums.items():
-                logs[key] = value / self._group_counts["/".join(key.split("/")[:2])]
-            self._group_sums.clear()
-            self._group_counts.clear()
-            logs.update(self._policy_logs())
+        if self.metrics and "loss" in logs:
+            logs.update(self.metrics.drain())
         if self.skipped_steps:
             logs["skipped_non_finite_steps"] = self.skipped_steps
         super().log(logs, *args, **kwargs)
-
-    def _policy_logs(self) -> dict[str, float]:
-        sums = self._policy_sums
-        if not sums:
-            return {}
-        logs = {"on_policy/share": sums["on_policy"] / max(sums["samples"], 1.0)}
-        if sums["on_policy"]:
-            logs["on_policy/mean_generated_tokens"] = sums["generated_tokens"] / sums["on_policy"]
-            logs["on_policy/ended_share"] = sums["ended"] / sums["on_policy"]
-        sums.clear()
-        return logs
-
-    # ----------------------------------------------------------------- optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         if self.schedule_restart_at is None or self.lr_scheduler is not None:

@@ -182,13 +182,13 @@ def test_the_trainer_generates_as_generate_does_with_the_step_seed(llava_pair, v
     with torch.no_grad():
         out = student.generate(
             **inputs, max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=pad,
-            eos_token_id=sorted(trainer._stop_ids),
+            eos_token_id=sorted(trainer.stop_ids),
         )  # fmt: skip
     new = out[:, inputs["input_ids"].shape[1] :]
     labels = supervised(generated.batch["labels"])
     for row in range(4):
         expected = new[row].tolist()
-        stop = [i for i, t in enumerate(expected) if t in trainer._stop_ids]
+        stop = [i for i, t in enumerate(expected) if t in trainer.stop_ids]
         expected = expected[: stop[0] + 1] if stop else expected
         assert generated.batch["input_ids"][row][labels[row]].tolist() == expected
 
@@ -211,10 +211,10 @@ def test_every_family_generates_and_trains_on_its_own_answers(
     raw["policy"] = policy
     values, trainer = losses_on_repeated_batch(cfg.validate(raw), steps=4)
     assert all(torch.isfinite(torch.tensor(values)))
-    logs = trainer._policy_logs()
+    logs = trainer.metrics.means()
     assert logs["on_policy/share"] == 1.0
     assert 1 <= logs["on_policy/mean_generated_tokens"] <= 4
-    assert trainer._group_sums["policy/on_policy/cosine_probs/energy"] > 0
+    assert logs["policy/on_policy/cosine_probs/energy"] > 0
     # CE stays on the data's answers, so it falls on a repeated batch.
     assert values[-1] < values[0], values
 
