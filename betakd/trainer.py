@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
+from betakd import calibration
 from betakd.data import KDCollator, SampleEncoder
 from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule, GeneratedRows
 from betakd.files import write_json_atomic
@@ -46,7 +46,6 @@ from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sampl
 from betakd.schedule import apply_current_lr, restarted_scheduler
 from betakd.step_metrics import StepMetrics
 from betakd.teachers.protocol import BatchMeta, TeacherSource
-from betakd.weighting import CE
 
 logger = logging.getLogger(__name__)
 
@@ -254,120 +253,59 @@ class BetaKDTrainer(Trainer):
         return self.head.objective.weighting
 
     def calibrate_energy_scale(self) -> torch.Tensor:
-        """Each weighted channel's mean energy over the first ``calibration_samples``
-        training samples (in data-file order, so it does not depend on shuffling, batch
-        size or accumulation), measured with the initial models, without gradients."""
+        """Set (and return) each weighted channel's energy scale: its mean energy over the
+        first ``calibration_samples`` training samples, with the initial models."""
         weighting = self._weighting
-        objective = self.head.objective
         # The energies are read before weighting; a placeholder scale lets the forward run.
         weighting.set_energy_scale(torch.ones(len(weighting.weighted_channels)))
-        sums, count = None, 0
-        for batch in self._first_batches(self.calibration_samples, "measuring energy scales"):
-            out = self.model(*self.loss_inputs(batch))
-            batch_sums, batch_count = objective.weighted_energy_sums(out.energies, out.valid)
-            sums = batch_sums if sums is None else sums + batch_sums
-            count += int(batch_count)
-        if not count:
-            raise RuntimeError("no calibration sample has a supervised answer token")
-        scale = sums / count
+        batches = self._first_batches(self.calibration_samples, "measuring energy scales")
+        run = lambda batch: self.model(*self.loss_inputs(batch))  # noqa: E731
+        scale = calibration.mean_energies(run, self.head.objective, batches)
         weighting.set_energy_scale(scale)
-        logger.info(
-            "energy scales from %d samples: %s",
-            count,
-            {c: round(float(v), 6) for c, v in zip(weighting.weighted_channels, scale)},
-        )
         return scale
 
     def fit_reliability(self) -> dict[str, float]:
         """Fit the weighting's teacher reliability on the first ``reliability_samples``
-        training samples (data-file order): their teacher NLLs and h(x), without
-        gradients. Samples without a supervised answer token are left out."""
-        reliability = self._weighting.reliability
+        training samples with an answer: their teacher NLLs and h(x)."""
         nll, representation = self._teacher_nll_and_representation(
             self.reliability_samples, "fitting the reliability"
         )
-        if nll.shape[0] < 4:
-            raise RuntimeError(
-                f"the teacher reliability needs at least 4 training samples with an answer, got "
-                f"{nll.shape[0]}"
-            )
-        summary = reliability.fit(self._weighting.reliability_nll(nll), representation)
-        logger.info(
-            "teacher reliability from %d samples (teacher NLL of the answers in nats, the "
-            "fitted label-noise rate, the mean posterior that the teacher is right): %s",
-            nll.shape[0],
-            {k: round(v, 4) for k, v in summary.items()},
-        )
-        return summary
-
-    def _teacher_nll_and_representation(self, samples: int, desc: str):
-        """The teacher NLLs of the answers and h(x) of the first ``samples`` training
-        samples with a supervised answer token."""
-        module = self.distillation_module
-        nlls, representations = [], []
-        for batch in self._first_batches(samples, desc):
-            inputs, aligned, targets, image_counts = self.loss_inputs(batch)
-            nll, representation = module.reliability_inputs(inputs, aligned, targets, image_counts)
-            valid = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
-            nlls.append(nll[valid].float().cpu())
-            if representation is not None:
-                representations.append(representation[valid].float().cpu())
-        return torch.cat(nlls), torch.cat(representations) if representations else None
+        return calibration.fit_reliability(self._weighting, nll, representation)
 
     def report_teacher_weights(self) -> dict[str, dict[str, float]]:
-        """What the data trust or the reliability does to the teacher channels at the
-        start, on the first ``calibration_samples`` samples: per weighted teacher channel,
-        quantiles of its teacher's NLL of the answers and of the factor on its beta, and
-        the share of samples left with under a tenth of the teacher's weight. Logged;
-        a warning when that share is over half (distillation would be mostly off)."""
-        weighting = self._weighting
+        """What the data trust or the reliability does to the teacher channels on the
+        first ``calibration_samples`` samples (:func:`betakd.calibration.teacher_weight_report`)."""
         nll, representation = self._teacher_nll_and_representation(
             self.calibration_samples, "teacher weights at the start"
         )
-        factors = weighting.teacher_factors(nll, representation)
-        per_channel = nll if nll.dim() == 2 else nll[:, None].expand_as(factors)
-        report = {}
-        for k, channel in enumerate(weighting.weighted_channels):
-            if channel == CE:
-                continue
-            report[channel] = {
-                **_quantiles("teacher_nll", per_channel[:, k]),
-                **_quantiles("factor", factors[:, k]),
-                "share_below_0.1": float((factors[:, k] < 0.1).float().mean()),
-            }
-        logger.info(
-            "teacher weights at the start, on %d samples (teacher NLL of the answers in nats; "
-            "the %s factor on each teacher channel's beta): %s",
-            nll.shape[0],
-            "reliability" if weighting.reliability is not None else "trust",
-            {c: {k: round(v, 3) for k, v in r.items()} for c, r in report.items()},
-        )
-        low: dict[int, list[str]] = defaultdict(list)  # one warning per teacher
-        for channel, r in report.items():
-            if r["share_below_0.1"] > 0.5:
-                column = weighting.weighted_channels.index(channel)
-                low[weighting.reliability_teacher[column]].append(channel)
-        for channels in low.values():
-            logger.warning(
-                _little_teacher_weight(channels, report[channels[0]], weighting.reliability is None)
-            )
-        return report
+        return calibration.teacher_weight_report(self._weighting, nll, representation)
+
+    def _teacher_nll_and_representation(self, samples: int, desc: str):
+        module = self.distillation_module
+
+        def per_batch(batch):
+            inputs, aligned, targets, image_counts = self.loss_inputs(batch)
+            nll, representation = module.reliability_inputs(inputs, aligned, targets, image_counts)
+            valid = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
+            return nll, representation, valid
+
+        batches = self._first_batches(samples, desc)
+        return calibration.teacher_nll_and_representation(per_batch, batches)
 
     def _first_batches(self, samples: int, desc: str):
-        """Collated batches of the first ``samples`` training samples in data-file order
-        (so nothing measured on them depends on shuffling, batch size or accumulation),
-        with the model in evaluation mode and without gradients; a progress bar on the
-        local main process."""
-        n = min(samples, len(self.train_dataset))
+        """The first ``samples`` training samples in data-file order, collated, with the
+        model in evaluation mode and without gradients; a progress bar on the local main
+        process."""
         size = self.args.per_device_train_batch_size
+        batches = calibration.in_data_order(self.train_dataset, self.data_collator, samples, size)
+        total = -(-min(samples, len(self.train_dataset)) // size)
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                starts = range(0, n, size)
-                for start in tqdm(starts, desc=desc, disable=not self.is_local_process_zero()):
-                    rows = [self.train_dataset[i] for i in range(start, min(n, start + size))]
-                    yield self.data_collator(rows)
+                yield from tqdm(
+                    batches, total=total, desc=desc, disable=not self.is_local_process_zero()
+                )
         finally:
             self.model.train(was_training)
 
@@ -527,28 +465,6 @@ class _HeadCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.trainer._commit_step_energy()
-
-
-def _quantiles(name: str, values: torch.Tensor) -> dict[str, float]:
-    q = torch.quantile(values.float(), torch.tensor([0.1, 0.5, 0.9]))
-    return {f"{name}_p10": float(q[0]), f"{name}_median": float(q[1]), f"{name}_p90": float(q[2])}
-
-
-def _little_teacher_weight(channels: list[str], report: dict[str, float], data_trust: bool) -> str:
-    what = "data trust" if data_trust else "teacher reliability"
-    advice = (
-        "raise weighting.options.trust.threshold above the teacher's typical NLL "
-        f"(now {report['teacher_nll_median']:.2f} nats at the median) if the teacher should "
-        "count, or use weighting.options.reliability, which learns where the teacher is right"
-        if data_trust
-        else "the teacher disagrees with most answers"
-    )
-    return (
-        f"the {what} leaves {report['share_below_0.1']:.0%} of the first samples with under a "
-        f"tenth of the teacher's weight on {', '.join(map(repr, channels))} (median factor "
-        f"{report['factor_median']:.3f}): distillation is mostly off. Check that teacher and "
-        f"data match (chat template, answer format, images); {advice}; or use another teacher."
-    )
 
 
 COMPLETE_MARKER = "betakd_complete.json"

@@ -49,7 +49,7 @@ def test_the_fit_reads_every_training_sample_whatever_the_batch_size(
 
 
 def test_training_fits_it_first_and_a_resumed_run_keeps_it(llava_pair, vqa_data, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="betakd.trainer")
+    caplog.set_level(logging.INFO, logger="betakd.calibration")
     extra = {"save_strategy": "steps", "save_steps": 2, "max_steps": 5}
     fresh = FittedAtStart()
     straight = run_training(

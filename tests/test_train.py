@@ -447,7 +447,7 @@ def test_the_start_reports_teacher_weights_and_warns_when_the_trust_turns_them_o
     raw = kd_raw(llava_pair, data, images, tmp_path / "out", "task", max_steps=2, logging_steps=1)
     raw["weighting"]["options"] = {"trust": {"reference": "data", "threshold": 1.0}}
     config = cfg.validate(raw)
-    caplog.set_level(logging.INFO, logger="betakd.trainer")
+    caplog.set_level(logging.INFO, logger="betakd.calibration")
     trainer = build_trainer(config, training_arguments(config))
     trainer.train()
 
