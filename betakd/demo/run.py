@@ -27,7 +27,7 @@ from betakd.demo import report
 from betakd.demo.audit import audit_demo_data
 from betakd.demo.config import DemoConfig, load_demo_config
 from betakd.demo.easyvqa_data import DemoData, read_jsonl
-from betakd.demo.strategies import Strategy, recommended, select
+from betakd.demo.strategies import Strategy, catalogue, recommended, select
 from betakd.demo.teacher import (
     answer_nll,
     cache_root,
@@ -602,7 +602,7 @@ def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -
         kind: ensure_teacher_cache(config, teacher, inits[settings.seeds[0]], data, settings, kind)
         for kind in sorted({representation_of(s) for s in chosen})
     }
-    audit = audit_data(config, settings, chosen, inits[settings.seeds[0]], teacher, data, out)
+    audit = audit_data(config, settings, inits[settings.seeds[0]], teacher, data, out)
     jobs_list = [
         Job(s, seed, config, settings, inits[seed], teacher, data, caches[representation_of(s)],
             out, tests)
@@ -639,10 +639,13 @@ def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -
     return results
 
 
-def audit_data(config, settings, chosen, student, teacher, data, out: Path) -> dict:
+def audit_data(config, settings, student, teacher, data, out: Path) -> dict | None:
     """`betakd audit` of the training data with the recommended strategy's config (the
-    first strategy's without one)."""
-    strategy = recommended(chosen) or chosen[0]
+    catalogue's, whichever strategies run); None when the catalogue recommends none."""
+    strategy = recommended(list(catalogue(config).values()))
+    if strategy is None:
+        logger.info("no recommended strategy in the catalogue: the data is not audited")
+        return None
     run_config = train_config(
         strategy, settings.seeds[0], config=config, student=student, teacher=teacher,
         data=data, out=out / "audit" / "run", settings=settings,
