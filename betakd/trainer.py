@@ -118,6 +118,11 @@ class BetaKDTrainer(Trainer):
     # ----------------------------------------------------------------- loss
 
     def _get_num_items_in_batch(self, batch_samples, device):
+        # transformers' hook for the item count of an accumulated batch (private, no
+        # public one; tested with transformers 5.x): betakd's count replaces its own.
+        return self.num_items(batch_samples, device)
+
+    def num_items(self, batch_samples, device) -> torch.Tensor:
         """Samples (or answer tokens) in the accumulated batch, summed over processes."""
         token_reduction = self.head.objective.reduction == "token"
         total = torch.zeros((), dtype=torch.long)
@@ -133,7 +138,7 @@ class BetaKDTrainer(Trainer):
         sample_ids = inputs["sample_ids"]
         generated = self.generated_rows(inputs) if model.training else None
         rows = inputs["input_ids"].shape[0]
-        data = self.loss_inputs(inputs) if self._needs_data(generated, rows) else (None,) * 4
+        data = self.loss_inputs(inputs) if self.needs_data(generated, rows) else (None,) * 4
         out = model(*data, num_items_in_batch, generated=generated)
         loss = out.loss
         if self.args.world_size > 1:
@@ -190,7 +195,7 @@ class BetaKDTrainer(Trainer):
         answered = answered_batch(batch, answers, _side(collator.student), _sides(collator.teacher))
         return GeneratedRows(rows.to(inputs["input_ids"].device), *self.loss_inputs(answered))
 
-    def _needs_data(self, generated: GeneratedRows | None, rows: int) -> bool:
+    def needs_data(self, generated: GeneratedRows | None, rows: int) -> bool:
         """Whether the step reads anything of the data's answers: not when the student
         answered every row, their CE is dropped, no trust reads the teacher's likelihood
         of the data's answers and every sample weighs the same (GKD's setting: one

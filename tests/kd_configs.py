@@ -79,7 +79,7 @@ def losses_on_repeated_batch(config, steps=6):
     trainer = build_trainer(config, training_arguments(config))
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
     optimizer = trainer.create_optimizer()
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    num_items = trainer.num_items([batch], torch.device("cpu"))
     values = []
     for _ in range(steps):
         optimizer.zero_grad()

@@ -166,7 +166,7 @@ def test_the_audit_gives_the_training_runs_trust(llava_pair, planted, tmp_path):
 def test_a_killed_audit_continues_where_it_stopped(llava_pair, planted, tmp_path, monkeypatch):
     config = user_config(llava_pair, *planted, tmp_path)
     reference, _ = audited(config, tmp_path / "straight", part_size=8)
-    real = audit_scores._score_rows
+    real = audit_scores.score_rows
     calls = []
 
     def killed_at_third_part(trainer, rows, teachers):
@@ -175,11 +175,11 @@ def test_a_killed_audit_continues_where_it_stopped(llava_pair, planted, tmp_path
         calls.append(rows)
         return real(trainer, rows, teachers)
 
-    monkeypatch.setattr(audit_scores, "_score_rows", killed_at_third_part)
+    monkeypatch.setattr(audit_scores, "score_rows", killed_at_third_part)
     with pytest.raises(KeyboardInterrupt):
         audited(config, tmp_path, part_size=8)
     calls.clear()
-    monkeypatch.setattr(audit_scores, "_score_rows", lambda *a: calls.append(a[1]) or real(*a))
+    monkeypatch.setattr(audit_scores, "score_rows", lambda *a: calls.append(a[1]) or real(*a))
     resumed, _ = audited(config, tmp_path, part_size=8)
     assert [r.start for r in calls] == [16, 24, 32, 40]  # the two finished parts were kept
     for key in ("likely_label_errors", "p_label_right_mean"):

@@ -400,7 +400,7 @@ def test_two_teachers_score_the_students_own_answers(trio, vqa_data, tmp_path):
     student = (collator.student.adapter, collator.student.pad_token_id)
     answered = answered_batch(batch, answers, student, sides)
     generated = GeneratedRows(torch.arange(4), *trainer.loss_inputs(answered))
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    num_items = trainer.num_items([batch], torch.device("cpu"))
     with torch.no_grad():
         on = trainer.model(*trainer.loss_inputs(batch), num_items, generated=generated)
         off = trainer.model(*trainer.loss_inputs(batch), num_items)

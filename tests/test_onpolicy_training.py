@@ -103,7 +103,7 @@ def test_student_rows_answered_as_the_data_give_the_off_policy_loss_and_gradient
     config.channels.chunk_size = chunk_size
     trainer = build_trainer(config, training_arguments(config))
     batch = trainer.data_collator(list(trainer.train_dataset)[:4])
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    num_items = trainer.num_items([batch], torch.device("cpu"))
     rows = [0, 2]
     generated = generated_rows_of(trainer, batch, rows, [data_answers(batch)[r] for r in rows])
     results = []
@@ -150,7 +150,7 @@ def test_energies_on_student_answers_match_scoring_them_by_hand(ce, llava_pair, 
     answers = [torch.tensor([11, 12, 13, 14]), torch.cat([torch.tensor([15]), end]), end]
     generated = generated_rows_of(trainer, batch, [0, 1, 2], answers)
     assert generated.aligned.token_ids.tolist() == torch.cat(answers).tolist()
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    num_items = trainer.num_items([batch], torch.device("cpu"))
     with torch.no_grad():
         out = module(*trainer.loss_inputs(batch), num_items, generated=generated)
         off = module(*trainer.loss_inputs(batch), num_items)
@@ -291,8 +291,8 @@ def test_without_ce_on_student_rows_the_data_pass_is_skipped_and_changes_nothing
     batch = trainer.data_collator(list(trainer.train_dataset)[:4])
     answers = [torch.tensor([11 + row, 12, 13][: 1 + row % 3]) for row in range(4)]
     generated = generated_rows_of(trainer, batch, [0, 1, 2, 3], answers)
-    assert not trainer._needs_data(generated, 4)
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    assert not trainer.needs_data(generated, 4)
+    num_items = trainer.num_items([batch], torch.device("cpu"))
     results = []
     for data_part in (trainer.loss_inputs(batch), (None,) * 4):
         trainer.model.zero_grad()
@@ -304,9 +304,9 @@ def test_without_ce_on_student_rows_the_data_pass_is_skipped_and_changes_nothing
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     trainer.model.generated_ce = "data"
-    assert trainer._needs_data(generated, 4)
+    assert trainer.needs_data(generated, 4)
     trainer.model.generated_ce = "none"
-    assert trainer._needs_data(generated_rows_of(trainer, batch, [0, 1], answers[:2]), 4)
+    assert trainer.needs_data(generated_rows_of(trainer, batch, [0, 1], answers[:2]), 4)
 
 
 def vision_tower(student):
@@ -332,7 +332,7 @@ def test_the_answer_pass_reuses_the_data_pass_image_encoding(
     # The same pixels in other tensors: each pass encodes them again.
     teacher = dict(answered["teacher"], pixel_values=answered["teacher"]["pixel_values"].clone())
     twice = dict(answered, pixel_values=answered["pixel_values"].clone(), teacher=teacher)
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    num_items = trainer.num_items([batch], torch.device("cpu"))
     calls, teacher_calls = [], []
     vision_tower(trainer.model.student).register_forward_hook(lambda *_: calls.append(1))
     vision_tower(trainer.teacher.model).register_forward_hook(lambda *_: teacher_calls.append(1))

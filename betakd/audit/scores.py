@@ -105,7 +105,7 @@ def score_samples(
         for number, rows in enumerate(plan):
             path = folder / PART_NAME.format(number)
             if not _part_is_done(path, fingerprint_json, rows, dataset):
-                part = _score_rows(trainer, rows, teachers)
+                part = score_rows(trainer, rows, teachers)
                 _write_part(path, part, fingerprint_json)
             parts.append(_read_part(path))
             bar.update(len(rows))
@@ -113,7 +113,8 @@ def score_samples(
 
 
 @torch.no_grad()
-def _score_rows(trainer, rows: range, teachers: list[str | None]) -> dict:
+def score_rows(trainer, rows: range, teachers: list[str | None]) -> dict:
+    """The scores of the training data set's samples at positions ``rows`` (one part)."""
     module = trainer.distillation_module
     weighting = trainer.head.objective.weighting
     tokenizer = tokenizer_of(trainer.processing_class)
