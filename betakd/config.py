@@ -28,27 +28,41 @@ class Strict(BaseModel):
 
 
 class LoraSettings(Strict):
-    r: int = Field(8, ge=1)
-    alpha: int = Field(16, ge=1)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = "all-linear"
+    r: int = Field(8, ge=1, description="LoRA rank")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (the update is alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: list[str] | str = Field(
+        "all-linear", description="module names to adapt, or peft's `all-linear`"
+    )
 
 
 class ModelSettings(Strict):
     path: str = Field(description="local directory or hub id of the model")
-    dtype: Dtype = "float32"
-    trust_remote_code: bool = False
+    dtype: Dtype = Field("float32", description="weights' dtype (auto: the checkpoint's)")
+    trust_remote_code: bool = Field(
+        False, description="run the model repository's own code (never unless set)"
+    )
 
 
 class StudentSettings(ModelSettings):
-    lora: LoraSettings | None = None
+    lora: LoraSettings | None = Field(
+        None, description="train LoRA adapters instead of every weight (merged when saved)"
+    )
 
 
 class TeacherSettings(ModelSettings):
-    path: str | None = None
-    source: Literal["online", "cache"] = "online"
+    path: str | None = Field(
+        None, description="local directory or hub id of the teacher (needed unless cached)"
+    )
+    source: Literal["online", "cache"] = Field(
+        "online",
+        description="online: the teacher runs in the training process; cache: read what "
+        "`betakd cache-teacher` stored in cache_dir",
+    )
     cache_dir: str | None = Field(None, description="offline teacher cache (source: cache)")
-    cache_top_k: int = Field(32, ge=1)
+    cache_top_k: int = Field(
+        32, ge=1, description="tokens per answer position a cache keeps (with the tail mass)"
+    )
 
     @model_validator(mode="after")
     def _source_needs(self) -> TeacherSettings:
@@ -61,17 +75,33 @@ class TeacherSettings(ModelSettings):
 
 class DataSettings(Strict):
     train_file: str = Field(description="LLaVA-format JSON or JSONL conversations")
-    image_folder: str | None = None
-    max_length: int = Field(2048, ge=8)
-    max_skip_fraction: float = Field(0.05, ge=0, le=1)
+    image_folder: str | None = Field(
+        None, description="folder the records' image paths are relative to (none: text-only)"
+    )
+    max_length: int = Field(
+        2048,
+        ge=8,
+        description="tokens per sample and model; a longer sample loses its last answer "
+        "tokens, or is skipped when none fits (image tokens are never cut)",
+    )
+    max_skip_fraction: float = Field(
+        0.05, ge=0, le=1, description="stop when more than this share of records is skipped"
+    )
     limit: int | None = Field(None, ge=1, description="use only the first N records")
 
 
 class LogitChannel(Strict):
-    energy: str
+    energy: str = Field(
+        description="registered logit energy (fkl, rkl, jsd, cosine_probs, ...; docs/library.md)"
+    )
     name: str | None = Field(None, description="channel name in logs; defaults to the energy")
-    positions: Literal["answer", "answer_and_prompt"] = "answer"
-    options: dict[str, Any] = Field(default_factory=dict)
+    positions: Literal["answer", "answer_and_prompt"] = Field(
+        "answer",
+        description="answer tokens only, or the prompt's too (online teachers only)",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="the energy's options (e.g. temperature)"
+    )
 
     @field_validator("energy")
     @classmethod
@@ -94,9 +124,13 @@ class LogitChannel(Strict):
 
 
 class FeatureChannelSettings(Strict):
-    name: str = "visual"
-    energy: str = "mse"
-    source: Literal["visual_tokens"] = "visual_tokens"
+    name: str = Field("visual", description="channel name in logs and the head")
+    energy: str = Field("mse", description="feature energy: mse or cosine")
+    source: Literal["visual_tokens"] = Field(
+        "visual_tokens",
+        description="what is matched: the visual tokens entering the language model, "
+        "pooled to the smaller of the two counts",
+    )
     adapter: Literal["student", "teacher"] = Field(
         "student",
         description="which side the linear adapter maps: student (the teacher's features "
@@ -127,8 +161,12 @@ class FeatureChannelSettings(Strict):
 
 
 class ChannelSettings(Strict):
-    logits: list[LogitChannel] = Field(default_factory=list)
-    features: list[FeatureChannelSettings] = Field(default_factory=list)
+    logits: list[LogitChannel] = Field(
+        default_factory=list, description="logit channels, each with its own beta"
+    )
+    features: list[FeatureChannelSettings] = Field(
+        default_factory=list, description="visual feature channels, each with its own beta"
+    )
     chunk_size: int | None = Field(
         None,
         ge=1,
@@ -164,8 +202,12 @@ def _check_channel_names(names: list[str]) -> None:
 class TeacherChannels(Strict):
     """The logit and feature channels that one teacher of ``teachers`` feeds."""
 
-    logits: list[LogitChannel] = Field(default_factory=list)
-    features: list[FeatureChannelSettings] = Field(default_factory=list)
+    logits: list[LogitChannel] = Field(
+        default_factory=list, description="this teacher's logit channels"
+    )
+    features: list[FeatureChannelSettings] = Field(
+        default_factory=list, description="this teacher's visual feature channels"
+    )
 
     @model_validator(mode="after")
     def _unique_names(self) -> TeacherChannels:
@@ -181,7 +223,9 @@ class NamedTeacherSettings(TeacherSettings):
     in logs, metrics and the head carry the teacher's: ``big/cosine_probs``)."""
 
     name: str = Field(pattern=TEACHER_NAME, description="letters, digits, _ and -")
-    channels: TeacherChannels = Field(default_factory=TeacherChannels)
+    channels: TeacherChannels = Field(
+        default_factory=TeacherChannels, description="the channels this teacher feeds"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +259,16 @@ STUDENT_REPRESENTATIONS = ("teacher_visual", "teacher_answer_hidden")
 
 
 class WeightingSettings(Strict):
-    name: str = "task"
-    options: dict[str, Any] = Field(default_factory=dict)
+    name: str = Field(
+        "task",
+        description="equal | fixed | task | instance | closed_form | reference "
+        "(docs/library.md, docs/weighting.md)",
+    )
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="the weighting's options: its own (hidden, weights, ...), prior_shape, "
+        "prior_rate_scale, trust, reliability (unknown ones are named with the valid list)",
+    )
     learning_rate: float = Field(0.02, gt=0, description="Adam step on log-betas and adapters")
     weight_decay: float = Field(
         0.0, ge=0, description="decoupled weight decay of the weighting's own parameters"
@@ -234,7 +286,11 @@ class WeightingSettings(Strict):
         description="first training samples whose teacher NLLs and h(x) fit the teacher "
         "reliability (options.reliability) before training",
     )
-    representation: Representation = "teacher_visual"
+    representation: Representation = Field(
+        "teacher_visual",
+        description="h(x) of an instance weighting and of the reliability: the teacher's "
+        "pooled visual tokens, its pooled answer hidden states, or its confidence",
+    )
     representation_from: list[str] | None = Field(
         None,
         min_length=1,
@@ -242,7 +298,11 @@ class WeightingSettings(Strict):
         "this order: teacher names, then optionally `student` (the student's own, "
         "detached; default: the first teacher's)",
     )
-    reduction: Literal["sample", "token"] = "sample"
+    reduction: Literal["sample", "token"] = Field(
+        "sample",
+        description="every sample weighs the same, or each by its answer tokens (as "
+        "token-averaged CE)",
+    )
     init_from: str | None = Field(
         None, description="betakd_head.safetensors (or its folder) of an earlier stage"
     )
@@ -291,13 +351,16 @@ class GenerationOptions(Strict):
         32, ge=1, description="longest student answer, end of turn included"
     )
     temperature: float = Field(1.0, ge=0, description="0: greedy")
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling (1: off)")
 
 
 class PolicySettings(Strict):
     """Whose answers the teacher scores: the data's (off-policy) or the student's own."""
 
-    mode: Literal["off_policy", "on_policy", "mixed"] = "off_policy"
+    mode: Literal["off_policy", "on_policy", "mixed"] = Field(
+        "off_policy",
+        description="the data's answers, the student's own (scored by the teacher), or a mix",
+    )
     student_fraction: float = Field(
         0.5,
         ge=0,
@@ -319,7 +382,9 @@ class PolicySettings(Strict):
         description="the CE channel of a student-answered sample: CE on the data's answer "
         "to the same prompt (an extra student pass), or none",
     )
-    generation: GenerationOptions = Field(default_factory=GenerationOptions)
+    generation: GenerationOptions = Field(
+        default_factory=GenerationOptions, description="how the student samples its answers"
+    )
 
     @property
     def on_policy(self) -> bool:
@@ -328,7 +393,11 @@ class PolicySettings(Strict):
 
 
 class NonFinitePolicy(Strict):
-    action: Literal["stop", "skip"] = "stop"
+    action: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a non-finite loss stops the run naming the step and samples, or the "
+        "step is skipped (counted in the logs)",
+    )
 
 
 class ScheduleSettings(Strict):
@@ -346,18 +415,35 @@ class ScheduleSettings(Strict):
 
 
 class TrainConfig(Strict):
-    student: StudentSettings
-    teacher: TeacherSettings | None = None
+    student: StudentSettings = Field(description="the model trained")
+    teacher: TeacherSettings | None = Field(
+        None, description="one teacher (or `teachers`); its channels are `channels`"
+    )
     teachers: list[NamedTeacherSettings] | None = Field(
         None, min_length=1, description="several teachers, each with its own channels"
     )
-    data: DataSettings
-    channels: ChannelSettings = Field(default_factory=ChannelSettings)
-    weighting: WeightingSettings = Field(default_factory=WeightingSettings)
-    non_finite: NonFinitePolicy = Field(default_factory=NonFinitePolicy)
-    schedule: ScheduleSettings = Field(default_factory=ScheduleSettings)
-    policy: PolicySettings = Field(default_factory=PolicySettings)
-    training: dict[str, Any] = Field(default_factory=dict)
+    data: DataSettings = Field(description="the training data")
+    channels: ChannelSettings = Field(
+        default_factory=ChannelSettings,
+        description="the single teacher's channels, and how logit energies are computed",
+    )
+    weighting: WeightingSettings = Field(
+        default_factory=WeightingSettings, description="how the channels are weighted"
+    )
+    non_finite: NonFinitePolicy = Field(
+        default_factory=NonFinitePolicy, description="what a non-finite loss does"
+    )
+    schedule: ScheduleSettings = Field(
+        default_factory=ScheduleSettings, description="the learning-rate schedule's restart"
+    )
+    policy: PolicySettings = Field(
+        default_factory=PolicySettings, description="whose answers the teacher scores"
+    )
+    training: dict[str, Any] = Field(
+        default_factory=dict,
+        description="any transformers.TrainingArguments field, passed through (output_dir, "
+        "learning_rate, max_steps, bf16, deepspeed, ...)",
+    )
 
     @field_validator("training")
     @classmethod

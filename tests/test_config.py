@@ -125,3 +125,14 @@ def test_check_reports_every_missing_path_by_key_and_passes_when_all_exist(tmp_p
     (tmp_path / "data.json").write_text("[]")
     result = CliRunner().invoke(main, ["train", str(path), "--check"])
     assert result.exit_code == 0 and result.output.strip().endswith("valid"), result.output
+
+
+def test_the_config_reference_is_current():
+    from pathlib import Path
+
+    from betakd.config_reference import render
+
+    reference = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert reference.read_text(encoding="utf-8") == render(), (
+        "docs/config.md is stale: python -m betakd.config_reference > docs/config.md"
+    )
