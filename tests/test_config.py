@@ -136,3 +136,16 @@ def test_the_config_reference_is_current():
     assert reference.read_text(encoding="utf-8") == render(), (
         "docs/config.md is stale: python -m betakd.config_reference > docs/config.md"
     )
+
+
+def test_the_readme_config_validates():
+    """The config of the README's "Distil your own model" is a valid config."""
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Distil your own model") :]
+    start = section.index("```yaml") + len("```yaml")
+    config = cfg.validate(yaml.safe_load(section[start : section.index("```", start)]))
+    assert config.weighting.uses_reliability and config.weighting.name == "instance"
