@@ -35,7 +35,7 @@ from teacher_cache import STUDENT, TEACHER, step, write_data
 
 from betakd import config as cfg
 from betakd.profiling import peak_rss_bytes, peak_tensor_bytes
-from betakd.tiny import save_tiny_model, train_tokenizer
+from betakd.testing.tiny import save_tiny_model, train_tokenizer
 from betakd.train import build_trainer, training_arguments
 
 # The second teacher: the first's sizes with patch 8 (a quarter of its image tokens).

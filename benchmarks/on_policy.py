@@ -37,7 +37,7 @@ from teacher_cache import STUDENT, TEACHER, step, write_data
 
 from betakd import config as cfg
 from betakd.onpolicy import GenerationSettings, sample_answers
-from betakd.tiny import save_tiny_model, train_tokenizer
+from betakd.testing.tiny import save_tiny_model, train_tokenizer
 from betakd.train import build_trainer, training_arguments
 
 VARIANTS = {

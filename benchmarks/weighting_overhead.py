@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from betakd import config as cfg
-from betakd.tiny import TinyDims, save_tiny_model, train_tokenizer
+from betakd.testing.tiny import TinyDims, save_tiny_model, train_tokenizer
 from betakd.train import build_trainer, training_arguments
 
 WEIGHTINGS = {

@@ -13,7 +13,7 @@ from betakd.models import (
     slice_vocab,
     vocab_rows,
 )
-from betakd.tiny import build_tiny_model, train_tokenizer
+from betakd.testing.tiny import build_tiny_model, train_tokenizer
 
 
 def test_frozen_teacher_in_other_dtype(tiny_model_dir):

@@ -13,7 +13,7 @@ from betakd.distill import GeneratedRows
 from betakd.labels import supervised
 from betakd.models import forward_inputs
 from betakd.onpolicy import PolicyMix, answered_batch, prompt_tokens, prompts
-from betakd.tiny import FAMILIES
+from betakd.testing.tiny import FAMILIES
 from betakd.train import build_trainer, run_training, training_arguments
 
 

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from betakd.models import get_adapter, load_model, load_processor, tokenizer_of
-from betakd.tiny import (
+from betakd.testing.tiny import (
     FAMILIES,
     FAMILY_TOKENS,
     IMAGE_TOKEN,
