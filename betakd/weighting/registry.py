@@ -5,23 +5,16 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 
+from betakd.weighting import kinds
 from betakd.weighting.base import Weighting
-from betakd.weighting.kinds import (
-    ClosedFormWeighting,
-    EqualWeighting,
-    FixedWeighting,
-    InstanceWeighting,
-    ReferenceWeighting,
-    TaskWeighting,
-)
 
 WEIGHTINGS: dict[str, type[Weighting]] = {
-    "equal": EqualWeighting,
-    "fixed": FixedWeighting,
-    "task": TaskWeighting,
-    "instance": InstanceWeighting,
-    "closed_form": ClosedFormWeighting,
-    "reference": ReferenceWeighting,
+    "equal": kinds.EqualWeighting,
+    "fixed": kinds.FixedWeighting,
+    "task": kinds.TaskWeighting,
+    "instance": kinds.InstanceWeighting,
+    "closed_form": kinds.ClosedFormWeighting,
+    "reference": kinds.ReferenceWeighting,
 }
 
 
