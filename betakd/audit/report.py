@@ -134,7 +134,10 @@ def _samples_table(samples, key: str, teacher: str | None = None) -> list[str]:
     ]
     for s in samples:
         answers = s["teacher_answers"]
-        answer = answers[teacher] if teacher else "; ".join(f"{k}: {v}" for k, v in answers.items())  # fmt: skip
+        if teacher is not None or len(answers) == 1:
+            answer = answers[teacher] if teacher is not None else next(iter(answers.values()))
+        else:
+            answer = "; ".join(f"{k}: {v}" for k, v in answers.items())
         value = s[key][teacher] if teacher else s[key]
         rows.append(
             f"| {_cell(s['id'])} | {_cell(s['question'])} | {_cell(s['label'])} | "

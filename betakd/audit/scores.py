@@ -160,7 +160,7 @@ def _teacher_answers(targets, aligned, vocab_rows: int, tokenizer) -> list[tuple
     With the label as context, the teacher's most likely token at each answer position
     is its greedy choice as long as the label's earlier tokens are its own: its greedy
     answer is the label up to the first position where it prefers another token, then
-    that token (shown with "..." when the label goes on). It is the label exactly when it
+    that token (shown with "..." when the label's text goes on). It is the label exactly when it
     prefers the label's token everywhere (the end of the turn included).
     """
     if targets.tokens is None:
@@ -180,7 +180,9 @@ def _teacher_answers(targets, aligned, vocab_rows: int, tokenizer) -> list[tuple
             result.append((tokenizer.decode(label, skip_special_tokens=True).strip(), True))
             continue
         text = tokenizer.decode(label[:differ] + [chosen[differ]], skip_special_tokens=True)
-        result.append((text.strip() + (" ..." if differ + 1 < len(label) else ""), False))
+        # "..." only where the label goes on with text (not just its end of turn).
+        rest = tokenizer.decode(label[differ + 1 :], skip_special_tokens=True).strip()
+        result.append((text.strip() + (" ..." if rest else ""), False))
     return result
 
 
