@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import Tensor
 
+from betakd.reliability import TeacherReliability
 from betakd.weighting import CE, Weighting
 
 logger = logging.getLogger(__name__)
@@ -56,14 +57,17 @@ def teacher_nll_and_representation(
     return torch.cat(nlls), torch.cat(representations) if representations else None
 
 
-def fit_reliability(weighting: Weighting, nll: Tensor, representation: Tensor) -> dict[str, float]:
-    """Fit the weighting's teacher reliability on these samples; logs its summary."""
+def fit_reliability(
+    reliability: TeacherReliability, nll: Tensor, representation: Tensor
+) -> dict[str, float]:
+    """Fit a teacher reliability on these samples (``nll [N, T]``: each teacher's NLL of
+    the answers; ``representation [N, D]``: h(x)); logs its summary."""
     if nll.shape[0] < 4:
         raise RuntimeError(
             f"the teacher reliability needs at least 4 training samples with an answer, got "
             f"{nll.shape[0]}"
         )
-    summary = weighting.reliability.fit(weighting.reliability_nll(nll), representation)
+    summary = reliability.fit(nll, representation)
     logger.info(
         "teacher reliability from %d samples (teacher NLL of the answers in nats, the "
         "fitted label-noise rate, the mean posterior that the teacher is right): %s",

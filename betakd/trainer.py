@@ -275,7 +275,10 @@ class BetaKDTrainer(Trainer):
         nll, representation = self._teacher_nll_and_representation(
             self.reliability_samples, "fitting the reliability"
         )
-        return calibration.fit_reliability(self._weighting, nll, representation)
+        weighting = self._weighting
+        return calibration.fit_reliability(
+            weighting.reliability, weighting.reliability_nll(nll), representation
+        )
 
     def report_teacher_weights(self) -> dict[str, dict[str, float]]:
         """What the data trust or the reliability does to the teacher channels on the

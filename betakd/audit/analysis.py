@@ -31,21 +31,6 @@ MIN_SLICE_SHARE = 0.005
 # --------------------------------------------------------------------------- reliability
 
 
-def fit_reliability(
-    reliability: TeacherReliability,
-    nll: Tensor,
-    first_representations: Tensor,
-    positions: Tensor,
-    fit_samples: int,
-) -> dict[str, float]:
-    """Fit on the samples training fits on: those among the first ``fit_samples`` of the
-    training data set that have an answer (``positions`` say where each scored one is)."""
-    n = int((positions < fit_samples).sum())
-    if n < 4:
-        raise ValueError(f"the teacher reliability needs at least 4 samples with an answer, got {n}")  # fmt: skip
-    return reliability.fit(nll[:n], first_representations[:n])
-
-
 def reliability_posteriors(
     reliability: TeacherReliability, nll: Tensor, chunks
 ) -> tuple[Tensor, Tensor]:

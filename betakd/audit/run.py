@@ -27,6 +27,7 @@ from betakd import weighting as weightings
 from betakd.audit import analysis
 from betakd.audit.report import write_report
 from betakd.audit.scores import SampleScores, score_samples
+from betakd.calibration import fit_reliability
 from betakd.data import load_records
 from betakd.files import file_sha256
 
@@ -104,13 +105,10 @@ def audit_trainer(
         part_size=options.part_size,
         progress=options.progress,
     )
+    # Training fits on the first `reliability_samples` of the data set that have an answer.
     fit_n = int((scores.positions < config.weighting.reliability_samples).sum())
-    fit = analysis.fit_reliability(
-        weighting.reliability,
-        scores.nll,
-        scores.first_representations(fit_n),
-        scores.positions,
-        config.weighting.reliability_samples,
+    fit = fit_reliability(
+        weighting.reliability, scores.nll[:fit_n], scores.first_representations(fit_n)
     )
     teacher_right, label_right = analysis.reliability_posteriors(
         weighting.reliability, scores.nll, scores.representation_chunks()
