@@ -269,26 +269,35 @@ class BetaKDTrainer(Trainer):
         weighting.set_energy_scale(scale)
         return scale
 
-    def fit_reliability(self) -> dict[str, float]:
+    def fit_reliability(self, measured: tuple | None = None) -> dict[str, float]:
         """Fit the weighting's teacher reliability on the first ``reliability_samples``
-        training samples with an answer: their teacher NLLs and h(x)."""
-        nll, representation = self._teacher_nll_and_representation(
-            self.reliability_samples, "fitting the reliability"
-        )
+        training samples with an answer (``measured``: their :meth:`measure_teacher`, when
+        the caller has it)."""
+        if measured is None:
+            measured = self.measure_teacher(self.reliability_samples, "fitting the reliability")
+        nll, representation = measured
         weighting = self._weighting
         return calibration.fit_reliability(
             weighting.reliability, weighting.reliability_nll(nll), representation
         )
 
-    def report_teacher_weights(self) -> dict[str, dict[str, float]]:
+    def report_teacher_weights(self, measured: tuple | None = None) -> dict[str, dict[str, float]]:
         """What the data trust or the reliability does to the teacher channels on the
-        first ``calibration_samples`` samples (:func:`betakd.calibration.teacher_weight_report`)."""
-        nll, representation = self._teacher_nll_and_representation(
-            self.calibration_samples, "teacher weights at the start"
+        first ``calibration_samples`` samples (:func:`betakd.calibration.teacher_weight_report`).
+        ``measured``: a :meth:`measure_teacher` of at least as many first samples, with the
+        same models (the reliability's fit), read instead of another pass."""
+        if measured is None:
+            measured = self.measure_teacher(
+                self.calibration_samples, "teacher weights at the start"
+            )
+        nll, representation = (
+            None if v is None else v[: self.calibration_samples] for v in measured
         )
         return calibration.teacher_weight_report(self._weighting, nll, representation)
 
-    def _teacher_nll_and_representation(self, samples: int, desc: str):
+    def measure_teacher(self, samples: int, desc: str) -> tuple:
+        """The teacher NLLs of the answers and h(x) of the first ``samples`` training
+        samples that have an answer token, as the weighting receives them."""
         module = self.distillation_module
 
         def per_batch(batch):
@@ -455,14 +464,18 @@ class _HeadCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        weighting = self.trainer._weighting
+        trainer = self.trainer
+        weighting = trainer._weighting
+        measured = None
         # First: the calibration's forward passes go through the weighting, which needs it.
         if weighting.reliability is not None and not weighting.reliability.fitted:
-            self.trainer.fit_reliability()
+            measured = trainer.measure_teacher(trainer.reliability_samples, "fitting the reliability")  # fmt: skip
+            trainer.fit_reliability(measured)
         if weighting.needs_energy_scale and not weighting.has_energy_scale:
-            self.trainer.calibrate_energy_scale()
+            trainer.calibrate_energy_scale()
         if weighting.needs_teacher_nll and state.global_step == 0:
-            self.trainer.report_teacher_weights()
+            # The models have not changed since the fit: its measurements serve the report.
+            trainer.report_teacher_weights(measured)
         # After a checkpoint's optimizer state (and its learning rate) loaded: a run
         # resumed with another length or a restarted schedule takes the new schedule's
         # rate from its first step on (unchanged when the schedule is the same).

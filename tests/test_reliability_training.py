@@ -84,3 +84,19 @@ class FittedAtStart(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.fitted.append(model.head.objective.weighting.reliability.fitted)
+
+
+def test_the_start_report_reads_the_fits_measurements(llava_pair, vqa_data, tmp_path, caplog, monkeypatch):  # fmt: skip
+    """One teacher pass before the first step: the teacher-weight report reads what the
+    reliability was fitted on (the models have not changed in between)."""
+    from betakd.trainer import BetaKDTrainer
+
+    caplog.set_level(logging.INFO, logger="betakd.calibration")
+    passes = []
+    real = BetaKDTrainer.measure_teacher
+    monkeypatch.setattr(
+        BetaKDTrainer, "measure_teacher", lambda self, *a: passes.append(a) or real(self, *a)
+    )
+    run_training(reliable_config(llava_pair, vqa_data, tmp_path / "a", max_steps=1))
+    assert len(passes) == 1
+    assert fits(caplog) == 1 and "teacher weights at the start, on 6 samples" in caplog.text
