@@ -298,16 +298,20 @@ class BetaKDTrainer(Trainer):
     def measure_teacher(self, samples: int, desc: str) -> tuple:
         """The teacher NLLs of the answers and h(x) of the first ``samples`` training
         samples that have an answer token, as the weighting receives them."""
-        module = self.distillation_module
-
-        def per_batch(batch):
-            inputs, aligned, targets, image_counts = self.loss_inputs(batch)
-            nll, representation = module.reliability_inputs(inputs, aligned, targets, image_counts)
-            valid = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
-            return nll, representation, valid
-
         batches = self._first_batches(samples, desc)
+        per_batch = lambda batch: self.score_batch(batch)[:3]  # noqa: E731
         return calibration.teacher_nll_and_representation(per_batch, batches)
+
+    def score_batch(self, batch: dict) -> tuple:
+        """One collated batch as the data trust and the reliability read it: ``(nll, h(x),
+        has_answer, aligned, targets)``, the teacher NLLs of the answers ``[B]`` (or per
+        weighted channel ``[B, K]``), h(x) ``[B, D]`` or None, which rows have an answer
+        token, and the aligned positions and teacher targets behind them."""
+        inputs, aligned, targets, image_counts = self.loss_inputs(batch)
+        module = self.distillation_module
+        nll, representation = module.reliability_inputs(inputs, aligned, targets, image_counts)
+        has_answer = token_counts(aligned.batch_index[aligned.is_answer], aligned.batch_size) > 0
+        return nll, representation, has_answer, aligned, targets
 
     def _first_batches(self, samples: int, desc: str):
         """The first ``samples`` training samples in data-file order, collated, with the

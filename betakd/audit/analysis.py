@@ -153,8 +153,7 @@ def distinct_slices(slices: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def ranked(score: Tensor, top: int) -> list[int]:
     """Indices of the ``top`` highest scores, highest first (ties: data order)."""
-    order = sorted(range(len(score)), key=lambda i: (-float(score[i]), i))
-    return order[:top]
+    return torch.sort(score, descending=True, stable=True).indices[:top].tolist()
 
 
 def teacher_disagreement(

@@ -115,7 +115,7 @@ def score_samples(
 @torch.no_grad()
 def score_rows(trainer, rows: range, teachers: list[str | None]) -> dict:
     """The scores of the training data set's samples at positions ``rows`` (one part)."""
-    module = trainer.distillation_module
+    vocab_rows = trainer.distillation_module.vocab_rows
     weighting = trainer.head.objective.weighting
     tokenizer = tokenizer_of(trainer.processing_class)
     size = trainer.args.per_device_train_batch_size
@@ -125,19 +125,14 @@ def score_rows(trainer, rows: range, teachers: list[str | None]) -> dict:
     try:
         for start in range(rows.start, rows.stop, size):
             conversations = [trainer.train_dataset[i] for i in range(start, min(rows.stop, start + size))]  # fmt: skip
-            inputs, aligned, targets, image_counts = trainer.loss_inputs(
-                trainer.data_collator(conversations)
-            )
-            nll, representation = module.reliability_inputs(inputs, aligned, targets, image_counts)
+            scored = trainer.score_batch(trainer.data_collator(conversations))
+            nll, representation, has_answer, aligned, targets = scored
             if representation is None:
                 raise AuditError("the audit needs an input representation h(x); none was computed")
             per_teacher = weighting.reliability_nll(nll).float().cpu()
             answers = [
-                _teacher_answers(targets.of(t), aligned, module.vocab_rows, tokenizer)
-                for t in teachers
+                _teacher_answers(targets.of(t), aligned, vocab_rows, tokenizer) for t in teachers
             ]
-            has_answer = torch.zeros(len(conversations), dtype=torch.bool)
-            has_answer[aligned.batch_index[aligned.is_answer].cpu()] = True
             for row, conversation in enumerate(conversations):
                 if not has_answer[row]:
                     continue  # nothing to score (the encoder cut the whole answer)
