@@ -23,6 +23,7 @@ from betakd.align import AlignedPositions
 from betakd.features import FeatureChannel
 from betakd.models import FamilyAdapter, forward_inputs, slice_vocab, with_image_outputs
 from betakd.objective import DistillationObjective, ObjectiveOutput, per_sample_mean, token_counts
+from betakd.reliability import TeacherReliability
 from betakd.teachers.protocol import TeacherTargets
 
 HEAD_FILE = "betakd_head.safetensors"
@@ -172,13 +173,21 @@ class DistillationHead(nn.Module):
         state = load_file(str(path))
         mine = self.state_dict()
         problems = sorted(set(state) ^ set(mine)) + sorted(
-            k for k in set(state) & set(mine) if state[k].shape != mine[k].shape
+            k for k in set(state) & set(mine) if _shape_differs(k, state[k], mine[k])
         )
         if problems:
             raise ValueError(
                 f"{path} does not fit this run's channels/weighting; differing entries: {problems}"
             )
         self.load_state_dict(state)
+
+
+def _shape_differs(key: str, saved: Tensor, mine: Tensor) -> bool:
+    """Whether a saved head entry cannot be loaded into this one; the reliability's fit
+    set has as many rows as the fit had samples."""
+    if key.rsplit(".", 1)[-1] in TeacherReliability.FIT_SET_BUFFERS:
+        return saved.shape[1:] != mine.shape[1:]
+    return saved.shape != mine.shape
 
 
 class DistillationModule(nn.Module):

@@ -12,13 +12,16 @@ from scipy.optimize import minimize
 
 from betakd import weighting
 from betakd.reliability import (
+    MAX_COINCIDENCE,
     NllMixture,
     TeacherReliability,
-    _logistic_regression,
     component_log_densities,
-    fit_cases,
+    fit_components,
     fit_nll_mixture,
+    local_mean,
     mixture_log_likelihood,
+    neighbourhood_size,
+    neighbours_of,
     posterior,
 )
 
@@ -58,17 +61,18 @@ def test_em_fit_matches_a_direct_likelihood_maximisation():
     assert fitted.disagree_mean == pytest.approx(1.5, abs=0.1)
 
 
-def test_posterior_is_bayes_rule_over_the_four_cases():
+@pytest.mark.parametrize("q", [0.0, 0.1])
+def test_posterior_is_bayes_rule_over_the_five_cases(q):
     components = torch.tensor([[-4.0, 1.0], [1.2, 0.4], [2.2, 0.4]], dtype=torch.float64)
-    nll = torch.tensor([0.02, 3.0, 9.0, 3.0])
-    r = torch.tensor([0.95, 0.95, 0.05, 0.05])
+    nll = torch.tensor([0.02, 3.0, 9.0, 3.0, 0.02])
+    r = torch.tensor([0.95, 0.95, 0.05, 0.05, 0.02])
     eps = 0.2
-    post = posterior(component_log_densities(nll, components), r, eps)
+    post = posterior(component_log_densities(nll, components), r, eps, q)
 
     def density(x, mean, std):
         return math.exp(-0.5 * ((x - mean) / std) ** 2) / (std * math.sqrt(2 * math.pi))
 
-    for i in range(4):
+    for i in range(5):
         x = math.log(float(nll[i]))
         f_agree, f_rejected, f_wrong = (density(x, *row) for row in components.tolist())
         ri = float(r[i])
@@ -76,12 +80,13 @@ def test_posterior_is_bayes_rule_over_the_four_cases():
             ri * (1 - eps) * f_agree,
             ri * eps * f_rejected,
             (1 - ri) * (1 - eps) * f_wrong,
-            (1 - ri) * eps * f_rejected,
+            (1 - ri) * eps * (1 - q) * f_rejected,
+            (1 - ri) * eps * q * f_agree,
         ]
         total = sum(joint)
-        for value, want in zip(
-            (post.both_right, post.label_wrong, post.teacher_wrong, post.both_wrong), joint
-        ):
+        cases = (post.both_right, post.label_wrong, post.teacher_wrong, post.both_wrong,
+                 post.coincidence)  # fmt: skip
+        for value, want in zip(cases, joint, strict=True):
             assert float(value[i]) == pytest.approx(want / total, rel=1e-9)
         assert float(post.teacher_right[i]) == pytest.approx((joint[0] + joint[1]) / total)
         assert float(post.label_right[i]) == pytest.approx((joint[0] + joint[2]) / total)
@@ -93,60 +98,113 @@ def test_posterior_is_bayes_rule_over_the_four_cases():
     assert post.teacher_right[1] > 0.9 and post.label_right[1] < 0.1
     assert post.teacher_right[2] < 0.01 and post.label_right[2] > 0.98
     assert post.teacher_right[3] < 0.1 and post.label_right[3] < 0.1
+    # An agreement where the teacher is unreliable: without coincidences it can only be
+    # both right; with them (q = 0.1 against r = 0.02) it is mostly a wrong label that
+    # happens to be the wrong teacher's answer, and both lose their weight.
+    if q == 0:
+        assert post.teacher_right[4] > 0.99 and post.label_right[4] > 0.99
+    else:
+        assert post.coincidence[4] > 0.5
+        assert post.teacher_right[4] < 0.5 and post.label_right[4] < 0.5
 
 
-def test_logistic_regression_minimises_the_penalised_cross_entropy():
-    g = torch.Generator().manual_seed(1)
-    z = torch.randn(400, 3, generator=g, dtype=torch.float64)
-    target = torch.sigmoid(z @ torch.tensor([2.0, -1.0, 0.0], dtype=torch.float64) + 0.5)
-    target = (target + 0.1 * torch.rand(400, generator=g, dtype=torch.float64)).clamp(0, 1)
-    l2 = 0.01
-    weight, bias = _logistic_regression(
-        z, target, l2, torch.zeros(3, dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    )
+def test_neighbours_are_the_nearest_points_by_brute_force():
+    g = torch.Generator().manual_seed(3)
+    points = torch.randn(50, 3, generator=g, dtype=torch.float64)
+    points[7] = points[3]  # one input seen twice (another question on the same image)
+    neighbours = neighbours_of(points, points, 5, exclude_self=True)
+    for i in range(50):
+        distance = lambda j, i=i: float((points[j] - points[i]).norm())  # noqa: E731
+        by_distance = sorted((j for j in range(50) if j != i), key=distance)
+        # (3 and 7 tie with everyone: compare distances)
+        assert [distance(j) for j in neighbours[i].tolist()] == pytest.approx(
+            [distance(j) for j in by_distance[:5]], rel=1e-12
+        )
+        assert i not in neighbours[i].tolist()
+    # The same input's other sample is a neighbour at distance 0.
+    assert neighbours[3, 0] == 7 and neighbours[7, 0] == 3
+    # A new query: its k nearest points, itself included when it is one of them.
+    query = points[[10]].clone()
+    near = neighbours_of(query, points, 4)
+    assert near[0].tolist() == torch.argsort((points - query).norm(dim=1))[:4].tolist()
+    # The local mean by hand.
+    values = torch.rand(50, 2, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(local_mean(values, neighbours)[10],
+                               values[neighbours[10]].mean(dim=0))  # fmt: skip
+    # Neighbourhoods stay local on a small fit set: at most an eighth of it.
+    assert [neighbourhood_size(32, n) for n in (4, 48, 256, 8192)] == [1, 6, 32, 32]
 
-    def objective(theta):
-        logits = z.numpy() @ theta[:3] + theta[3]
-        ce = np.logaddexp(0, logits) - target.numpy() * logits
-        return ce.mean() + 0.5 * l2 * (theta[:3] ** 2).sum()
 
-    direct = minimize(objective, np.zeros(4), method="BFGS", options={"gtol": 1e-10})
-    np.testing.assert_allclose(weight.numpy(), direct.x[:3], atol=1e-5)
-    assert float(bias) == pytest.approx(direct.x[3], abs=1e-5)
-
-
-def test_the_cases_fit_is_a_maximum_of_the_penalised_likelihood():
+def test_the_components_fit_is_a_maximum_of_the_likelihood():
     nll, h, _, _ = blind_and_noisy(n=1500)
-    z = h[:, :2].double()
-    eps, l2 = 0.2, 0.01
+    r = torch.sigmoid(3 - 4 * h[:, 0].double())  # a reliability given from outside
+    eps = 0.2
     start = torch.tensor([[-4.0, 1.0], [1.5, 0.6], [1.5, 0.6]], dtype=torch.float64)
-    zeros = torch.zeros(2, dtype=torch.float64)
-    weight, bias, components = fit_cases(z, nll, eps, l2, zeros, zeros.sum(), start)
+    components, q = fit_components(nll, r, eps, start, 0.05)
     assert components[1, 1] == components[2, 1]  # the rejections share their spread
 
     def objective(theta):
         t = torch.from_numpy(np.asarray(theta, dtype=np.float64))
-        r = torch.sigmoid(z @ t[:2] + t[2])
-        cases = torch.stack([t[3:6], torch.stack([t[6], t[7], t[7]])], dim=1)
-        value = mixture_log_likelihood(component_log_densities(nll, cases), r, eps).mean()
-        return float(-value + 0.5 * l2 * (t[:2] ** 2).sum())
+        cases = torch.stack([t[:3], torch.stack([t[3], t[4], t[4]])], dim=1)
+        densities = component_log_densities(nll, cases)
+        return float(-mixture_log_likelihood(densities, r, eps, torch.sigmoid(t[5])).mean())
 
-    found = [*weight.tolist(), float(bias), *components[:, 0].tolist(),
-             float(components[0, 1]), float(components[1, 1])]  # fmt: skip
+    found = [*components[:, 0].tolist(), float(components[0, 1]), float(components[1, 1]),
+             math.log(q / (1 - q))]  # fmt: skip
     direct = minimize(objective, found, method="Nelder-Mead",
                       options={"maxiter": 40000, "xatol": 1e-10, "fatol": 1e-15})  # fmt: skip
     # Nelder-Mead from the fit finds nothing better: a (local) maximum.
     assert objective(found) <= direct.fun + 1e-9
-    np.testing.assert_allclose(direct.x, found, atol=2e-3)
-    # The likelihood by hand: the four cases summed.
-    r = torch.sigmoid(z @ weight + bias)
+    np.testing.assert_allclose(direct.x[:5], found[:5], atol=2e-3)
+    # The likelihood by hand: the five cases summed.
     f = component_log_densities(nll, components).exp()
     by_hand = torch.log(
         r * (1 - eps) * f[:, 0] + r * eps * f[:, 1] + (1 - r) * (1 - eps) * f[:, 2]
-        + (1 - r) * eps * f[:, 1]
+        + (1 - r) * eps * (1 - q) * f[:, 1] + (1 - r) * eps * q * f[:, 0]
     )  # fmt: skip
     densities = component_log_densities(nll, components)
-    torch.testing.assert_close(mixture_log_likelihood(densities, r, eps), by_hand)
+    torch.testing.assert_close(mixture_log_likelihood(densities, r, eps, q), by_hand)
+
+
+def test_the_coincidence_stays_at_most_its_bound():
+    # A teacher wrong everywhere (r = 0.01) whose labels mostly agree with it: unbounded,
+    # q would explain the agreements as coincidences at a rate near 1.
+    nll = torch.exp(torch.cat([torch.full((90,), -4.0), torch.full((10,), 1.5)]))
+    nll = nll * torch.exp(0.1 * torch.randn(100, generator=torch.Generator().manual_seed(0)))
+    r = torch.full((100,), 0.01, dtype=torch.float64)
+    start = torch.tensor([[-4.0, 0.3], [1.5, 0.3], [2.5, 0.3]], dtype=torch.float64)
+    _, q = fit_components(nll, r, 0.4, start, 0.05)
+    assert q == pytest.approx(MAX_COINCIDENCE, rel=1e-3)
+    with pytest.raises(ValueError, match="coincidence start"):
+        fit_components(nll, r, 0.4, start, MAX_COINCIDENCE)
+
+
+def test_the_fitted_r_is_the_local_mean_of_the_posteriors():
+    nll, h, _, _ = blind_and_noisy(n=1500)
+    reliability = TeacherReliability(6, neighbours=16)
+    reliability.fit(nll, h)
+    # The space of the neighbours: h standardised and scaled by relevance; here only
+    # h_0 tells where the teacher is blind, so it dominates.
+    relevance = h.double().std(0, unbiased=False) / reliability.input_scale
+    assert relevance[0] == 1 and relevance[1:].max() < 0.2
+    z = (h.double() - reliability.input_mean) / reliability.input_scale
+    torch.testing.assert_close(reliability.points, z)  # 6 <= PROJECTION_DIM: no projection
+    # At convergence, r at each fit point is the mean over its 16 nearest other samples
+    # of the stored posteriors, and those posteriors are Bayes' rule with that r.
+    distance = torch.cdist(z, z)
+    stored = reliability.point_teacher_right[:, 0]
+    in_training = stored[distance.topk(16, largest=False).indices].mean(dim=1)
+    distance.fill_diagonal_(math.inf)
+    leave_one_out = stored[distance.topk(16, largest=False).indices].mean(dim=1)
+    post = posterior(
+        component_log_densities(nll, reliability.components[0]),
+        leave_one_out.clamp(1e-3, 1 - 1e-3),
+        float(reliability.label_noise[0]), float(reliability.coincidence[0]),
+    )  # fmt: skip
+    assert (post.teacher_right - stored).abs().max() < 1e-3
+    # In training, r(h) of a fit sample's h counts the sample itself among its 16.
+    r = reliability.teacher_right_prior(h)[:, 0]
+    torch.testing.assert_close(r, in_training.clamp(1e-3, 1 - 1e-3))
 
 
 def blind_and_noisy(n=4000, seed=0):
@@ -185,6 +243,58 @@ def test_reliability_tells_a_blind_region_from_scattered_wrong_labels():
     # A data trust from the NLL alone (sigmoid(1 - n)) cannot tell the two apart.
     data_trust = torch.sigmoid(1 - nll)
     assert data_trust[reliable_noisy].mean() < 0.3
+
+
+def blind_with_coincidences(coincidence, n=8000, seed=0):
+    """As ``blind_and_noisy``, with a teacher confidently wrong where it is blind (NLL
+    ~10 nats) and milder on a wrong label (~3.3), as a trained teacher is; a wrong label
+    in the blind region is the teacher's wrong answer with probability ``coincidence``."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, 6, generator=g)
+    blind = h[:, 0] > 1.0
+    noisy = torch.rand(n, generator=g) < 0.2
+    coincide = blind & noisy & (torch.rand(n, generator=g) < coincidence)
+    log_n = torch.where(
+        (~blind & ~noisy) | coincide,
+        -4.5 + 0.7 * torch.randn(n, generator=g),
+        torch.where(
+            blind & ~noisy,
+            2.3 + 0.3 * torch.randn(n, generator=g),
+            1.2 + 0.3 * torch.randn(n, generator=g),
+        ),
+    )
+    return torch.exp(log_n), h, noisy
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_reliability_reads_agreements_in_a_blind_region_as_coincidences(seed):
+    nll, h, noisy = blind_with_coincidences(0.6, seed=seed)
+    reliability = TeacherReliability(6)
+    summary = reliability.fit(nll, h)
+    # Without coincidences in the data, q stays at 0.
+    assert (
+        TeacherReliability(6).fit(*blind_with_coincidences(0.0, seed=seed)[:2])["coincidence"]
+        < 1e-3
+    )
+    # q: the share of the blind region's wrong labels that agree with the teacher (a
+    # linear r(h) blurs the region's edge, where some are read as a right teacher).
+    assert 0.4 < summary["coincidence"] < 0.7
+    posts = reliability.posteriors(nll, h)[0]
+    deep_blind = h[:, 0] > 1.5
+    agreeing = deep_blind & (nll < 0.1)
+    assert agreeing.sum() > 20
+    # Those agreements lose the teacher and the CE: a wrong label that is the wrong
+    # teacher's answer.
+    assert posts.teacher_right[agreeing].mean() < 0.3
+    assert posts.label_right[agreeing].mean() < 0.3
+    assert posts.teacher_right[deep_blind & noisy].mean() < 0.15
+    # A model without the fifth case explains them as a right teacher.
+    no_coincidence = posterior(
+        component_log_densities(nll[agreeing], reliability.components[0]),
+        reliability.teacher_right_prior(h[agreeing])[:, 0],
+        float(reliability.label_noise[0]),
+    )
+    assert no_coincidence.teacher_right.mean() > 0.9
 
 
 def test_reliability_of_several_teachers_combines_their_evidence_about_the_label():
@@ -262,7 +372,8 @@ def test_reliability_must_be_fitted_and_its_state_is_saved():
         built(torch.rand(2, 2), h[:2], nll[:2])
     built.reliability.fit(nll, h)
     state = built.state_dict()
-    assert {"reliability.components", "reliability.weight", "reliability.label_noise"} <= set(state)
+    assert {"reliability.components", "reliability.points", "reliability.label_noise"} <= set(state)
+    assert state["reliability.points"].shape == (500, 6)
     other = weighting.build("fixed", ["ce", "kd"], weights={"kd": 1.0},
                             reliability={"input_dim": 6})  # fmt: skip
     other.load_state_dict(state)

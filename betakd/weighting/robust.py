@@ -161,7 +161,7 @@ def build_trust(trust: Mapping | SharedTrust | None) -> SharedTrust | None:
     return SharedTrust(tuple(channels or ()), **options)
 
 
-RELIABILITY_KEYS = {"input_dim", "teachers", "l2", "anchor_share"}
+RELIABILITY_KEYS = {"input_dim", "teachers", "neighbours", "anchor_share"}
 
 
 def build_reliability(
