@@ -63,7 +63,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
         return
     from betakd.data import DataError
     from betakd.models import ModelError
-    from betakd.teachers import CacheError
+    from betakd.teachers import CacheError, ServedTeacherError
     from betakd.train import (
         SKIPPED_FILE,
         OutputDirError,
@@ -82,6 +82,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
         DataError,
         ModelError,
         EngineError,
+        ServedTeacherError,
     ) as err:
         # What a user must fix in their files or settings: one line, no traceback.
         raise click.ClickException(str(err)) from err

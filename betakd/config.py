@@ -50,14 +50,36 @@ class StudentSettings(ModelSettings):
     )
 
 
+class ServerSettings(Strict):
+    url: str = Field(
+        description="the server's OpenAI-compatible base URL, e.g. http://host:8000/v1"
+    )
+    model: str = Field(description="the served model's name (vllm serve --served-model-name)")
+    top_k: int = Field(
+        20,
+        ge=1,
+        description="log-probabilities per answer token (at most the server's --max-logprobs)",
+    )
+    timeout_s: float = Field(120.0, gt=0, description="seconds one request may take")
+    retries: int = Field(
+        4, ge=0, description="retries of a request after a timeout, a lost connection or a 5xx/429"
+    )
+    concurrency: int = Field(8, ge=1, description="requests in flight at once")
+
+
 class TeacherSettings(ModelSettings):
     path: str | None = Field(
-        None, description="local directory or hub id of the teacher (needed unless cached)"
+        None,
+        description="local directory or hub id of the teacher (needed unless cached or served)",
     )
-    source: Literal["online", "cache"] = Field(
+    source: Literal["online", "cache", "served"] = Field(
         "online",
         description="online: the teacher runs in the training process; cache: read what "
-        "`betakd cache-teacher` stored in cache_dir",
+        "`betakd cache-teacher` stored in cache_dir; served: ask a vLLM server (server)",
+    )
+    server: ServerSettings | None = Field(
+        None,
+        description="the vLLM server of a served teacher (source: served; docs/served-teacher.md)",
     )
     cache_dir: str | None = Field(None, description="offline teacher cache (source: cache)")
     cache_top_k: int = Field(
@@ -70,6 +92,10 @@ class TeacherSettings(ModelSettings):
             raise ValueError("teacher.path is required when teacher.source is 'online'")
         if self.source == "cache" and not self.cache_dir:
             raise ValueError("teacher.cache_dir is required when teacher.source is 'cache'")
+        if self.source == "served" and self.server is None:
+            raise ValueError(
+                "teacher.server (url, model) is required when teacher.source is 'served'"
+            )
         return self
 
 
@@ -502,6 +528,13 @@ class TrainConfig(Strict):
                 f"policy.mode {self.policy.mode!r}: the teacher scores the student's own "
                 f"answers, new at every step, but {', '.join(cached)} reads an offline cache "
                 "of the data's answers; use source: online (or policy.mode: off_policy)"
+            )
+        served = [p.key for p in self.teacher_plans() if p.settings.source == "served"]
+        if served:
+            raise ValueError(
+                f"policy.mode {self.policy.mode!r}: {', '.join(served)} is served, and a "
+                "served teacher scores the data's answers only so far; use source: online "
+                "(or policy.mode: off_policy)"
             )
         return self
 

@@ -6,6 +6,7 @@
   states + lm_head, top-k + tail) and the tail rule;
 * :mod:`~betakd.teachers.online`: a frozen model run on every step;
 * :mod:`~betakd.teachers.ensemble`: several named sources at once (multi-teacher);
+* :mod:`~betakd.teachers.served`: a teacher on a vLLM server (``ServedTeacher``);
 * the offline cache: :mod:`~betakd.teachers.cache_format` (layout, ids, fingerprint),
   :mod:`~betakd.teachers.cache_writer` (run the teacher once),
   :mod:`~betakd.teachers.cache_reader` (``TeacherCache``, ``CachedTeacher``);
@@ -28,6 +29,9 @@ _EXPORTS = {
     "DenseLogits": "targets",
     "HiddenStateLogits": "targets",
     "OnlineTeacher": "online",
+    "ServedTeacher": "served",
+    "ServedTeacherError": "served",
+    "TeacherServer": "served",
     "TeacherCache": "cache_reader",
     "TeacherEnsemble": "ensemble",
     "TeacherSource": "protocol",

@@ -20,6 +20,12 @@ from betakd.teachers.cache_reader import CachedTeacher, TeacherCache
 from betakd.teachers.ensemble import TeacherEnsemble
 from betakd.teachers.online import OnlineTeacher
 from betakd.teachers.protocol import TeacherSource
+from betakd.teachers.served import (
+    RecordConversations,
+    ServedTeacher,
+    ServedTeacherError,
+    TeacherServer,
+)
 
 
 @dataclass
@@ -66,6 +72,8 @@ def _teacher_of_plan(
 ) -> TeacherSide:
     if plan.settings.source == "cache":
         return _cached_teacher(config, plan, student)
+    if plan.settings.source == "served":
+        return _served_teacher(config, plan, student)
     return _online_teacher(config, plan, student, data_cache)
 
 
@@ -205,6 +213,58 @@ def _cached_teacher(
         vocab_rows=vocab,
         visual_dims={plan.name: cache.teacher_visual_dim},
         representation_dim=cache.representation_dim or 1,
+    )
+
+
+def _served_teacher(
+    config: cfg.TrainConfig, plan: cfg.TeacherPlan, student: models.LoadedModel
+) -> TeacherSide:
+    """source: served -- a vLLM server scores every batch; it must answer and serve the
+    configured model before anything else is built. It returns log-probabilities only."""
+    where = "channels" if plan.name is None else f"{plan.key}.channels"
+    if plan.features:
+        raise ServedTeacherError(
+            f"{where}.features: a served teacher returns log-probabilities, not the hidden "
+            "states a feature channel needs (use an online or cached teacher for it)"
+        )
+    for i, channel in enumerate(plan.logits):
+        if channel.positions != "answer":
+            raise ServedTeacherError(
+                f"{where}.logits.{i}.positions: a served teacher scores answer tokens only"
+            )
+    needs = teacher_contents(config, plan)
+    if needs.representation not in (None, "teacher_confidence"):
+        raise ServedTeacherError(
+            f"weighting.representation {needs.representation!r} reads the teacher's hidden "
+            "states, which a served teacher does not return: use teacher_confidence, or, "
+            "with several teachers, weighting.representation_from naming another one"
+        )
+    settings = plan.settings.server
+    server = TeacherServer(
+        settings.url,
+        settings.model,
+        timeout_s=settings.timeout_s,
+        retries=settings.retries,
+        concurrency=settings.concurrency,
+    )
+    server.check()
+    vocab = models.vocab_rows(student.processor, student.model)
+    source = ServedTeacher(
+        server,
+        RecordConversations(config.data.train_file, config.data.image_folder),
+        vocab_rows=vocab,
+        top_k=settings.top_k,
+        images=student.adapter.multimodal,
+        tokenizer=models.tokenizer_of(student.processor),
+        representation=needs.representation,
+        chunk_size=config.channels.chunk_size,
+    )
+    return TeacherSide(
+        source=source,
+        encoder=None,
+        vocab_rows=vocab,
+        visual_dims={plan.name: None},
+        representation_dim=2 if needs.representation else 1,
     )
 
 

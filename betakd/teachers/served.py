@@ -1,0 +1,421 @@
+"""A teacher served by vLLM: supervision from a server, the teacher never in training memory.
+
+:class:`ServedTeacher` is a teacher source (:mod:`betakd.teachers.protocol`) whose
+targets come from a vLLM server's OpenAI-compatible chat API: for each sample it sends
+the conversation, images included (as data URLs), with the answer as the last
+(assistant) message and asks for the prompt's top-k log-probabilities
+(``prompt_logprobs``) and the token ids the server used (``return_token_ids``). The
+answer's top-k becomes the same :class:`~betakd.teachers.targets.TopKLogits` (one tail
+rule) as the offline cache's.
+
+Alignment is checked, never assumed: the server's token ids (image tokens expanded by
+its own processor) must contain the student's answer tokens, found from the end of the
+conversation; a sample whose answer the server tokenised differently (another tokenizer
+or chat template) stops the run with one line naming it. The positions then go
+through :func:`betakd.align.align_positions`, as an in-process teacher's do, so
+different image-token counts need nothing else.
+
+A server returns log-probabilities only, not hidden states: feature channels and an
+``h(x)`` read from the teacher are refused when the source is built.
+
+:class:`TeacherServer` is the HTTP side (``httpx``): requests of a batch go out
+concurrently (at most ``concurrency`` at once); a timeout, a refused connection or a
+5xx/429 answer is retried ``retries`` times with exponential backoff, then the run stops
+naming the server, the sample and the last error; any other error answer (e.g. a k
+above the server's ``--max-logprobs``) stops at once with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import math
+import mimetypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import httpx
+import torch
+from torch import Tensor
+
+from betakd.align import AlignedPositions, align_positions, instance_representation
+from betakd.data.records import Conversation, load_records, parse_record
+from betakd.labels import IGNORE_INDEX, supervised
+from betakd.teachers.protocol import BatchMeta, TeacherTargets
+from betakd.teachers.targets import LOG_TAIL_FLOOR, TopKLogits
+
+# vLLM writes -inf as this number in its JSON.
+VLLM_NEG_INF = -9999.0
+# Seconds before the first retry; doubled each time, at most RETRY_MAX_DELAY.
+RETRY_DELAY = 0.5
+RETRY_MAX_DELAY = 8.0
+RETRIED_STATUS = {429, 500, 502, 503, 504}
+
+
+class ServedTeacherError(RuntimeError):
+    """The teacher server cannot give (correct) targets; the message names what."""
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class TeacherServer:
+    """One model on a vLLM server at ``url`` (its ``/v1`` base)."""
+
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        *,
+        timeout_s: float = 60.0,
+        retries: int = 4,
+        concurrency: int = 8,
+    ) -> None:
+        self.url = url.rstrip("/")
+        self.model = model
+        self.timeout_s = timeout_s
+        self.retries = retries
+        self.concurrency = concurrency
+
+    def check(self) -> None:
+        """The server answers and serves ``model``; raises with one line otherwise."""
+        try:
+            response = httpx.get(f"{self.url}/models", timeout=self.timeout_s)
+        except httpx.HTTPError as err:
+            raise ServedTeacherError(
+                f"teacher server {self.url} is unreachable ({type(err).__name__}: {err}); "
+                "start it (docs/served-teacher.md) or fix teacher.server.url"
+            ) from err
+        if response.status_code != 200:
+            raise ServedTeacherError(
+                f"teacher server {self.url}/models answered {response.status_code}: "
+                f"{response.text[:300]}"
+            )
+        served = [m.get("id") for m in response.json().get("data", [])]
+        if self.model not in served:
+            raise ServedTeacherError(
+                f"teacher server {self.url} serves {served}, not teacher.server.model "
+                f"{self.model!r}"
+            )
+
+    def chat(self, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
+        """POST every body to ``/chat/completions``, concurrently; the JSON answers in
+        order. ``names`` name the samples in errors."""
+        return asyncio.run(self._chat_all(bodies, names))
+
+    async def _chat_all(self, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
+        limit = asyncio.Semaphore(self.concurrency)
+        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+
+            async def one(body: dict, name: str) -> dict:
+                async with limit:
+                    return await self._post(client, body, name)
+
+            return await asyncio.gather(*(one(b, n) for b, n in zip(bodies, names)))
+
+    async def _post(self, client: httpx.AsyncClient, body: dict, name: str) -> dict:
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                await asyncio.sleep(min(RETRY_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY))
+            try:
+                response = await client.post(f"{self.url}/chat/completions", json=body)
+            except httpx.TransportError as err:  # timeouts, refused or dropped connections
+                last = f"{type(err).__name__}: {err}"
+                continue
+            if response.status_code in RETRIED_STATUS:
+                last = f"HTTP {response.status_code}: {response.text[:200]}"
+                continue
+            if response.status_code != 200:
+                raise ServedTeacherError(
+                    f"teacher server {self.url} refused sample {name}: HTTP "
+                    f"{response.status_code}: {_error_message(response)}"
+                )
+            return response.json()
+        raise ServedTeacherError(
+            f"teacher server {self.url} failed for sample {name} after {self.retries + 1} "
+            f"attempts; last error: {last}"
+        )
+
+
+def _error_message(response: httpx.Response) -> str:
+    try:
+        payload = response.json()
+    except ValueError:
+        return response.text[:300]
+    error = payload.get("error", payload) if isinstance(payload, dict) else payload
+    return str(error.get("message", error) if isinstance(error, dict) else error)[:300]
+
+
+# --------------------------------------------------------------------------- requests
+
+
+def chat_messages(conversation: Conversation, *, images: bool) -> list[dict]:
+    """The conversation as OpenAI chat messages; images as base64 data URLs, in order."""
+    paths = iter(conversation.image_paths)
+    messages = []
+    for message in conversation.messages:
+        content = []
+        for part in message["content"]:
+            if part["type"] == "text":
+                content.append({"type": "text", "text": part["text"]})
+            elif images:
+                content.append({"type": "image_url", "image_url": {"url": _data_url(next(paths))}})
+            else:
+                raise ServedTeacherError(
+                    f"sample {conversation.id}: it has an image, the student is text-only"
+                )
+        if all(part["type"] == "text" for part in content):
+            content = "".join(part["text"] for part in content)
+        messages.append({"role": message["role"], "content": content})
+    return messages
+
+
+def _data_url(path) -> str:
+    kind = mimetypes.guess_type(str(path))[0] or "image/png"
+    return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+@dataclass
+class ServedSample:
+    """What the server returned for one sample: the token ids it used and, per token,
+    the log-probabilities it gave (``None`` for the first), by token id."""
+
+    token_ids: list[int]
+    log_probs: list[dict[int, float] | None]
+
+
+def parse_answer(payload: dict, name: str) -> ServedSample:
+    """Token ids and prompt log-probabilities from a chat answer; a malformed or
+    truncated answer is an error naming the sample."""
+    ids = payload.get("prompt_token_ids")
+    entries = payload.get("prompt_logprobs")
+    if not isinstance(ids, list) or not isinstance(entries, list) or len(ids) != len(entries):
+        raise ServedTeacherError(
+            f"sample {name}: the server's answer lacks prompt_token_ids/prompt_logprobs of "
+            "equal length (a vLLM server with return_token_ids and prompt_logprobs?)"
+        )
+    parsed: list[dict[int, float] | None] = []
+    for entry in entries:
+        if entry is None:
+            parsed.append(None)
+            continue
+        try:
+            parsed.append({int(k): _log_prob(v["logprob"]) for k, v in entry.items()})
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise ServedTeacherError(f"sample {name}: malformed prompt_logprobs entry") from err
+    return ServedSample([int(i) for i in ids], parsed)
+
+
+def _log_prob(value) -> float:
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError("NaN log-probability")
+    return -math.inf if value <= VLLM_NEG_INF else value
+
+
+# --------------------------------------------------------------------------- alignment
+
+
+def answer_segments(labels: Tensor, mask: Tensor) -> list[list[int]]:
+    """The runs of consecutive answer tokens of one student row, in order."""
+    answer = (supervised(labels) & mask.bool()).tolist()
+    segments, current = [], []
+    for token, is_answer in zip(labels.tolist(), answer):
+        if is_answer:
+            current.append(token)
+        elif current:
+            segments.append(current)
+            current = []
+    if current:
+        segments.append(current)
+    return segments
+
+
+def locate_answers(server_ids: Sequence[int], segments: Sequence[Sequence[int]]) -> list[int]:
+    """Start of each answer segment in the server's tokens: the last segment at its last
+    occurrence, each earlier one at its last occurrence before the next (answers come
+    last, and a question may repeat an answer's words). Raises ValueError naming the
+    first segment not found."""
+    starts = []
+    limit = len(server_ids)
+    for number in range(len(segments) - 1, -1, -1):
+        segment = list(segments[number])
+        found = next(
+            (
+                start
+                for start in range(limit - len(segment), -1, -1)
+                if list(server_ids[start : start + len(segment)]) == segment
+            ),
+            None,
+        )
+        if found is None:
+            raise ValueError(f"answer {number + 1} of {len(segments)} ({len(segment)} tokens)")
+        starts.append(found)
+        limit = found
+    return starts[::-1]
+
+
+def server_batch(
+    samples: Sequence[ServedSample], student_batch: dict, sample_ids: Sequence[str], tokenizer
+) -> dict:
+    """The server's tokens as a teacher batch (``input_ids``, ``attention_mask``,
+    ``labels`` on the located answers) for :func:`align_positions`."""
+    size = len(samples)
+    length = max(len(s.token_ids) for s in samples)
+    input_ids = torch.zeros(size, length, dtype=torch.long)
+    mask = torch.zeros(size, length, dtype=torch.long)
+    labels = torch.full((size, length), IGNORE_INDEX, dtype=torch.long)
+    for row, sample in enumerate(samples):
+        ids = torch.tensor(sample.token_ids, dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        mask[row, : len(ids)] = 1
+        student_labels = student_batch["labels"][row].cpu()
+        segments = answer_segments(student_labels, student_batch["attention_mask"][row].cpu())
+        try:
+            starts = locate_answers(sample.token_ids, segments)
+        except ValueError as err:
+            answer = tokenizer.decode(segments[-1]) if segments else ""
+            raise ServedTeacherError(
+                f"sample {sample_ids[row]}: the server's tokens do not contain the student's "
+                f"{err} ({answer!r}): the served teacher tokenises the conversation "
+                "differently (another tokenizer or chat template)"
+            ) from err
+        for start, segment in zip(starts, segments):
+            labels[row, start : start + len(segment)] = torch.tensor(segment)
+    device = student_batch["input_ids"].device
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+            "labels": labels.to(device)}  # fmt: skip
+
+
+def topk_targets(
+    samples: Sequence[ServedSample],
+    aligned: AlignedPositions,
+    top_k: int,
+    vocab_rows: int,
+    sample_ids: Sequence[str],
+) -> TopKLogits:
+    """The top ``top_k`` log-probabilities at each aligned position and the tail mass
+    (``1 - sum``, floored), as the cache stores them."""
+    rows = aligned.batch_index.tolist()
+    positions = (aligned.teacher_pos + 1).tolist()  # the entry of the predicted token
+    log_probs = torch.empty(len(rows), top_k, dtype=torch.float32)
+    ids = torch.empty(len(rows), top_k, dtype=torch.long)
+    tail = torch.empty(len(rows), dtype=torch.float32)
+    for n, (row, position) in enumerate(zip(rows, positions)):
+        entry = samples[row].log_probs[position]
+        if entry is None or len(entry) < top_k:
+            raise ServedTeacherError(
+                f"sample {sample_ids[row]}: the server gave {0 if entry is None else len(entry)}"
+                f" log-probabilities at answer token {position}, fewer than top_k={top_k}"
+            )
+        best = sorted(entry.items(), key=lambda item: -item[1])[:top_k]
+        ids[n] = torch.tensor([token for token, _ in best])
+        values = torch.tensor([value for _, value in best], dtype=torch.float64)
+        log_probs[n] = values.float()
+        rest = 1.0 - float(values.exp().sum())
+        tail[n] = math.log(rest) if rest > math.exp(LOG_TAIL_FLOOR) else LOG_TAIL_FLOOR
+    if bool(((ids < 0) | (ids >= vocab_rows)).any()):
+        raise ServedTeacherError(
+            f"the server names token ids outside the student's vocabulary of {vocab_rows}: "
+            "another tokenizer?"
+        )
+    return TopKLogits(log_probs, ids, tail, vocab_rows)
+
+
+# --------------------------------------------------------------------------- source
+
+
+class RecordConversations:
+    """The conversations at given rows of a LLaVA-format data file (read once)."""
+
+    def __init__(self, train_file, image_folder) -> None:
+        self.records = load_records(train_file)
+        self.image_folder = image_folder
+
+    def __call__(self, indices: Sequence[int]) -> list[Conversation]:
+        return [parse_record(self.records[i], i, self.image_folder) for i in indices]
+
+
+class ServedTeacher:
+    """A teacher source whose targets come from a :class:`TeacherServer`.
+
+    ``conversations(indices)`` gives the samples at these rows of the data file;
+    ``images``: send them (the student is a VLM); ``tokenizer`` decodes tokens in error
+    messages; ``representation``: None or ``"teacher_confidence"`` (the weighting's h(x)
+    from the top-k, ``chunk_size`` rows at a time).
+    """
+
+    def __init__(
+        self,
+        server: TeacherServer,
+        conversations,
+        *,
+        vocab_rows: int,
+        top_k: int,
+        images: bool,
+        tokenizer,
+        representation: str | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        if representation not in (None, "teacher_confidence"):
+            raise ServedTeacherError(
+                f"a served teacher cannot give the representation {representation!r}"
+            )
+        self.server = server
+        self.conversations = conversations
+        self.vocab_rows = vocab_rows
+        self.top_k = top_k
+        self.images = images
+        self.tokenizer = tokenizer
+        self.representation = representation
+        self.chunk_size = chunk_size
+        self.device = torch.device("cpu")
+
+    def prepare(self, accelerator) -> ServedTeacher:
+        """Outputs go to the process's device; the model lives on the server."""
+        self.device = torch.device(accelerator.device)
+        return self
+
+    def request(self, conversation: Conversation) -> dict:
+        """The chat request scoring one conversation (its answer the last message)."""
+        return {
+            "model": self.server.model,
+            "messages": chat_messages(conversation, images=self.images),
+            "max_tokens": 1,
+            "prompt_logprobs": self.top_k,
+            "return_token_ids": True,
+            "add_generation_prompt": False,
+            "temperature": 0.0,
+        }
+
+    def __call__(
+        self, student_batch: dict, meta: BatchMeta
+    ) -> tuple[AlignedPositions, TeacherTargets]:
+        indices = torch.as_tensor(meta.sample_index).tolist()
+        conversations = self.conversations(indices)
+        names = list(meta.sample_ids)
+        answers = self.server.chat([self.request(c) for c in conversations], names)
+        samples = [parse_answer(a, n) for a, n in zip(answers, names)]
+        teacher_batch = server_batch(samples, student_batch, names, self.tokenizer)
+        try:
+            aligned = align_positions(student_batch, teacher_batch, sample_ids=names)
+        except ValueError as err:
+            raise ServedTeacherError(f"served teacher: {err}") from err
+        tokens = topk_targets(samples, aligned, self.top_k, self.vocab_rows, names)
+        tokens = TopKLogits(
+            tokens.log_probs.to(self.device),
+            tokens.ids.to(self.device),
+            tokens.tail_log_mass.to(self.device),
+            self.vocab_rows,
+        )
+        representation = None
+        if self.representation is not None:
+            representation = instance_representation(
+                self.representation,
+                aligned=aligned,
+                teacher_logits=tokens,
+                vocab_size=self.vocab_rows,
+                chunk_size=self.chunk_size,
+            )
+        return aligned, TeacherTargets(tokens, None, representation)

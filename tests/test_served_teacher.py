@@ -1,0 +1,256 @@
+"""A teacher served by a real vLLM server (betakd.teachers.served).
+
+One server per model for the module (``betakd.testing.vllm_server``: its own virtual
+environment, created on first use; started in its own process group and stopped by
+it). The served top-k is checked against the same teacher run in-process, training
+against a cache of the same top-k, and every refusal against a message that names what
+to fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from betakd import config as cfg
+from betakd.cache_cli import cache_teacher
+from betakd.teachers import ServedTeacherError, TopKLogits
+from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
+from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
+from betakd.train import build_trainer, training_arguments
+
+TOP_K = 8
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def vllm_environment():
+    return ensure_environment()
+
+
+@pytest.fixture(scope="module")
+def llava_teacher(tiny_model_dir):
+    # vLLM's CPU attention needs head sizes of at least 32 (vision too).
+    return tiny_model_dir("llava", "teacher", vision_hidden=64)
+
+
+@pytest.fixture(scope="module")
+def served_llava(vllm_environment, llava_teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served_llava")
+    copy = servable_copy(llava_teacher, root / "llava-teacher")
+    with VLLMServer(copy, images=True, max_logprobs=20, log_file=root / "vllm.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory, llava_files):
+    """Twelve samples, one- and several-token answers, three colours."""
+    root = tmp_path_factory.mktemp("served_data")
+    records = []
+    for i in range(12):
+        colour = ["red", "green", "blue"][i % 3]
+        llava_files.write_image(root / "images" / f"{i}.png", colour, (32, 32))
+        question = "What colour is the shape?" if i % 2 else "Describe the image."
+        answer = colour if i % 2 else f"a {colour} shape on white"
+        records.append(llava_files.record(f"s{i}", question, answer, f"{i}.png"))
+    return llava_files.write_records(root / "data.json", records), root / "images"
+
+
+def raw_config(student, teacher: dict, data, out, weighting="task", **training) -> dict:
+    return {
+        "student": {"path": str(student)},
+        "teacher": teacher,
+        "data": {"train_file": str(data[0]), "image_folder": data[1] and str(data[1])},
+        "channels": {"logits": [{"energy": "jsd"}]},
+        "weighting": {"name": weighting},
+        "training": {
+            "output_dir": str(out),
+            "per_device_train_batch_size": 4,
+            "max_steps": STEPS,
+            "learning_rate": 5e-3,
+            "logging_steps": 1,
+            "use_cpu": True,
+            "seed": 0,
+            "save_strategy": "no",
+            "disable_tqdm": True,
+            "report_to": "none",
+            **training,
+        },
+    }
+
+
+def served(server, top_k=TOP_K, **options) -> dict:
+    return {
+        "source": "served",
+        "server": {"url": server.url, "model": server.model, "top_k": top_k, **options},
+    }
+
+
+def trainer_for(raw):
+    config = cfg.validate(raw)
+    return build_trainer(config, training_arguments(config))
+
+
+def first_batch(trainer, size=4):
+    return trainer.data_collator([trainer.train_dataset[i] for i in range(size)])
+
+
+@pytest.fixture(scope="module")
+def served_llama(vllm_environment, tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("served_llama")
+    copy = servable_copy(tiny_model_dir("llama", "teacher"), root / "llama-teacher")
+    with VLLMServer(copy, max_logprobs=20, log_file=root / "vllm.log") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def text_data(tmp_path_factory, llava_files):
+    root = tmp_path_factory.mktemp("served_text")
+    records = [
+        llava_files.record(f"t{i}", f"Name colour number {i}.", answer, image=None)
+        for i, answer in enumerate(["red", "green and blue", "a blue one", "red, then green"] * 2)
+    ]
+    return llava_files.write_records(root / "data.jsonl", records), None
+
+
+def test_served_targets_equal_the_in_process_teachers(
+    served_llava, llava_pair, llava_teacher, data, tmp_path
+):
+    student = llava_pair[0]
+    online = trainer_for(raw_config(student, {"path": str(llava_teacher)}, data, tmp_path / "a"))
+    remote = trainer_for(raw_config(student, served(served_llava), data, tmp_path / "b"))
+    assert_served_equals_in_process(online, remote)
+
+
+def test_a_served_text_teacher_equals_the_in_process_one(
+    served_llama, tiny_model_dir, text_data, tmp_path
+):
+    student, teacher = tiny_model_dir("llama", "student"), tiny_model_dir("llama", "teacher")
+    online = trainer_for(raw_config(student, {"path": str(teacher)}, text_data, tmp_path / "a"))
+    remote = trainer_for(raw_config(student, served(served_llama), text_data, tmp_path / "b"))
+    assert_served_equals_in_process(online, remote)
+    remote.train()
+    assert remote.state.global_step == STEPS
+
+
+def assert_served_equals_in_process(online, remote) -> None:
+    _, aligned_o, targets_o, _ = online.loss_inputs(first_batch(online))
+    _, aligned_s, targets_s, _ = remote.loss_inputs(first_batch(remote))
+    # The same student positions and answer tokens, found in the server's tokens (for
+    # the VLM, its own 64 image tokens per image against the student's 16).
+    for field in ("batch_index", "student_pos", "token_ids", "is_answer"):
+        assert torch.equal(getattr(aligned_o, field), getattr(aligned_s, field)), field
+    assert len(aligned_s) > 8
+    tokens = targets_s.tokens
+    assert isinstance(tokens, TopKLogits) and tokens.log_probs.shape == (len(aligned_s), TOP_K)
+    vocab = tokens.vocab_size
+    log_p = torch.log_softmax(targets_o.tokens.logits(0, len(aligned_o), vocab).double(), -1)
+    # Each served log-probability is the in-process teacher's for that token ...
+    served_values = tokens.log_probs.double()
+    in_process = log_p.gather(1, tokens.ids)
+    assert (served_values - in_process).abs().max() < 1e-4
+    # ... and they are its top k (near-uniform random logits: compare values, not ids).
+    kth = log_p.topk(TOP_K, dim=1).values
+    assert (served_values.sort(dim=1, descending=True).values - kth).abs().max() < 1e-4
+    # The tail is the rest of the mass.
+    rest = torch.log1p(-kth.exp().sum(dim=1))
+    assert (tokens.tail_log_mass.double() - rest).abs().max() < 1e-4
+
+
+def test_training_with_the_served_teacher_follows_a_cache_of_the_same_top_k(
+    served_llava, llava_pair, llava_teacher, data, tmp_path
+):
+    student = llava_pair[0]
+    cache = tmp_path / "cache"
+    teacher_cached = {"path": str(llava_teacher), "cache_dir": str(cache), "cache_top_k": TOP_K}
+    writer = cfg.validate(raw_config(student, teacher_cached, data, tmp_path / "w"))
+    cache_teacher(writer, progress=False)
+    from_cache = {**teacher_cached, "source": "cache"}
+    cached_run = trainer_for(raw_config(student, from_cache, data, tmp_path / "c"))
+    cached_run.train()
+    served_run = trainer_for(raw_config(student, served(served_llava), data, tmp_path / "s"))
+    served_run.train()
+    losses = [[h["loss"] for h in run.state.log_history if "loss" in h]
+              for run in (cached_run, served_run)]  # fmt: skip
+    assert len(losses[0]) == len(losses[1]) == STEPS
+    assert max(losses[0]) - min(losses[0]) > 1e-2  # it trains
+    # The cache stores float16 log-probabilities; the server sends float32.
+    for step, (a, b) in enumerate(zip(*losses)):
+        assert b == pytest.approx(a, rel=2e-3, abs=2e-3), (step, a, b)
+
+
+def test_an_unreachable_server_or_another_model_is_refused_before_training(
+    served_llava, llava_pair, data, tmp_path
+):
+    student = llava_pair[0]
+    dead = {"source": "served", "server": {"url": "http://127.0.0.1:9/v1", "model": "x"}}
+    with pytest.raises(ServedTeacherError, match="unreachable"):
+        trainer_for(raw_config(student, dead, data, tmp_path / "a"))
+    other = {"source": "served", "server": {"url": served_llava.url, "model": "not-this"}}
+    with pytest.raises(ServedTeacherError, match=f"serves \\['{served_llava.model}'\\]"):
+        trainer_for(raw_config(student, other, data, tmp_path / "b"))
+
+
+def test_a_k_above_the_servers_limit_is_refused_with_its_message(
+    served_llava, llava_pair, data, tmp_path
+):
+    trainer = trainer_for(raw_config(llava_pair[0], served(served_llava, top_k=50), data, tmp_path))
+    with pytest.raises(ServedTeacherError, match="refused sample s0: HTTP 400"):
+        trainer.loss_inputs(first_batch(trainer))
+
+
+def test_a_server_of_another_tokenizer_is_refused_naming_the_sample(
+    served_llava, tiny_model_dir, data, tmp_path
+):
+    # A student whose tokenizer was trained on other text: other merges, so the answers
+    # are other token ids (the special tokens, image included, keep theirs).
+    other = train_tokenizer(texts=tuple(t.upper() for t in DEFAULT_TEXTS), vocab_size=400)
+    student = save_tiny_model("llava", tmp_path / "student", other)
+    trainer = trainer_for(raw_config(student, served(served_llava), data, tmp_path / "out"))
+    with pytest.raises(ServedTeacherError, match="sample s0: the server's tokens do not contain"):
+        trainer.loss_inputs(first_batch(trainer))
+
+
+def test_feature_channels_and_hidden_representations_are_refused(
+    served_llava, llava_pair, data, tmp_path
+):
+    raw = raw_config(llava_pair[0], served(served_llava), data, tmp_path / "a")
+    raw["channels"]["features"] = [{"name": "visual", "energy": "mse"}]
+    with pytest.raises(ServedTeacherError, match="channels.features: a served teacher"):
+        trainer_for(raw)
+    raw = raw_config(llava_pair[0], served(served_llava), data, tmp_path / "b", "instance")
+    raw["weighting"]["representation"] = "teacher_visual"
+    with pytest.raises(ServedTeacherError, match="teacher_confidence"):
+        trainer_for(raw)
+    # teacher_confidence comes from the served top-k.
+    raw["weighting"]["representation"] = "teacher_confidence"
+    trainer = trainer_for(raw)
+    _, aligned, targets, _ = trainer.loss_inputs(first_batch(trainer))
+    assert targets.representation.shape == (4, 2)
+    assert math.isfinite(float(targets.representation.sum()))
+
+
+def test_a_served_and_a_local_teacher_train_together(
+    served_llava, llava_pair, llava_teacher, data, tmp_path
+):
+    raw = raw_config(llava_pair[0], None, data, tmp_path, max_steps=3)
+    del raw["teacher"], raw["channels"]
+    raw["teachers"] = [
+        {"name": "local", "path": str(llava_teacher), "channels": {"logits": [{"energy": "fkl"}]}},
+        {"name": "remote", **served(served_llava), "channels": {"logits": [{"energy": "jsd"}]}},
+    ]
+    trainer = trainer_for(raw)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "remote/jsd/energy" in h]
+    assert trainer.state.global_step == 3 and logged
+
+
+def test_on_policy_with_a_served_teacher_is_refused_so_far(
+    served_llava, llava_pair, data, tmp_path
+):
+    raw = raw_config(llava_pair[0], served(served_llava), data, tmp_path)
+    raw["policy"] = {"mode": "on_policy"}
+    with pytest.raises(ValueError, match="served teacher scores the data's answers only"):
+        cfg.validate(raw)
