@@ -60,6 +60,12 @@ def cache_teacher(
         raise CacheError(
             f"{plan.key}.cache_dir: set where the cache goes (--set {plan.key}.cache_dir=)"
         )
+    if teacher.source == "served":
+        raise CacheError(
+            f"{plan.key}.source: served: cache-teacher runs the teacher in this process; "
+            "writing a cache from a server is not supported yet (train from the server "
+            "directly, or give the teacher's path with source: online)"
+        )
     if not teacher.path:
         raise CacheError(f"{plan.key}.path: writing the cache needs the teacher model")
     cache_contents(config, plan)  # refuses what a cache cannot hold, before any model loads

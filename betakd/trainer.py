@@ -46,6 +46,7 @@ from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sampl
 from betakd.schedule import apply_current_lr, restarted_scheduler
 from betakd.step_metrics import StepMetrics
 from betakd.teachers.protocol import BatchMeta, TeacherSource
+from betakd.teachers.served import ServedTeacherError
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +162,14 @@ class BetaKDTrainer(Trainer):
         counts) for a collated batch: the teacher source runs (or reads its cache) here."""
         inputs = dict(self._prepare_inputs(inputs))
         meta = BatchMeta.pop_from(inputs)
-        aligned, targets = self.teacher(inputs, meta)
+        try:
+            aligned, targets = self.teacher(inputs, meta)
+        except ServedTeacherError as err:
+            raise ServedTeacherError(
+                f"step {self.state.global_step + 1}: {err}. The run stopped there: its last "
+                f"checkpoint in {self.args.output_dir} (if any) continues with --resume once "
+                "the server is back"
+            ) from err
         return inputs, aligned, targets, meta.image_counts
 
     # ----------------------------------------------------------------- on-policy

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import math
 
+import httpx
 import pytest
 import torch
+from kd_configs import assert_same_final_state
+from transformers import TrainerCallback
 
 from betakd import config as cfg
 from betakd.cache_cli import cache_teacher
 from betakd.teachers import ServedTeacherError, TopKLogits
 from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
-from betakd.train import build_trainer, training_arguments
+from betakd.train import build_trainer, run_training, training_arguments
 
 TOP_K = 8
 STEPS = 20
@@ -254,3 +257,44 @@ def test_on_policy_with_a_served_teacher_is_refused_so_far(
     raw["policy"] = {"mode": "on_policy"}
     with pytest.raises(ValueError, match="served teacher scores the data's answers only"):
         cfg.validate(raw)
+
+
+class LoseServerAfter(TrainerCallback):
+    """The network to the server is lost after optimizer step ``step``."""
+
+    def __init__(self, step, monkeypatch):
+        self.step, self.lost = step, False
+        post = httpx.AsyncClient.post
+
+        async def lossy_post(client, *args, **kwargs):
+            if self.lost:
+                raise httpx.ConnectError("connection refused (simulated)")
+            return await post(client, *args, **kwargs)
+
+        monkeypatch.setattr(httpx.AsyncClient, "post", lossy_post)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.lost = True
+
+
+def test_a_lost_server_stops_the_run_naming_the_step_and_resume_finishes_it(
+    served_llava, llava_pair, data, tmp_path, monkeypatch
+):
+    teacher = served(served_llava, retries=1)
+    checkpoints = {"save_strategy": "steps", "save_steps": 2, "max_steps": 6}
+    run_training(
+        cfg.validate(raw_config(llava_pair[0], teacher, data, tmp_path / "a", **checkpoints))
+    )
+    broken = cfg.validate(raw_config(llava_pair[0], teacher, data, tmp_path / "b", **checkpoints))
+    lose = LoseServerAfter(3, monkeypatch)
+    with pytest.raises(
+        ServedTeacherError,
+        match="step 4: teacher server .* failed for sample .* 2 attempts; last error: ConnectError",
+    ):
+        run_training(broken, callbacks=[lose])
+    # The server is back: the run resumes from its last checkpoint (step 2) to the
+    # uninterrupted run's student.
+    lose.lost = False
+    run_training(broken, resume=True)
+    assert_same_final_state(tmp_path / "a", tmp_path / "b", atol=1e-5)
