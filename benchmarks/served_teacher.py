@@ -15,20 +15,20 @@ batch's requests go out at the start of its step), so the served step costs abou
 server's latency for one batch.
 
     python benchmarks/served_teacher.py                 # about two minutes on 2 CPU cores
+    python benchmarks/served_teacher.py --steps 12 --top-k 20   # the options of teacher_cache.py
 
 The last printed line is a JSON object with every measurement.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
 import torch
-from teacher_cache import STUDENT, parameters, step, write_data
+from teacher_cache import STUDENT, parameters, parse_args, step, write_data
 
 from betakd import config as cfg
 from betakd import models
@@ -42,18 +42,8 @@ from betakd.train import build_trainer, training_arguments
 TEACHER = TinyDims(hidden=128, layers=3, heads=4, vision_hidden=64, vision_layers=2, patch_size=4)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--samples", type=int, default=48, help="samples in the data set")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--threads", type=int, default=1)
-    return p.parse_args(argv)
-
-
 def make_config(root: Path, data: Path, images: Path, args, teacher: dict) -> cfg.TrainConfig:
+    """JSD on the answers' top-k only: what every teacher source here can give."""
     return cfg.validate(
         {
             "student": {"path": str(root / "student")},

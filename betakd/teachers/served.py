@@ -127,9 +127,12 @@ class TeacherServer:
                 last = f"HTTP {response.status_code}: {response.text[:200]}"
                 continue
             if response.status_code != 200:
+                message = _error_message(response)
+                if "logprobs" in message:
+                    message += " (teacher.server.top_k must be at most its --max-logprobs)"
                 raise ServedTeacherError(
                     f"teacher server {self.url} refused sample {name}: HTTP "
-                    f"{response.status_code}: {_error_message(response)}"
+                    f"{response.status_code}: {message}"
                 )
             return response.json()
         raise ServedTeacherError(
