@@ -426,11 +426,14 @@ class DistillationModule(nn.Module):
         return torch.stack(columns, dim=1)
 
     def _answer_nll(self, teacher: TeacherTargets, aligned: AlignedPositions) -> Tensor:
-        if teacher.tokens is None:
+        if teacher.answer_log_probs is not None:
+            nll = -teacher.answer_log_probs.float()
+        elif teacher.tokens is None:
             raise ValueError("a trust measured against the data needs the teacher's logits")
-        nll = chunked.teacher_token_nll(
-            teacher.tokens, aligned.token_ids, self.vocab_rows, self.chunk_size
-        )
+        else:
+            nll = chunked.teacher_token_nll(
+                teacher.tokens, aligned.token_ids, self.vocab_rows, self.chunk_size
+            )
         answer = aligned.is_answer
         return per_sample_mean(nll[answer], aligned.batch_index[answer], aligned.batch_size)
 

@@ -151,6 +151,9 @@ def assert_served_equals_in_process(online, remote) -> None:
     # ... and they are its top k (near-uniform random logits: compare values, not ids).
     kth = log_p.topk(TOP_K, dim=1).values
     assert (served_values.sort(dim=1, descending=True).values - kth).abs().max() < 1e-4
+    # The exact log-probability of every answer token, in or out of the top k.
+    exact = log_p.gather(1, aligned_o.token_ids[:, None])[:, 0]
+    assert (targets_s.answer_log_probs.double() - exact).abs().max() < 1e-4
     # The tail is the rest of the mass.
     rest = torch.log1p(-kth.exp().sum(dim=1))
     assert (tokens.tail_log_mass.double() - rest).abs().max() < 1e-4
@@ -222,12 +225,23 @@ def test_feature_channels_and_hidden_representations_are_refused(
     raw["weighting"]["representation"] = "teacher_visual"
     with pytest.raises(ServedTeacherError, match="teacher_confidence"):
         trainer_for(raw)
-    # teacher_confidence comes from the served top-k.
+    # teacher_confidence comes from the served top-k; the recommended reliability reads
+    # the exact NLL of the answers the server returns.
     raw["weighting"]["representation"] = "teacher_confidence"
+    raw["weighting"]["options"] = {"reliability": {}}
+    raw["training"]["max_steps"] = 3
     trainer = trainer_for(raw)
     _, aligned, targets, _ = trainer.loss_inputs(first_batch(trainer))
     assert targets.representation.shape == (4, 2)
     assert math.isfinite(float(targets.representation.sum()))
+    nll, _ = trainer.measure_teacher(4, "test")
+    answer = aligned.is_answer
+    by_hand = torch.zeros(4).index_add_(0, aligned.batch_index[answer],
+                                        -targets.answer_log_probs[answer])  # fmt: skip
+    by_hand /= torch.bincount(aligned.batch_index[answer], minlength=4)
+    torch.testing.assert_close(nll.float(), by_hand, rtol=1e-5, atol=1e-5)
+    trainer.train()
+    assert trainer.state.global_step == 3
 
 
 def test_a_served_and_a_local_teacher_train_together(

@@ -38,6 +38,10 @@ class TeacherTargets:
     # Several teachers (betakd.teachers.ensemble): each one's targets by name; tokens and
     # visual are then None and representation is what the weighting sees.
     members: dict[str, TeacherTargets] | None = None
+    # Per aligned token [N]: the teacher's exact log-probability of it, when the source
+    # has it beside a top-k (a server returns it): the data trust's and the reliability's
+    # NLL of the answer read it instead of the top-k rebuild's.
+    answer_log_probs: Tensor | None = None
 
     def of(self, teacher: str | None) -> TeacherTargets:
         """The named teacher's targets; None names the one teacher of a single source."""

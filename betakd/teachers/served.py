@@ -297,21 +297,30 @@ def topk_targets(
     top_k: int,
     vocab_rows: int,
     sample_ids: Sequence[str],
-) -> TopKLogits:
+) -> tuple[TopKLogits, Tensor]:
     """The top ``top_k`` log-probabilities at each aligned position and the tail mass
-    (``1 - sum``, floored), as the cache stores them."""
+    (``1 - sum``, floored), as the cache stores them; and ``[N]`` the exact
+    log-probability of each aligned token (the server returns it beside the top-k)."""
     rows = aligned.batch_index.tolist()
     positions = (aligned.teacher_pos + 1).tolist()  # the entry of the predicted token
     log_probs = torch.empty(len(rows), top_k, dtype=torch.float32)
     ids = torch.empty(len(rows), top_k, dtype=torch.long)
     tail = torch.empty(len(rows), dtype=torch.float32)
-    for n, (row, position) in enumerate(zip(rows, positions)):
+    actual = torch.empty(len(rows), dtype=torch.float32)
+    tokens = aligned.token_ids.tolist()
+    for n, (row, position, token) in enumerate(zip(rows, positions, tokens)):
         entry = samples[row].log_probs[position]
         if entry is None or len(entry) < top_k:
             raise ServedTeacherError(
                 f"sample {sample_ids[row]}: the server gave {0 if entry is None else len(entry)}"
                 f" log-probabilities at answer token {position}, fewer than top_k={top_k}"
             )
+        if token not in entry:
+            raise ServedTeacherError(
+                f"sample {sample_ids[row]}: the server gave no log-probability of the answer "
+                f"token {token} at position {position}"
+            )
+        actual[n] = entry[token]
         best = sorted(entry.items(), key=lambda item: -item[1])[:top_k]
         ids[n] = torch.tensor([token for token, _ in best])
         values = torch.tensor([value for _, value in best], dtype=torch.float64)
@@ -323,7 +332,7 @@ def topk_targets(
             f"the server names token ids outside the student's vocabulary of {vocab_rows}: "
             "another tokenizer?"
         )
-    return TopKLogits(log_probs, ids, tail, vocab_rows)
+    return TopKLogits(log_probs, ids, tail, vocab_rows), actual
 
 
 # --------------------------------------------------------------------------- source
@@ -405,7 +414,7 @@ class ServedTeacher:
             aligned = align_positions(student_batch, teacher_batch, sample_ids=names)
         except ValueError as err:
             raise ServedTeacherError(f"served teacher: {err}") from err
-        tokens = topk_targets(samples, aligned, self.top_k, self.vocab_rows, names)
+        tokens, actual = topk_targets(samples, aligned, self.top_k, self.vocab_rows, names)
         tokens = TopKLogits(
             tokens.log_probs.to(self.device),
             tokens.ids.to(self.device),
@@ -421,4 +430,6 @@ class ServedTeacher:
                 vocab_size=self.vocab_rows,
                 chunk_size=self.chunk_size,
             )
-        return aligned, TeacherTargets(tokens, None, representation)
+        return aligned, TeacherTargets(
+            tokens, None, representation, answer_log_probs=actual.to(self.device)
+        )
