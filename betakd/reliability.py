@@ -77,6 +77,7 @@ representations (``BetaKDTrainer.fit_reliability``).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -413,14 +414,17 @@ class TeacherReliability(nn.Module):
             )
         if h.shape[0] < 2:
             raise ValueError(f"the reliability needs at least 2 samples, got {h.shape[0]}")
-        points = self._set_metric(h, nll)
+        columns = [nll[:, t].double().cpu() for t in range(self.teachers)]
+        # Step 1, once per teacher: the metric and the rest of the fit both start from it.
+        mixtures = [fit_nll_mixture(column) for column in columns]
+        agree = [m.agree_posterior(c) for m, c in zip(mixtures, columns)]
+        points = self._set_metric(h, agree)
         k = neighbourhood_size(self.neighbours, points.shape[0])
         neighbours = neighbours_of(points, points, k, exclude_self=True)
         teacher_right = torch.empty(nll.shape, dtype=torch.float64)
         summary = {}
-        for t in range(self.teachers):
-            column = nll[:, t].double().cpu()
-            fitted = _fit_teacher(column, neighbours, self.anchor_share)
+        for t, column in enumerate(columns):
+            fitted = _fit_teacher(column, mixtures[t], neighbours, self.anchor_share)
             components, eps, q, right, iterations = fitted
             self.components[t] = components
             self.label_noise[t] = eps
@@ -439,10 +443,11 @@ class TeacherReliability(nn.Module):
         self.point_teacher_right = teacher_right.to(self.points.device)
         return summary
 
-    def _set_metric(self, h: Tensor, nll: Tensor) -> Tensor:
+    def _set_metric(self, h: Tensor, agree: Sequence[Tensor]) -> Tensor:
         """The space where neighbours are found: ``h`` standardised, each direction
         scaled by how much it predicts agreement (the weights of a logistic regression
-        of every teacher's agreement posterior on it, root mean square over teachers), and
+        of every teacher's agreement posterior ``agree`` on it, root mean square over
+        teachers), and
         projected on its principal directions (at most ``PROJECTION_DIM``). Keeps the
         transform, returns the fit points in that space."""
         mean, std = h.mean(dim=0), h.std(dim=0, unbiased=False)
@@ -450,11 +455,11 @@ class TeacherReliability(nn.Module):
         z = (h - mean) / std
         zeros = torch.zeros(z.shape[1], dtype=torch.float64)
         squared = torch.zeros_like(zeros)
-        for t in range(nll.shape[1]):
-            column = nll[:, t].double().cpu()
-            agree = fit_nll_mixture(column).agree_posterior(column)
-            weight, _ = _logistic_regression(z, agree, RELEVANCE_L2, zeros, zeros.sum())
-            squared += weight**2 / nll.shape[1]
+        for posterior_of_agreement in agree:
+            weight, _ = _logistic_regression(
+                z, posterior_of_agreement, RELEVANCE_L2, zeros, zeros.sum()
+            )
+            squared += weight**2 / len(agree)
         relevance = squared.sqrt()
         relevance = relevance / relevance.max().clamp_min(1e-12)
         scale = std / relevance.clamp_min(1e-6)
@@ -529,11 +534,11 @@ class TeacherReliability(nn.Module):
 
 
 def _fit_teacher(
-    nll: Tensor, neighbours: Tensor, anchor_share: float
+    nll: Tensor, mixture: NllMixture, neighbours: Tensor, anchor_share: float
 ) -> tuple[Tensor, float, float, Tensor, int]:
-    """Steps 1-4 of the module docstring for one teacher's NLLs over the fit set:
-    ``(components [3, 2], eps, q, P(teacher right) per point, iterations)``."""
-    mixture = fit_nll_mixture(nll)
+    """Steps 2-4 of the module docstring for one teacher's NLLs over the fit set, from
+    step 1's ``mixture``: ``(components [3, 2], eps, q, P(teacher right) per point,
+    iterations)``."""
     agree = mixture.agree_posterior(nll)
     local_agree = local_mean(agree[:, None], neighbours)[:, 0]
     anchors = local_agree >= torch.quantile(local_agree, 1 - anchor_share)
