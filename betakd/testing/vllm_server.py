@@ -64,16 +64,15 @@ def ensure_environment(env: Path = DEFAULT_ENV, *, log=print) -> Path:
     _run([str(python), "-m", "pip", "uninstall", "-q", "-y", "torchvision", "torchaudio",
           "torchcodec"])  # fmt: skip
     site = Path(_run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).strip())  # fmt: skip
-    _install_python_only_torchvision(python, site)
+    _install_python_only_torchvision(pip, site)
     _add_vllm_dist_info(site)
     _run([str(python), "-c", "import vllm, torchvision, transformers"])
     marker.write_text(VLLM_VERSION)
     return python
 
 
-def _install_python_only_torchvision(python: Path, site: Path) -> None:
-    _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "--disable-pip-version-check",
-          f"torchvision=={TORCHVISION_VERSION}"])  # fmt: skip
+def _install_python_only_torchvision(pip: list[str], site: Path) -> None:
+    _run([*pip, "--no-deps", f"torchvision=={TORCHVISION_VERSION}"])
     package = site / "torchvision"
     for compiled in [*package.rglob("*.so"), *package.rglob("*.so.*")]:
         compiled.unlink()
