@@ -154,6 +154,10 @@ class TeacherLogits(Protocol):
 
     def logits(self, start: int, stop: int, vocab_size: int) -> Tensor: ...
 
+    def rows(self, index: Tensor) -> TeacherLogits:
+        """The same form for the rows ``index [M]`` only."""
+        ...
+
 
 def map_rows(
     source: TeacherLogits,

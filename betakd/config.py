@@ -67,6 +67,21 @@ class ServerSettings(Strict):
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
 
 
+class CrossTokenizerSettings(Strict):
+    loss: Literal["hybrid", "uld"] = Field(
+        "hybrid",
+        description="hybrid: the channel's energy on the shared vocabulary, ULD's sorted L1 "
+        "outside it; uld: sorted L1 on everything (docs/cross-tokenizer.md)",
+    )
+    max_unaligned: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="stop before training when more than this share of the student's answer "
+        "tokens cannot be aligned with the teacher's by text",
+    )
+
+
 class TeacherSettings(ModelSettings):
     path: str | None = Field(
         None,
@@ -80,6 +95,11 @@ class TeacherSettings(ModelSettings):
     server: ServerSettings | None = Field(
         None,
         description="the vLLM server of a served teacher (source: served; docs/served-teacher.md)",
+    )
+    cross_tokenizer: CrossTokenizerSettings | None = Field(
+        None,
+        description="the teacher's tokenizer differs from the student's: align answers by text "
+        "and compare per group of text (source: online; docs/cross-tokenizer.md)",
     )
     cache_dir: str | None = Field(None, description="offline teacher cache (source: cache)")
     cache_top_k: int = Field(
@@ -515,6 +535,36 @@ class TrainConfig(Strict):
             if prompt and self.channels.chunk_size is not None:
                 raise ValueError(
                     f"chunk_size covers answer positions only; channels {prompt} ask for more"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _cross_tokenizer_limits(self) -> TrainConfig:
+        for plan in self.teacher_plans():
+            if plan.settings.cross_tokenizer is None:
+                continue
+            key = f"{plan.key}.cross_tokenizer"
+            if plan.settings.source != "online":
+                raise ValueError(
+                    f"{key}: a teacher of another tokenizer runs online so far "
+                    f"({plan.key}.source is {plan.settings.source!r})"
+                )
+            if any(c.positions != "answer" for c in plan.logits):
+                raise ValueError(f"{key}: logit channels cover answer positions only")
+            if self.channels.chunk_size is not None:
+                raise ValueError(
+                    f"{key}: channels.chunk_size is not supported with a teacher of another "
+                    "tokenizer yet; leave it unset"
+                )
+            if self.policy.on_policy:
+                raise ValueError(
+                    f"{key}: policy.mode {self.policy.mode!r} is not supported with a teacher "
+                    "of another tokenizer yet; use policy.mode: off_policy"
+                )
+            if self.teachers is not None:
+                raise ValueError(
+                    f"{key}: several teachers with a teacher of another tokenizer are not "
+                    "supported yet"
                 )
         return self
 

@@ -20,11 +20,14 @@ from torch import Tensor, nn
 
 from betakd import align, chunked, energies, weighting
 from betakd.align import AlignedPositions
+from betakd.cross_tokenizer import group_loss
+from betakd.cross_tokenizer.groups import sum_by_group
 from betakd.features import FeatureChannel
 from betakd.models import FamilyAdapter, forward_inputs, slice_vocab, with_image_outputs
 from betakd.objective import DistillationObjective, ObjectiveOutput, per_sample_mean, token_counts
 from betakd.reliability import TeacherReliability
 from betakd.teachers.protocol import TeacherTargets
+from betakd.teachers.targets import GroupedTargets
 
 HEAD_FILE = "betakd_head.safetensors"
 
@@ -426,6 +429,8 @@ class DistillationModule(nn.Module):
         return torch.stack(columns, dim=1)
 
     def _answer_nll(self, teacher: TeacherTargets, aligned: AlignedPositions) -> Tensor:
+        if teacher.groups is not None:  # under the teacher's own tokens
+            return teacher.groups.answer_nll.to(aligned.batch_index.device)
         if teacher.answer_log_probs is not None:
             nll = -teacher.answer_log_probs.float()
         elif teacher.tokens is None:
@@ -450,6 +455,10 @@ class DistillationModule(nn.Module):
         result = {}
         built: dict[str | None, Tensor] = {}
         for spec in self.head.logit_channels:
+            grouped = teacher.of(spec.teacher).groups
+            if grouped is not None:
+                result[spec.name] = self._group_energy(spec.name, grouped, student_logits, aligned)
+                continue
             if spec.teacher not in built:
                 tokens = teacher.of(spec.teacher).tokens
                 if tokens is None:
@@ -464,10 +473,47 @@ class DistillationModule(nn.Module):
             )
         return ce, result
 
+    def _group_energy(
+        self,
+        name: str,
+        grouped: GroupedTargets,
+        student_logits: Tensor,
+        aligned: AlignedPositions,
+    ) -> Tensor:
+        """``[B]``: a channel's mean energy per group of answer text, for a teacher of
+        another vocabulary (:mod:`betakd.cross_tokenizer.group_loss`)."""
+        groups = grouped.groups
+        rest_rows = groups.student_rest
+        rest_log_prob = -F.cross_entropy(
+            student_logits[rest_rows].float(), aligned.token_ids[rest_rows], reduction="none"
+        )
+        student_rest = sum_by_group(rest_log_prob, groups.student_rest_group, len(groups))
+        student_first = student_logits[groups.student_first]
+        teacher_first = grouped.first.logits(0, grouped.num_groups, grouped.teacher_vocab)
+        teacher_first = teacher_first.to(student_first.device)
+        teacher_rest = grouped.rest_log_prob.to(student_first.device)
+        if grouped.loss == "uld":
+            values = group_loss.uld(student_first, student_rest, teacher_first, teacher_rest)
+        else:
+            values = group_loss.hybrid(
+                self.head.energy_fns[name],
+                student_first,
+                student_rest,
+                teacher_first,
+                teacher_rest,
+                grouped.shared,
+            )
+        return per_sample_mean(values, groups.sample, groups.batch_size)
+
     def _chunked_channels(
         self, out, teacher: TeacherTargets, aligned: AlignedPositions, loss_of
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """CE and logit energies from hidden states, never building [N, V] logits."""
+        if any(teacher.of(c.teacher).groups is not None for c in self.head.logit_channels):
+            raise ValueError(
+                "channels.chunk_size: a teacher of another tokenizer is not supported by the "
+                "chunked energies yet; leave chunk_size unset"
+            )
         if not bool(aligned.is_answer.all()):
             raise ValueError("chunked energies cover answer tokens only")
         names = self._logit_names()

@@ -282,7 +282,9 @@ def check_same_vocabulary(
         f"student and {teacher} vocabularies differ, so their logits cannot be compared: "
         f"student has {len(student_vocab)} tokens, teacher {len(teacher_vocab)}; "
         f"only in student: {only_student[:5]}, only in teacher: {only_teacher[:5]}, "
-        f"same token with another id: {moved[:5]}"
+        f"same token with another id: {moved[:5]}; to distil across tokenizers, set "
+        f"{'teacher' if teacher_name is None else 'teachers.' + teacher_name}.cross_tokenizer: {{}} "
+        "(docs/cross-tokenizer.md)"
     )
 
 

@@ -22,6 +22,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from betakd import config as cfg
 from betakd import models, weighting
 from betakd.align import representation_dim
+from betakd.cross_tokenizer.groups import survey_alignment
 from betakd.data import DataCache, KDCollator, SampleEncoder, SkipReport, build_dataset
 from betakd.distill import DistillationHead, DistillationModule, LogitChannelSpec
 from betakd.features import FeatureChannel
@@ -204,6 +205,13 @@ def build_trainer(
         if isinstance(source, CachedTeacher):
             source.cache.check_covers(
                 [c.index for c in conversations], [c.id for c in conversations]
+            )
+    for plan in config.teacher_plans():
+        if plan.settings.cross_tokenizer is not None:
+            survey = survey_alignment(conversations, student_encoder, teacher.encoder)
+            logger.info("%s: %s", plan.key, survey.summary())
+            survey.enforce(
+                plan.settings.cross_tokenizer.max_unaligned, f"{plan.key}.cross_tokenizer"
             )
     # The head (adapters, weighting network) initialises from the global RNG: seed it so
     # that a run is reproducible and equal configs start from equal heads.

@@ -9,11 +9,13 @@ one :class:`~betakd.teachers.TeacherEnsemble`.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from betakd import config as cfg
 from betakd import models
 from betakd.align import representation_dim
+from betakd.cross_tokenizer.vocabulary import SharedVocabulary
 from betakd.data import DataCache, SampleEncoder
 from betakd.teachers.cache_format import CacheContents, CacheError, data_fingerprint
 from betakd.teachers.cache_reader import CachedTeacher, TeacherCache
@@ -26,6 +28,9 @@ from betakd.teachers.served import (
     ServedTeacherError,
     TeacherServer,
 )
+from betakd.teachers.text_aligned import TextAlignedTeacher
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -134,17 +139,22 @@ def _online_teacher(
     data_cache: DataCache | None,
 ) -> TeacherSide:
     teacher = load_teacher_model(plan)
-    models.check_same_vocabulary(student.processor, teacher.processor, teacher_name=plan.name)
-    vocab = models.vocab_rows(student.processor, student.model, teacher.model)
-    return TeacherSide(
-        source=online_source(
+    if plan.settings.cross_tokenizer is None:
+        models.check_same_vocabulary(student.processor, teacher.processor, teacher_name=plan.name)
+        vocab = models.vocab_rows(student.processor, student.model, teacher.model)
+        source = online_source(
             config,
             plan,
             teacher,
             vocab,
             config.channels.chunk_size,
             student_adapter=student.adapter,
-        ),
+        )
+    else:
+        vocab = models.vocab_rows(student.processor, student.model)
+        source = _text_aligned_teacher(config, plan, teacher, student, vocab)
+    return TeacherSide(
+        source=source,
         encoder=SampleEncoder(
             teacher.processor, teacher.adapter, config.data.max_length, data_cache
         ),
@@ -153,6 +163,37 @@ def _online_teacher(
         representation_dim=representation_dim(
             config.weighting.representation, teacher.model.config
         ),
+    )
+
+
+def _text_aligned_teacher(
+    config: cfg.TrainConfig,
+    plan: cfg.TeacherPlan,
+    teacher: models.LoadedModel,
+    student: models.LoadedModel,
+    student_vocab: int,
+) -> TextAlignedTeacher:
+    """A teacher of another tokenizer: its own online source, aligned by text."""
+    teacher_vocab = models.vocab_rows(teacher.processor, teacher.model)
+    shared = SharedVocabulary.between(
+        student.processor, teacher.processor, student_vocab, teacher_vocab
+    )
+    logger.info(
+        "%s: aligned by text; %d of the student's %d and the teacher's %d tokens shared",
+        plan.key,
+        len(shared),
+        student_vocab,
+        teacher_vocab,
+    )
+    own = online_source(config, plan, teacher, teacher_vocab, None, student_adapter=None)
+    own.need_logits = True  # the groups' targets and the teacher's NLL read them
+    return TextAlignedTeacher(
+        own,
+        models.tokenizer_of(student.processor),
+        models.tokenizer_of(teacher.processor),
+        shared,
+        teacher_vocab=teacher_vocab,
+        loss=plan.settings.cross_tokenizer.loss,
     )
 
 

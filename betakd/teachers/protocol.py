@@ -24,6 +24,7 @@ from torch import Tensor
 
 from betakd.align import AlignedPositions
 from betakd.chunked import TeacherLogits
+from betakd.teachers.targets import GroupedTargets
 
 
 @dataclass
@@ -42,6 +43,9 @@ class TeacherTargets:
     # has it beside a top-k (a server returns it): the data trust's and the reliability's
     # NLL of the answer read it instead of the top-k rebuild's.
     answer_log_probs: Tensor | None = None
+    # A teacher of another vocabulary (betakd.cross_tokenizer): its targets per group of
+    # answer text; tokens is then None.
+    groups: GroupedTargets | None = None
 
     def of(self, teacher: str | None) -> TeacherTargets:
         """The named teacher's targets; None names the one teacher of a single source."""

@@ -11,6 +11,9 @@ it was given one:
   ``lm_head``; a chunk's logits are one matmul (an online teacher in chunked mode);
 * :class:`TopKLogits`: a top-k summary with the tail mass (the offline cache).
 
+A teacher of another vocabulary gives :class:`GroupedTargets` instead: one target per
+group of answer text (:mod:`betakd.cross_tokenizer`).
+
 **The tail rule** (one rule, for the dense and the chunked path alike): a top-k summary
 is the k most likely tokens' log-probabilities, their ids and the log of the remaining
 probability mass (the tail). A row is rebuilt as the k tokens with their
@@ -34,6 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from betakd.chunked import TeacherLogits
+from betakd.cross_tokenizer.groups import BatchGroups
+from betakd.cross_tokenizer.vocabulary import SharedVocabulary
+
 LOG_TAIL_FLOOR = -80.0
 
 
@@ -49,6 +56,9 @@ class DenseLogits:
 
     def logits(self, start: int, stop: int, vocab_size: int) -> Tensor:
         return self.values[start:stop, :vocab_size].detach()
+
+    def rows(self, index: Tensor) -> DenseLogits:
+        return DenseLogits(self.values[index.to(self.values.device)])
 
 
 @dataclass
@@ -79,6 +89,9 @@ class HiddenStateLogits:
         with torch.no_grad():
             return F.linear(self.hidden[start:stop].detach(), weight, bias)
 
+    def rows(self, index: Tensor) -> HiddenStateLogits:
+        return HiddenStateLogits(self.hidden[index.to(self.hidden.device)], self.weight, self.bias)
+
 
 @dataclass
 class TopKLogits:
@@ -108,6 +121,12 @@ class TopKLogits:
         rows = slice(start, stop)
         return dense_from_topk(
             self.log_probs[rows], self.ids[rows], self.tail_log_mass[rows], vocab_size
+        )
+
+    def rows(self, index: Tensor) -> TopKLogits:
+        index = index.to(self.log_probs.device)
+        return TopKLogits(
+            self.log_probs[index], self.ids[index], self.tail_log_mass[index], self.vocab_size
         )
 
 
@@ -162,3 +181,29 @@ def topk_summary(logits: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     rest = log_p.scatter(1, top.indices, float("-inf"))
     tail = rest.logsumexp(dim=-1).clamp_min(LOG_TAIL_FLOOR)
     return top.values, top.indices, tail
+
+
+@dataclass
+class GroupedTargets:
+    """A teacher of another vocabulary: one target per group of answer text
+    (:mod:`betakd.cross_tokenizer`).
+
+    ``first`` holds the teacher's logits at each group's first token (its own
+    vocabulary, ``teacher_vocab`` columns; any :class:`TeacherLogits` form),
+    ``rest_log_prob [G]`` the teacher's summed log-probabilities of each group's other
+    tokens, ``answer_nll [B]`` its mean NLL per answer token of each sample (under its
+    own tokens: what the data trust and the reliability read), and ``groups`` the rows of
+    the student's aligned answer tokens each group covers.
+    """
+
+    groups: BatchGroups
+    first: TeacherLogits
+    rest_log_prob: Tensor
+    answer_nll: Tensor
+    shared: SharedVocabulary
+    teacher_vocab: int
+    loss: str = "hybrid"
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)

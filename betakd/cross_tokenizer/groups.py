@@ -1,0 +1,233 @@
+"""A batch's answer tokens grouped across two tokenizers, as index tensors.
+
+Each side's answer tokens are given as aligned rows (:class:`~betakd.align.AlignedPositions`
+of the side with itself): sample-major, in order. A sample's answer is split into
+*runs* (contiguous answer tokens: one per assistant turn); run k of the student is
+aligned with run k of the teacher by text (:func:`~betakd.cross_tokenizer.alignment.align_answers`).
+A run's text is its tokens decoded; when re-tokenising that text does not give the same
+tokens back (a tokenizer that normalises text, or a non-canonical tokenization such as a
+sampled answer), its tokens are counted unaligned instead of being guessed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from betakd.align import AlignedPositions
+from betakd.cross_tokenizer.alignment import (
+    TokenGroups,
+    TokenizedAnswer,
+    align_answers,
+    tokenize_answer,
+)
+from betakd.labels import supervised
+
+
+@dataclass(frozen=True)
+class BatchGroups:
+    """The groups of a batch: rows of each side's aligned answer tokens.
+
+    ``student_first[g]`` / ``teacher_first[g]``: the row of group g's first token on each
+    side; ``student_rest`` / ``teacher_rest``: the rows of the groups' other tokens, with
+    their group in ``student_rest_group`` / ``teacher_rest_group``; ``sample[g]``: its batch
+    row; ``unaligned[b]``: sample b's student answer tokens in no group.
+    """
+
+    student_first: Tensor
+    teacher_first: Tensor
+    student_rest: Tensor
+    student_rest_group: Tensor
+    teacher_rest: Tensor
+    teacher_rest_group: Tensor
+    sample: Tensor
+    unaligned: Tensor
+    batch_size: int
+
+    def __len__(self) -> int:
+        return int(self.student_first.numel())
+
+
+def answer_runs(aligned: AlignedPositions) -> list[list[tuple[int, int]]]:
+    """Per sample, its runs as ``[start, stop)`` ranges of aligned rows (answer rows only;
+    a run ends where the positions stop being consecutive)."""
+    batch = aligned.batch_index.tolist()
+    positions = aligned.student_pos.tolist()
+    answer = aligned.is_answer.tolist()
+    runs: list[list[tuple[int, int]]] = [[] for _ in range(aligned.batch_size)]
+    start = None
+    for row in range(len(batch) + 1):
+        continues = (
+            row < len(batch)
+            and answer[row]
+            and start is not None
+            and batch[row] == batch[row - 1]
+            and positions[row] == positions[row - 1] + 1
+        )
+        if continues:
+            continue
+        if start is not None:
+            runs[batch[start]].append((start, row))
+            start = None
+        if row < len(batch) and answer[row]:
+            start = row
+    return runs
+
+
+def tokenized_run(tokenizer, ids: Sequence[int]) -> TokenizedAnswer | None:
+    """A run's tokens with their spans in its decoded text; None when re-tokenising the
+    text does not give these tokens back."""
+    text = tokenizer.decode(
+        list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
+    )
+    answer = tokenize_answer(tokenizer, text)
+    return answer if list(answer.ids) == list(ids) else None
+
+
+def group_runs(
+    student_ids: Sequence[int], teacher_ids: Sequence[int], student_tokenizer, teacher_tokenizer
+) -> TokenGroups:
+    """One run of each side grouped by text (none grouped when either side's run does not
+    survive re-tokenisation)."""
+    student = tokenized_run(student_tokenizer, student_ids)
+    teacher = tokenized_run(teacher_tokenizer, teacher_ids)
+    if student is None or teacher is None:
+        return TokenGroups((), (), len(student_ids), len(teacher_ids))
+    return align_answers(student, teacher)
+
+
+def batch_groups(
+    student: AlignedPositions,
+    teacher: AlignedPositions,
+    student_tokenizer,
+    teacher_tokenizer,
+) -> BatchGroups:
+    """Group every sample's answer runs (run k with run k; a run without a partner is
+    unaligned)."""
+    if student.batch_size != teacher.batch_size:
+        raise ValueError(
+            f"student batch has {student.batch_size} samples, teacher batch {teacher.batch_size}"
+        )
+    s_ids, t_ids = student.token_ids.tolist(), teacher.token_ids.tolist()
+    s_runs, t_runs = answer_runs(student), answer_runs(teacher)
+    out: dict[str, list[int]] = {k: [] for k in ("sf", "tf", "sr", "srg", "tr", "trg", "sample")}
+    unaligned = []
+    for b in range(student.batch_size):
+        missing = 0
+        for k, (s_run, s_stop) in enumerate(s_runs[b]):
+            if k >= len(t_runs[b]):
+                missing += s_stop - s_run
+                continue
+            t_run, t_stop = t_runs[b][k]
+            groups = group_runs(
+                s_ids[s_run:s_stop], t_ids[t_run:t_stop], student_tokenizer, teacher_tokenizer
+            )
+            missing += groups.unaligned_student
+            for (s0, s1), (t0, t1) in zip(groups.student, groups.teacher, strict=True):
+                g = len(out["sf"])
+                out["sf"].append(s_run + s0)
+                out["tf"].append(t_run + t0)
+                out["sample"].append(b)
+                out["sr"].extend(range(s_run + s0 + 1, s_run + s1))
+                out["srg"].extend([g] * (s1 - s0 - 1))
+                out["tr"].extend(range(t_run + t0 + 1, t_run + t1))
+                out["trg"].extend([g] * (t1 - t0 - 1))
+        unaligned.append(missing)
+    device = student.batch_index.device
+    as_tensor = lambda key: torch.tensor(out[key], dtype=torch.long, device=device)  # noqa: E731
+    return BatchGroups(
+        student_first=as_tensor("sf"),
+        teacher_first=as_tensor("tf"),
+        student_rest=as_tensor("sr"),
+        student_rest_group=as_tensor("srg"),
+        teacher_rest=as_tensor("tr"),
+        teacher_rest_group=as_tensor("trg"),
+        sample=as_tensor("sample"),
+        unaligned=torch.tensor(unaligned, dtype=torch.long, device=device),
+        batch_size=student.batch_size,
+    )
+
+
+def sum_by_group(values: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    """``[G]``: the sum of ``values [M]`` per group (0 for a group with none)."""
+    out = values.new_zeros(num_groups)
+    return out.index_add(0, group.to(values.device), values)
+
+
+def label_runs(labels: Tensor) -> list[list[int]]:
+    """The answer runs of one encoded sample's labels (``IGNORE_INDEX`` elsewhere)."""
+    runs: list[list[int]] = []
+    previous = False
+    for value, answer in zip(labels.tolist(), supervised(labels).tolist(), strict=True):
+        if answer and not previous:
+            runs.append([])
+        if answer:
+            runs[-1].append(value)
+        previous = answer
+    return runs
+
+
+def unaligned_tokens(
+    student_labels: Tensor, teacher_labels: Tensor, student_tokenizer, teacher_tokenizer
+) -> tuple[int, int]:
+    """One sample's (student answer tokens, those in no group)."""
+    student_runs, teacher_runs = label_runs(student_labels), label_runs(teacher_labels)
+    total = sum(len(run) for run in student_runs)
+    missing = 0
+    for k, run in enumerate(student_runs):
+        if k >= len(teacher_runs):
+            missing += len(run)
+            continue
+        missing += group_runs(
+            run, teacher_runs[k], student_tokenizer, teacher_tokenizer
+        ).unaligned_student
+    return total, missing
+
+
+@dataclass
+class AlignmentSurvey:
+    """How much of a data set's answers aligns by text: per sample, the student's answer
+    tokens in no group."""
+
+    tokens: int
+    unaligned: dict[str, int]  # sample id -> unaligned student tokens (only samples with some)
+
+    @property
+    def share(self) -> float:
+        return sum(self.unaligned.values()) / self.tokens if self.tokens else 0.0
+
+    def summary(self) -> str:
+        return (
+            f"{sum(self.unaligned.values())} of {self.tokens} student answer tokens "
+            f"({self.share:.1%}) in {len(self.unaligned)} samples align with no teacher tokens"
+        )
+
+    def enforce(self, bound: float, key: str) -> None:
+        """Stop, naming samples, when the unaligned share passes ``bound``."""
+        if self.share > bound:
+            worst = sorted(self.unaligned, key=self.unaligned.get, reverse=True)[:5]
+            raise ValueError(
+                f"{key}: {self.summary()}, above max_unaligned={bound}; e.g. samples "
+                f"{worst} (answers their tokenizers or chat templates write differently)"
+            )
+
+
+def survey_alignment(conversations, student_encoder, teacher_encoder) -> AlignmentSurvey:
+    """Align every conversation's answers as both encoders encode them (their encodings
+    are cached by the validation pass) and count what stays unaligned."""
+    tokens = 0
+    unaligned: dict[str, int] = {}
+    for conversation in conversations:
+        total, missing = unaligned_tokens(
+            student_encoder.encode_cached(conversation).labels,
+            teacher_encoder.encode_cached(conversation).labels,
+            student_encoder.tokenizer,
+            teacher_encoder.tokenizer,
+        )
+        tokens += total
+        if missing:
+            unaligned[conversation.id] = missing
+    return AlignmentSurvey(tokens, unaligned)
