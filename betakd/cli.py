@@ -145,13 +145,17 @@ _register_subcommands()
 )
 @click.option(
     "--scenario",
-    type=click.Choice(["default", "two-teachers", "on-policy", "feature-channel"]),
+    type=click.Choice(
+        ["default", "two-teachers", "on-policy", "feature-channel", "cross-tokenizer"]
+    ),
     default="default",
     show_default=True,
     help="two-teachers: a student distilled from two teachers blind on different slices "
     "(defaults.yaml's two_teachers section); on-policy: sentence answers, the recommended "
     "weighting off-policy, on-policy and mixed (its on_policy section); feature-channel: "
-    "the default runs with a visual feature channel added (its feature_channel section). "
+    "the default runs with a visual feature channel added (its feature_channel section); "
+    "cross-tokenizer: sentence answers, a teacher with the student's tokenizer and one with "
+    "another (its cross_tokenizer section). "
     "--strategies and --diagnose apply to the default scenario.",
 )
 @click.option(
@@ -172,6 +176,7 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
     betakd/demo/defaults.yaml and can be changed with --set.
     """
     from betakd.demo.config import DemoConfigError
+    from betakd.demo.cross_tokenizer import run_cross_tokenizer
     from betakd.demo.feature_channel import run_feature_channel
     from betakd.demo.on_policy import run_on_policy
     from betakd.demo.run import DemoRunError, run_demo
@@ -182,6 +187,7 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
         "two-teachers": run_two_teachers,
         "on-policy": run_on_policy,
         "feature-channel": run_feature_channel,
+        "cross-tokenizer": run_cross_tokenizer,
     }
     try:
         if scenario in scenarios:

@@ -131,6 +131,18 @@ class OnPolicy:
 
 
 @dataclass(frozen=True)
+class CrossTokenizerScenario:
+    """``betakd demo --scenario cross-tokenizer``: the on-policy scenario's sentence
+    answers, students distilled from a teacher with the student's tokenizer and from an
+    otherwise identical teacher with another one (``teacher_vocab_size``)."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    strategy: str = "reliable_instance"  # the weighting (a strategy name) of every KD run
+    teacher_vocab_size: int = 360  # the other tokenizer's vocabulary (fewer merges)
+    losses: tuple[str, ...] = ("hybrid", "uld")
+
+
+@dataclass(frozen=True)
 class DemoConfig:
     data: DemoDataConfig = field(default_factory=DemoDataConfig)
     vocab_size: int = 512
@@ -149,6 +161,7 @@ class DemoConfig:
     two_teachers: TwoTeachers = field(default_factory=TwoTeachers)
     on_policy: OnPolicy = field(default_factory=OnPolicy)
     feature_channel: FeatureChannelScenario = field(default_factory=FeatureChannelScenario)
+    cross_tokenizer: CrossTokenizerScenario = field(default_factory=CrossTokenizerScenario)
 
     def data_key(self) -> str:
         return self.data.key()
@@ -186,6 +199,7 @@ SECTIONS = {
     "two_teachers": TwoTeachers,
     "on_policy": OnPolicy,
     "feature_channel": FeatureChannelScenario,
+    "cross_tokenizer": CrossTokenizerScenario,
 }
 PLAIN = {"tokenizer", "image_size", "strategies", "run"}
 

@@ -54,13 +54,16 @@ WORDS = ("size", "colour", "side")
 
 @dataclass(frozen=True)
 class PolicyRun:
-    """One student of the scenario: its weighting (a strategy) and policy mode."""
+    """One student of a sentence-answer scenario: its weighting (a strategy), policy
+    mode and teacher (the cross-tokenizer scenario's teachers differ in tokenizer)."""
 
     name: str
     label: str
     strategy: Strategy
     mode: str  # off_policy | on_policy | mixed
     start_step: int = 0  # off-policy steps before the student answers any
+    teacher: str = "teacher"  # which of the job's teachers
+    cross_tokenizer: dict | None = None  # its teacher.cross_tokenizer block, if any
 
 
 def scenario_config(config: DemoConfig) -> DemoConfig:
@@ -141,7 +144,7 @@ class PolicyJob:
     config: DemoConfig
     settings: DemoSettings
     student_init: Path
-    teacher: Path
+    teachers: dict[str, Path]
     data: DemoData
     out: Path
     tests: list
@@ -171,11 +174,12 @@ def run_job(job: PolicyJob) -> PolicyRecord:
         job.seed,
         config=job.config,
         student=job.student_init,
-        teacher=job.teacher,
+        teacher=job.teachers[job.run.teacher],
         data=job.data,
         out=run_dir,
         settings=job.settings,
         policy=policy,
+        cross_tokenizer=job.run.cross_tokenizer,
     )
     result, seconds = train_logged(config, run_dir, {})
     history = [h for h in result.log_history if "loss" in h]
@@ -242,7 +246,9 @@ def run_on_policy(
         )
         inits = {seed: student_init(config, out, seed) for seed in settings.seeds}
         job_list = [
-            PolicyJob(run, seed, config, settings, inits[seed], teacher, data, out, tests)
+            PolicyJob(
+                run, seed, config, settings, inits[seed], {"teacher": teacher}, data, out, tests
+            )
             for seed in settings.seeds
             for run in runs
         ]

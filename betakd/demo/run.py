@@ -213,16 +213,19 @@ def train_config(
     settings: DemoSettings,
     cache_dir: Path | None = None,
     policy: dict | None = None,
+    cross_tokenizer: dict | None = None,
 ) -> cfg.TrainConfig:
     """The `betakd train` config of one demo run (what a user would write in YAML);
-    ``policy``: its ``policy`` block (default: off-policy)."""
+    ``policy``: its ``policy`` block (default: off-policy); ``cross_tokenizer``: the
+    teacher's, when its tokenizer differs from the student's."""
+    teacher_block: dict = {"path": str(teacher)}
+    if cache_dir is not None:
+        teacher_block.update(source="cache", cache_dir=str(cache_dir))
+    if cross_tokenizer is not None:
+        teacher_block["cross_tokenizer"] = cross_tokenizer
     raw = {
         "student": {"path": str(student)},
-        "teacher": (
-            {"path": str(teacher), "source": "cache", "cache_dir": str(cache_dir)}
-            if cache_dir is not None
-            else {"path": str(teacher)}
-        ),
+        "teacher": teacher_block,
         "data": data_block(data, settings),
         "channels": strategy.channels(config.channels),
         "weighting": strategy.weighting_block(config.channels, settings.weighting_learning_rate),
