@@ -24,17 +24,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from common import fmt, mib, ratio, run_worker
-from teacher_cache import STUDENT, TEACHER, step, write_data
+from side_by_side import alternating_times, batches, medians, step_memory
+from teacher_cache import STUDENT, TEACHER, write_data
 
 from betakd import config as cfg
-from betakd.profiling import peak_rss_bytes, peak_tensor_bytes
 from betakd.testing.tiny import save_tiny_model, train_tokenizer
 from betakd.train import build_trainer, training_arguments
 
@@ -96,31 +95,11 @@ def make_config(root: Path, variant: str, batch_size: int) -> cfg.TrainConfig:
     )
 
 
-def batches(trainer, args: argparse.Namespace) -> list[list]:
-    dataset = trainer.train_dataset
-    size = args.batch_size
-    return [
-        [dataset[(i * size + j) % len(dataset)] for j in range(size)]
-        for i in range(args.warmup + args.steps)
-    ]
-
-
-def stepper(trainer):
-    optimizer = trainer.create_optimizer()
-    return lambda conversations: step(trainer, optimizer, trainer.data_collator, conversations)
-
-
 def times(root: Path, args: argparse.Namespace) -> dict[str, list[float]]:
     """Alternating steps of both runs on the same batches; the timed steps' seconds."""
     trainers = {v: build_trainer(c, training_arguments(c)) for v, c in configs(root, args)}
-    steps = {v: stepper(t) for v, t in trainers.items()}
-    result: dict[str, list[float]] = {v: [] for v in VARIANTS}
-    for i, conversations in enumerate(batches(trainers["one"], args)):
-        for variant in VARIANTS:
-            seconds = steps[variant](conversations)
-            if i >= args.warmup:
-                result[variant].append(seconds)
-    return result
+    work = batches(trainers["one"], args.batch_size, args.warmup + args.steps)
+    return alternating_times(trainers, work, args.warmup)
 
 
 def configs(root: Path, args: argparse.Namespace):
@@ -132,12 +111,7 @@ def worker(args: argparse.Namespace) -> dict:
     root = Path(args.root)
     config = make_config(root, args.worker, args.batch_size)
     trainer = build_trainer(config, training_arguments(config))
-    run = stepper(trainer)
-    work = batches(trainer, args)
-    for conversations in work[:-1]:
-        run(conversations)
-    live = peak_tensor_bytes(lambda: run(work[-1]))
-    return {"rss_bytes": peak_rss_bytes(), "step_live_bytes": live}
+    return step_memory(trainer, batches(trainer, args.batch_size, args.warmup + args.steps))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -153,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
         # The workers rerun this script with --root and --worker.
         sys.argv += ["--root", str(root)]
         memory = {v: run_worker(v) for v in VARIANTS}
-    median = {v: statistics.median(seconds[v]) for v in VARIANTS}
+    median = medians(seconds)
     return {
         "device": "cpu",
         "threads": args.threads,
