@@ -551,11 +551,6 @@ class TrainConfig(Strict):
                 )
             if any(c.positions != "answer" for c in plan.logits):
                 raise ValueError(f"{key}: logit channels cover answer positions only")
-            if self.channels.chunk_size is not None:
-                raise ValueError(
-                    f"{key}: channels.chunk_size is not supported with a teacher of another "
-                    "tokenizer yet; leave it unset"
-                )
             if self.policy.on_policy:
                 raise ValueError(
                     f"{key}: policy.mode {self.policy.mode!r} is not supported with a teacher "

@@ -473,6 +473,14 @@ class DistillationModule(nn.Module):
             )
         return ce, result
 
+    def _group_loss(self, name: str, grouped: GroupedTargets):
+        """The group loss of a channel: ``(student logits, student rest, teacher logits,
+        teacher rest) -> [G]`` (:mod:`betakd.cross_tokenizer.group_loss`)."""
+        if grouped.loss == "uld":
+            return group_loss.uld
+        energy, shared = self.head.energy_fns[name], grouped.shared
+        return lambda zs, rs, zt, rt: group_loss.hybrid(energy, zs, rs, zt, rt, shared)
+
     def _group_energy(
         self,
         name: str,
@@ -481,7 +489,7 @@ class DistillationModule(nn.Module):
         aligned: AlignedPositions,
     ) -> Tensor:
         """``[B]``: a channel's mean energy per group of answer text, for a teacher of
-        another vocabulary (:mod:`betakd.cross_tokenizer.group_loss`)."""
+        another vocabulary, from the student's logits at its answer tokens."""
         groups = grouped.groups
         rest_rows = groups.student_rest
         rest_log_prob = -F.cross_entropy(
@@ -490,53 +498,73 @@ class DistillationModule(nn.Module):
         student_rest = sum_by_group(rest_log_prob, groups.student_rest_group, len(groups))
         student_first = student_logits[groups.student_first]
         teacher_first = grouped.first.logits(0, grouped.num_groups, grouped.teacher_vocab)
-        teacher_first = teacher_first.to(student_first.device)
-        teacher_rest = grouped.rest_log_prob.to(student_first.device)
-        if grouped.loss == "uld":
-            values = group_loss.uld(student_first, student_rest, teacher_first, teacher_rest)
-        else:
-            values = group_loss.hybrid(
-                self.head.energy_fns[name],
-                student_first,
-                student_rest,
-                teacher_first,
-                teacher_rest,
-                grouped.shared,
-            )
+        values = self._group_loss(name, grouped)(
+            student_first,
+            student_rest,
+            teacher_first.to(student_first.device),
+            grouped.rest_log_prob.to(student_first.device),
+        )
+        return per_sample_mean(values, groups.sample, groups.batch_size)
+
+    def _chunked_group_energy(
+        self, name: str, grouped: GroupedTargets, hidden: Tensor, ce_tokens: Tensor, head
+    ) -> Tensor:
+        """The same from the student's hidden states, a chunk of groups at a time (the
+        rest tokens' log-probabilities are the chunked CE's)."""
+        groups = grouped.groups
+        student_rest = sum_by_group(
+            -ce_tokens[groups.student_rest], groups.student_rest_group, len(groups)
+        )
+        values = group_loss.chunked_group_values(
+            self._group_loss(name, grouped),
+            hidden[groups.student_first],
+            head.weight[: self.vocab_rows],
+            None if head.bias is None else head.bias[: self.vocab_rows],
+            student_rest,
+            grouped.first,
+            grouped.rest_log_prob.to(hidden.device),
+            grouped.teacher_vocab,
+            self.chunk_size,
+        )
         return per_sample_mean(values, groups.sample, groups.batch_size)
 
     def _chunked_channels(
         self, out, teacher: TeacherTargets, aligned: AlignedPositions, loss_of
     ) -> tuple[Tensor, dict[str, Tensor]]:
         """CE and logit energies from hidden states, never building [N, V] logits."""
-        if any(teacher.of(c.teacher).groups is not None for c in self.head.logit_channels):
-            raise ValueError(
-                "channels.chunk_size: a teacher of another tokenizer is not supported by the "
-                "chunked energies yet; leave chunk_size unset"
-            )
         if not bool(aligned.is_answer.all()):
             raise ValueError("chunked energies cover answer tokens only")
-        names = self._logit_names()
-        tokens = {c.teacher: teacher.of(c.teacher).tokens for c in self.head.logit_channels}
+        grouped = {
+            c.name: teacher.of(c.teacher).groups
+            for c in self.head.logit_channels
+            if teacher.of(c.teacher).groups is not None
+        }
+        plain = [c for c in self.head.logit_channels if c.name not in grouped]
+        names = [c.name for c in plain]
+        tokens = {c.teacher: teacher.of(c.teacher).tokens for c in plain}
         if any(t is None for t in tokens.values()):
             raise ValueError(f"channels {names} need teacher logits")
         head = self.student.get_output_embeddings()
         single = teacher.members is None
+        hidden = aligned.student(out.hidden_states[-1])
         result = chunked.chunked_channels(
-            aligned.student(out.hidden_states[-1]),
+            hidden,
             head.weight[: self.vocab_rows],
             tokens.get(None) if single else tokens,
             energies={name: self.head.energy_fns[name] for name in names},
-            energy_teachers=None
-            if single
-            else {c.name: c.teacher for c in self.head.logit_channels},
+            energy_teachers=None if single else {c.name: c.teacher for c in plain},
             labels=aligned.token_ids,
             bias=None if head.bias is None else head.bias[: self.vocab_rows],
             chunk_size=self.chunk_size,
             compile=self.chunk_compile,
-            upstream=_known_upstream(loss_of, names, aligned),
+            # The group energies read the CE's per-token values too: its gradient is
+            # then not the objective's alone, so the chunks recompute in backward.
+            upstream=None if grouped else _known_upstream(loss_of, names, aligned),
         )
-        return result.per_sample(aligned.batch_index, aligned.batch_size)
+        ce, energies = result.per_sample(aligned.batch_index, aligned.batch_size)
+        for name, targets in grouped.items():
+            energies[name] = self._chunked_group_energy(name, targets, hidden, result.ce, head)
+        return ce, {c.name: energies[c.name] for c in self.head.logit_channels}
 
     def _logit_names(self) -> list[str]:
         return [c.name for c in self.head.logit_channels]

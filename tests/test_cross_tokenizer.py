@@ -308,3 +308,34 @@ def test_empty_buckets_keep_gradients_finite():
     value = group_loss.hybrid(energies.get("fkl"), zs, rest, zt, rest, shared)
     (grad,) = torch.autograd.grad(value.sum(), zs)
     assert torch.isfinite(value).all() and torch.isfinite(grad).all()
+
+
+def test_chunked_group_values_equal_the_whole_batch(group_case):
+    """Chunks of groups under activation checkpointing: the values and every gradient of
+    the groups computed at once."""
+    from betakd.teachers import HiddenStateLogits
+
+    _, rs, _, rt, _, shared = group_case
+    g = torch.Generator().manual_seed(5)
+    hidden = torch.randn(4, 6, generator=g, requires_grad=True)
+    weight = torch.randn(7, 6, generator=g, requires_grad=True)
+    bias = torch.randn(7, generator=g, requires_grad=True)
+    rest = rs.clone().requires_grad_(True)
+    teacher = HiddenStateLogits(torch.randn(4, 5, generator=g), torch.randn(9, 5, generator=g))
+    fn = energies.get("jsd")
+
+    def loss(zs, r_s, zt, r_t):
+        return group_loss.hybrid(fn, zs, r_s, zt, r_t, shared)
+
+    upstream = torch.linspace(0.5, 2.0, 4)
+    whole = loss(
+        torch.nn.functional.linear(hidden, weight, bias), rest, teacher.logits(0, 4, 9), rt
+    )
+    want = torch.autograd.grad(whole, (hidden, weight, bias, rest), upstream)
+    chunked_values = group_loss.chunked_group_values(
+        loss, hidden, weight, bias, rest, teacher, rt, 9, chunk_size=3
+    )
+    got = torch.autograd.grad(chunked_values, (hidden, weight, bias, rest), upstream)
+    torch.testing.assert_close(chunked_values, whole)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

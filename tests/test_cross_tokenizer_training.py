@@ -149,6 +149,28 @@ def test_every_weighting_trains_with_another_tokenizer(
     assert (tmp_path / "o" / "model.safetensors").is_file()
 
 
+def test_chunked_energies_equal_the_dense_path(
+    tiny_model_dir, other_teachers, sentence_data, tmp_path
+):
+    """Groups a few at a time (under activation checkpointing) against all at once: the
+    same losses and the same trained student."""
+    runs = {}
+    for name, chunk in (("dense", None), ("chunked", 3)):
+        config = config_for(
+            tiny_model_dir("llava"),
+            other_teachers["llava"],
+            sentence_data["llava"],
+            tmp_path / name,
+            weighting="instance",
+            max_steps=3,
+        )
+        raw = config.model_dump()
+        raw["channels"]["chunk_size"] = chunk
+        runs[name] = losses(run_training(cfg.validate(raw)))
+    assert runs["chunked"] == pytest.approx(runs["dense"], abs=1e-5)
+    assert_same_final_state(tmp_path / "dense", tmp_path / "chunked", atol=1e-5)
+
+
 def test_accumulation_equals_one_large_batch(
     tiny_model_dir, other_teachers, sentence_data, tmp_path
 ):
@@ -227,7 +249,6 @@ def test_another_vocabulary_without_the_option_is_refused_with_its_name(
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda raw: raw["channels"].update(chunk_size=64), "chunk_size"),
         (lambda raw: raw["policy"].update(mode="on_policy"), "off_policy"),
         (lambda raw: raw["teacher"].update(source="cache", cache_dir="c"), "runs online"),
         (lambda raw: raw["channels"]["logits"][0].update(positions="answer_and_prompt"), "answer"),

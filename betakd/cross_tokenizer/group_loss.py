@@ -28,9 +28,13 @@ outside the shared vocabulary, where only ULD sees it (X-Token, 2026).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
+from betakd.chunked import TeacherLogits
 from betakd.cross_tokenizer.vocabulary import SharedVocabulary
 from betakd.energies import EnergyFn
 
@@ -124,3 +128,49 @@ def _rest_bucket(first_log_p: Tensor, rest: Tensor, unshared: Tensor) -> Tensor:
     # entry no gradient, but 0 * inf would still be nan).
     positive = mass > 0
     return torch.where(positive, mass.clamp_min(1e-38).log(), float("-inf"))[:, None]
+
+
+GroupLoss = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
+
+
+def chunked_group_values(
+    loss: GroupLoss,
+    student_hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    student_rest: Tensor,
+    teacher_first: TeacherLogits,
+    teacher_rest: Tensor,
+    teacher_vocab: int,
+    chunk_size: int,
+) -> Tensor:
+    """``[G]``: ``loss(student_logits, student_rest, teacher_logits, teacher_rest)`` of
+    every group, ``chunk_size`` groups at a time, from the student's hidden states at the
+    groups' first tokens ``[G, H]`` and its ``lm_head`` (``weight``, ``bias``).
+
+    Each chunk runs under activation checkpointing (``torch.utils.checkpoint``): its
+    ``[chunk, V_student]`` and ``[chunk, V_teacher]`` logits are rebuilt in backward
+    instead of being kept, so memory holds one chunk's logits at a time.
+    """
+
+    def chunk(hidden: Tensor, rest: Tensor, start: int, stop: int) -> Tensor:
+        student_logits = torch.nn.functional.linear(hidden, weight, bias)
+        teacher_logits = teacher_first.logits(start, stop, teacher_vocab)
+        return loss(
+            student_logits, rest, teacher_logits.to(hidden.device), teacher_rest[start:stop]
+        )
+
+    values = []
+    for start in range(0, student_hidden.shape[0], chunk_size):
+        stop = min(start + chunk_size, student_hidden.shape[0])
+        values.append(
+            checkpoint(
+                chunk,
+                student_hidden[start:stop],
+                student_rest[start:stop],
+                start,
+                stop,
+                use_reentrant=False,
+            )
+        )
+    return torch.cat(values) if values else student_hidden.new_zeros(0)
