@@ -185,7 +185,8 @@ def _text_aligned_teacher(
         student_vocab,
         teacher_vocab,
     )
-    own = online_source(config, plan, teacher, teacher_vocab, None, student_adapter=None)
+    chunk = config.channels.chunk_size
+    own = online_source(config, plan, teacher, teacher_vocab, chunk, student_adapter=None)
     own.need_logits = True  # the groups' targets and the teacher's NLL read them
     return TextAlignedTeacher(
         own,
@@ -194,6 +195,7 @@ def _text_aligned_teacher(
         shared,
         teacher_vocab=teacher_vocab,
         loss=plan.settings.cross_tokenizer.loss,
+        chunk_size=chunk,
     )
 
 
