@@ -556,11 +556,6 @@ class TrainConfig(Strict):
                     f"{key}: policy.mode {self.policy.mode!r} is not supported with a teacher "
                     "of another tokenizer yet; use policy.mode: off_policy"
                 )
-            if self.teachers is not None:
-                raise ValueError(
-                    f"{key}: several teachers with a teacher of another tokenizer are not "
-                    "supported yet"
-                )
         return self
 
     @model_validator(mode="after")

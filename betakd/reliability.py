@@ -465,7 +465,11 @@ class TeacherReliability(nn.Module):
         scale = std / relevance.clamp_min(1e-6)
         z = (h - mean) / scale
         if self.input_dim > PROJECTION_DIM:
-            projection = torch.linalg.svd(z, full_matrices=False).Vh[:PROJECTION_DIM].T
+            directions = torch.linalg.svd(z, full_matrices=False).Vh[:PROJECTION_DIM].T
+            # Fewer fit samples than directions: the missing ones are zero columns (every
+            # point's coordinate there is 0, so distances are those of the fit's span).
+            projection = torch.zeros(self.input_dim, PROJECTION_DIM, dtype=torch.float64)
+            projection[:, : directions.shape[1]] = directions
         else:
             projection = torch.eye(self.input_dim, dtype=torch.float64)
         self.input_mean.copy_(mean)

@@ -188,6 +188,13 @@ def build_trainer(
         encoders["teacher"] = teacher.encoder
     elif teacher.encoder is not None:
         encoders.update({f"teacher {name}": e for name, e in teacher.encoder.items()})
+    # Several teachers supervise the same student tokens: no answer may be cut for one
+    # (a teacher of another tokenizer has other answer tokens; its alignment is surveyed).
+    same_answers = []
+    if config.teachers is not None:
+        plans = config.teacher_plans()
+        other = {f"teacher {p.name}" for p in plans if p.settings.cross_tokenizer is not None}
+        same_answers = [name for name in encoders if name not in other]
     dataset = build_dataset(
         config.data.train_file,
         config.data.image_folder,
@@ -195,8 +202,7 @@ def build_trainer(
         max_skip_fraction=config.data.max_skip_fraction,
         limit=config.data.limit,
         cache=data_cache,
-        # Several teachers supervise the same student tokens: no answer may be cut for one.
-        equal_answers=config.teachers is not None,
+        equal_answers=same_answers,
     )
     # The skips themselves were logged once by build_dataset (and go to SKIPPED_FILE).
     logger.info("training samples: %d of %d records", len(dataset), dataset.report.total)
@@ -208,7 +214,8 @@ def build_trainer(
             )
     for plan in config.teacher_plans():
         if plan.settings.cross_tokenizer is not None:
-            survey = survey_alignment(conversations, student_encoder, teacher.encoder)
+            encoder = teacher.encoder if plan.name is None else teacher.encoder[plan.name]
+            survey = survey_alignment(conversations, student_encoder, encoder)
             logger.info("%s: %s", plan.key, survey.summary())
             survey.enforce(
                 plan.settings.cross_tokenizer.max_unaligned, f"{plan.key}.cross_tokenizer"

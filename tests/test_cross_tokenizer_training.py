@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from kd_configs import TRAINING, StopAfter, assert_same_final_state
@@ -267,3 +269,39 @@ def test_combinations_not_supported_yet_are_refused(change, message, tmp_path):
     change(raw)
     with pytest.raises(ValueError, match=message):
         cfg.validate(raw)
+
+
+def test_a_teacher_of_another_tokenizer_next_to_one_of_the_students(
+    tiny_model_dir, other_teachers, sentence_data, tmp_path
+):
+    """Several teachers: one with the student's tokenizer, one aligned by text; each
+    channel reads its own teacher, the instance weighting sees both."""
+    data_file, images = sentence_data["llava"]
+    raw = {
+        "student": {"path": str(tiny_model_dir("llava"))},
+        "teachers": [
+            {
+                "name": "same",
+                "path": str(tiny_model_dir("llava", "teacher")),
+                "channels": {"logits": [{"energy": "cosine_probs"}]},
+            },
+            {
+                "name": "other",
+                "path": str(other_teachers["llava"]),
+                "cross_tokenizer": {"loss": "hybrid"},
+                "channels": {"logits": [{"energy": "jsd"}]},
+            },
+        ],
+        "data": {"train_file": str(data_file), "image_folder": str(images)},
+        "weighting": {
+            "name": "instance",
+            "representation": "teacher_visual",
+            "representation_from": ["same", "other"],
+            "options": {"hidden": 8, "reliability": {}},
+        },
+        "training": {"output_dir": str(tmp_path / "o"), **TRAINING, "max_steps": 2},
+    }
+    result = run_training(cfg.validate(raw))
+    logged = result.log_history[0]
+    assert math.isfinite(logged["same/cosine_probs/energy"])
+    assert math.isfinite(logged["other/jsd/energy"]) and logged["other/jsd/energy"] > 0

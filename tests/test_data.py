@@ -207,7 +207,9 @@ def test_an_answer_cut_for_one_model_only_is_a_counted_skip_with_equal_answers(
     student, teacher = (encoder_for(p, max_length=110) for p in llava_pair)
     encoders = {"student": student, "teacher big": teacher}
     assert len(build_dataset(data, tmp_path, encoders, max_skip_fraction=1.0)) == 2
-    dataset = build_dataset(data, tmp_path, encoders, max_skip_fraction=1.0, equal_answers=True)
+    dataset = build_dataset(
+        data, tmp_path, encoders, max_skip_fraction=1.0, equal_answers=list(encoders)
+    )
     assert [c.id for c in dataset] == ["short"]
     (skip,) = dataset.report.skipped["too_long"]
     assert skip.startswith("long:") and "'teacher big'" in skip, skip

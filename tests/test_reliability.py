@@ -393,3 +393,21 @@ def test_reliability_options_are_validated():
         built = weighting.build("fixed", ["ce", "kd"], weights={"kd": 1.0},
                                 reliability={"input_dim": 2})  # fmt: skip
         built(torch.rand(2, 2), None, torch.rand(2))
+
+
+def test_fewer_fit_samples_than_projected_directions():
+    """h(x) wider than the projection with fewer fit samples than its directions (two
+    teachers' visual tokens on a small data set): the missing directions are zero columns,
+    and distances are those of the samples' span."""
+    nll, h, _, _ = blind_and_noisy(n=40)
+    wide = torch.cat([h, torch.randn(40, 100, generator=torch.Generator().manual_seed(1))], 1)
+    reliability = TeacherReliability(106, neighbours=4)
+    reliability.fit(nll, wide)
+    assert reliability.projection.shape == (106, 64)
+    assert not reliability.projection[:, 40:].any()
+    z = (wide.double() - reliability.input_mean) / reliability.input_scale
+    torch.testing.assert_close(
+        torch.cdist(reliability.points, reliability.points), torch.cdist(z, z), atol=1e-6, rtol=0
+    )
+    teacher, label = reliability.factors(nll, wide)
+    assert torch.isfinite(teacher).all() and torch.isfinite(label).all()

@@ -4,7 +4,7 @@ with every model's processor), skips counted before training starts."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -61,13 +61,14 @@ def build_dataset(
     limit: int | None = None,
     cache_dir: str | None = None,
     cache: DataCache | None = None,
-    equal_answers: bool = False,
+    equal_answers: Collection[str] = (),
 ) -> ConversationDataset:
     """Read, validate and count skips; every encoder (student, teacher) must accept a sample.
 
-    ``equal_answers``: every encoder must also keep the same number of answer tokens (an
-    answer cut by ``max_length`` for one model's longer sequence only is a ``too_long``
-    skip); several teachers need it to supervise the same student tokens.
+    ``equal_answers``: the encoders (by name) that must also keep the same number of
+    answer tokens (an answer cut by ``max_length`` for one model's longer sequence only is
+    a ``too_long`` skip); several teachers of the student's tokenizer need it to supervise
+    the same student tokens.
     Raises DataError when more than `max_skip_fraction` of the records were skipped.
     With a :class:`DataCache`, the validation pass is remembered there for the same data
     file contents, image folder, limit and encoders, so repeated runs on one data set
@@ -90,7 +91,7 @@ def build_dataset(
         kept, report = validate()
     else:
         key = _validation_key(data_path, image_folder, encoder_list, limit)
-        kept, report = cache.validated((*key, equal_answers), validate)
+        kept, report = cache.validated((*key, tuple(sorted(equal_answers))), validate)
     if report.count:
         logger.warning("%s", report.summary())
     report.enforce(max_skip_fraction)
@@ -98,7 +99,7 @@ def build_dataset(
 
 
 def _validate(
-    records, image_folder, encoders: Mapping[str, SampleEncoder], equal_answers: bool
+    records, image_folder, encoders: Mapping[str, SampleEncoder], equal_answers: Collection[str]
 ) -> tuple[list[Conversation], SkipReport]:
     report = SkipReport(total=len(records))
     kept = []
@@ -119,7 +120,7 @@ def _validate(
             images = open_images(conversation)
             encoded = {name: _encode(name, e, conversation, images) for name, e in encoders.items()}
             if equal_answers:
-                _check_equal_answers(encoded)
+                _check_equal_answers({name: encoded[name] for name in equal_answers})
         except SkipSample as skip:
             sample_id = record.get("id") if record.get("id") is not None else index
             report.add(skip.reason, str(sample_id), skip.detail)
