@@ -20,14 +20,10 @@ The last printed line is a JSON object with every measurement.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import tempfile
 from pathlib import Path
 
+import side_by_side
 import torch
-from common import fmt, mib, ratio, run_worker
-from side_by_side import alternating_times, batches, medians, step_memory
 from teacher_cache import ANSWERS, STUDENT, TEACHER, write_data
 
 from betakd import config as cfg
@@ -86,62 +82,17 @@ def trainer_of(root: Path, variant: str, batch_size: int):
     return build_trainer(config, training_arguments(config))
 
 
-def worker(args: argparse.Namespace) -> dict:
-    """One run's memory in this fresh process."""
-    trainer = trainer_of(Path(args.root), args.worker, args.batch_size)
-    return step_memory(trainer, batches(trainer, args.batch_size, args.warmup + args.steps))
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
-        return worker(args)
+        return side_by_side.worker(args, trainer_of)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        prepare(root, args.samples)
-        trainers = {v: trainer_of(root, v, args.batch_size) for v in VARIANTS}
-        work = batches(trainers["same"], args.batch_size, args.warmup + args.steps)
-        seconds = alternating_times(trainers, work, args.warmup)
-        sys.argv += ["--root", str(root)]
-        memory = {v: run_worker(v) for v in VARIANTS}
-    median = medians(seconds)
-    return {
-        "device": "cpu",
-        "threads": args.threads,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "step_s": median,
-        "step_min_s": {v: min(seconds[v]) for v in VARIANTS},
-        "memory": memory,
-        "time_cross_vs_same": ratio(median["cross"], median["same"]),
-        "rss_cross_vs_same": ratio(memory["cross"]["rss_bytes"], memory["same"]["rss_bytes"]),
-        "step_live_cross_vs_same": ratio(
-            memory["cross"]["step_live_bytes"], memory["same"]["step_live_bytes"]
-        ),
-    }
-
-
-def report(result: dict) -> None:
-    if "step_s" not in result:  # a worker: its measurement for the parent
-        print(json.dumps(result))
-        return
-    for variant, label in (("same", "same tokenizer   "), ("cross", "another tokenizer")):
-        memory = result["memory"][variant]
-        print(
-            f"{label}: step {result['step_s'][variant] * 1e3:.1f} ms (median of "
-            f"{result['steps']}, batch {result['batch_size']}), peak RSS "
-            f"{fmt(mib(memory['rss_bytes']), '.0f')} MiB, step live tensors "
-            f"{fmt(mib(memory['step_live_bytes']), '.1f')} MiB"
-        )
-    print(
-        f"another / same: time {fmt(result['time_cross_vs_same'], '.2f')}, peak RSS "
-        f"{fmt(result['rss_cross_vs_same'], '.2f')}, step live tensors "
-        f"{fmt(result['step_live_cross_vs_same'], '.2f')}"
-    )
-    print(json.dumps(result))
+    result = side_by_side.measure(args, prepare, trainer_of, VARIANTS)
+    return side_by_side.with_ratios(result, "cross", "same")
 
 
 if __name__ == "__main__":
-    report(main())
+    side_by_side.print_comparison(
+        main(), {"same": "same tokenizer", "cross": "another tokenizer"}, "cross", "same"
+    )

@@ -23,14 +23,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import sys
-import tempfile
 from pathlib import Path
 
+import side_by_side
 import torch
-from common import fmt, mib, ratio, run_worker
-from side_by_side import alternating_times, batches, medians, step_memory
 from teacher_cache import STUDENT, TEACHER, write_data
 
 from betakd import config as cfg
@@ -95,74 +91,22 @@ def make_config(root: Path, variant: str, batch_size: int) -> cfg.TrainConfig:
     )
 
 
-def times(root: Path, args: argparse.Namespace) -> dict[str, list[float]]:
-    """Alternating steps of both runs on the same batches; the timed steps' seconds."""
-    trainers = {v: build_trainer(c, training_arguments(c)) for v, c in configs(root, args)}
-    work = batches(trainers["one"], args.batch_size, args.warmup + args.steps)
-    return alternating_times(trainers, work, args.warmup)
-
-
-def configs(root: Path, args: argparse.Namespace):
-    return [(v, make_config(root, v, args.batch_size)) for v in VARIANTS]
-
-
-def worker(args: argparse.Namespace) -> dict:
-    """One run's memory in this fresh process."""
-    root = Path(args.root)
-    config = make_config(root, args.worker, args.batch_size)
-    trainer = build_trainer(config, training_arguments(config))
-    return step_memory(trainer, batches(trainer, args.batch_size, args.warmup + args.steps))
+def trainer_of(root: Path, variant: str, batch_size: int):
+    config = make_config(root, variant, batch_size)
+    return build_trainer(config, training_arguments(config))
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.worker:
-        return worker(args)
+        return side_by_side.worker(args, trainer_of)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        prepare(root, args.samples)
-        seconds = times(root, args)
-        # The workers rerun this script with --root and --worker.
-        sys.argv += ["--root", str(root)]
-        memory = {v: run_worker(v) for v in VARIANTS}
-    median = medians(seconds)
-    return {
-        "device": "cpu",
-        "threads": args.threads,
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "step_s": median,
-        "step_min_s": {v: min(seconds[v]) for v in VARIANTS},
-        "memory": memory,
-        "time_two_vs_one": ratio(median["two"], median["one"]),
-        "rss_two_vs_one": ratio(memory["two"]["rss_bytes"], memory["one"]["rss_bytes"]),
-        "step_live_two_vs_one": ratio(
-            memory["two"]["step_live_bytes"], memory["one"]["step_live_bytes"]
-        ),
-    }
-
-
-def report(result: dict) -> None:
-    if "step_s" not in result:  # a worker: its measurement for the parent
-        print(json.dumps(result))
-        return
-    for variant, label in (("one", "one teacher "), ("two", "two teachers")):
-        memory = result["memory"][variant]
-        print(
-            f"{label}: step {result['step_s'][variant] * 1e3:.1f} ms (median of "
-            f"{result['steps']}, batch {result['batch_size']}), peak RSS "
-            f"{fmt(mib(memory['rss_bytes']), '.0f')} MiB, step live tensors "
-            f"{fmt(mib(memory['step_live_bytes']), '.1f')} MiB"
-        )
-    print(
-        f"two / one: time {fmt(result['time_two_vs_one'], '.2f')}, peak RSS "
-        f"{fmt(result['rss_two_vs_one'], '.2f')}, step live tensors "
-        f"{fmt(result['step_live_two_vs_one'], '.2f')}"
-    )
-    print(json.dumps(result))
+    result = side_by_side.measure(args, prepare, trainer_of, VARIANTS)
+    return side_by_side.with_ratios(result, "two", "one")
 
 
 if __name__ == "__main__":
-    report(main())
+    side_by_side.print_comparison(
+        main(), {"one": "one teacher", "two": "two teachers"}, "two", "one"
+    )

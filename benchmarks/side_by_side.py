@@ -9,9 +9,14 @@ forward passes, ``BetaKDTrainer.compute_loss``, backward and the optimizer step
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
+import tempfile
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
+from common import fmt, mib, ratio, run_worker
 from teacher_cache import step
 
 from betakd.profiling import peak_rss_bytes, peak_tensor_bytes
@@ -59,3 +64,73 @@ def step_memory(trainer, work: list[list]) -> dict:
         run(conversations)
     live = peak_tensor_bytes(lambda: run(work[-1]))
     return {"rss_bytes": peak_rss_bytes(), "step_live_bytes": live}
+
+
+def measure(
+    args, prepare: Callable[[Path, int], None], trainer_of: Callable, variants: tuple[str, ...]
+) -> dict:
+    """Time (alternating steps in this process) and memory (one fresh process per variant,
+    through ``--worker``) of every variant; ``trainer_of(root, variant, batch_size)``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        prepare(root, args.samples)
+        trainers = {v: trainer_of(root, v, args.batch_size) for v in variants}
+        work = batches(trainers[variants[0]], args.batch_size, args.warmup + args.steps)
+        seconds = alternating_times(trainers, work, args.warmup)
+        # The workers rerun the script with --root and --worker.
+        sys.argv += ["--root", str(root)]
+        memory = {v: run_worker(v) for v in variants}
+    median = medians(seconds)
+    return {
+        "device": "cpu",
+        "threads": args.threads,
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "step_s": median,
+        "step_min_s": {v: min(seconds[v]) for v in variants},
+        "memory": memory,
+    }
+
+
+def worker(args, trainer_of: Callable) -> dict:
+    """One variant's memory (``--worker``) in this fresh process."""
+    trainer = trainer_of(Path(args.root), args.worker, args.batch_size)
+    return step_memory(trainer, batches(trainer, args.batch_size, args.warmup + args.steps))
+
+
+def with_ratios(result: dict, variant: str, base: str) -> dict:
+    """``result`` with ``variant``'s time, peak RSS and step live tensors over ``base``'s."""
+    memory = result["memory"]
+    suffix = f"{variant}_vs_{base}"
+    return {
+        **result,
+        f"time_{suffix}": ratio(result["step_s"][variant], result["step_s"][base]),
+        f"rss_{suffix}": ratio(memory[variant]["rss_bytes"], memory[base]["rss_bytes"]),
+        f"step_live_{suffix}": ratio(
+            memory[variant]["step_live_bytes"], memory[base]["step_live_bytes"]
+        ),
+    }
+
+
+def print_comparison(result: dict, labels: Mapping[str, str], variant: str, base: str) -> None:
+    """One line per variant, one of ``variant`` over ``base``, then the JSON (a worker's
+    result, without step times, is printed as JSON only)."""
+    if "step_s" not in result:
+        print(json.dumps(result))
+        return
+    width = max(len(label) for label in labels.values())
+    for name, label in labels.items():
+        memory = result["memory"][name]
+        print(
+            f"{label:<{width}}: step {result['step_s'][name] * 1e3:.1f} ms (median of "
+            f"{result['steps']}, batch {result['batch_size']}), peak RSS "
+            f"{fmt(mib(memory['rss_bytes']), '.0f')} MiB, step live tensors "
+            f"{fmt(mib(memory['step_live_bytes']), '.1f')} MiB"
+        )
+    suffix = f"{variant}_vs_{base}"
+    print(
+        f"{labels[variant]} / {labels[base]}: time {fmt(result[f'time_{suffix}'], '.2f')}, "
+        f"peak RSS {fmt(result[f'rss_{suffix}'], '.2f')}, step live tensors "
+        f"{fmt(result[f'step_live_{suffix}'], '.2f')}"
+    )
+    print(json.dumps(result))
