@@ -77,8 +77,9 @@ class CrossTokenizerSettings(Strict):
         0.05,
         ge=0,
         le=1,
-        description="stop before training when more than this share of the student's answer "
-        "tokens cannot be aligned with the teacher's by text",
+        description="stop when more than this share of the student's answer tokens cannot be "
+        "aligned with the teacher's by text: before training for the data's answers, during "
+        "it for the student's own (on-policy)",
     )
 
 
@@ -551,11 +552,6 @@ class TrainConfig(Strict):
                 )
             if any(c.positions != "answer" for c in plan.logits):
                 raise ValueError(f"{key}: logit channels cover answer positions only")
-            if self.policy.on_policy:
-                raise ValueError(
-                    f"{key}: policy.mode {self.policy.mode!r} is not supported with a teacher "
-                    "of another tokenizer yet; use policy.mode: off_policy"
-                )
         return self
 
     @model_validator(mode="after")

@@ -19,7 +19,7 @@ data-parallel run for the per-batch choice.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -185,10 +185,17 @@ def _until_stop(tokens: Tensor, stops: set[int]) -> Tensor:
 
 
 def with_answers(
-    batch: dict, answers: Sequence[Tensor], adapter: FamilyAdapter, pad_token_id: int
+    batch: dict,
+    answers: Sequence[Tensor],
+    adapter: FamilyAdapter,
+    pad_token_id: int,
+    translate: Callable[[Tensor], Tensor] | None = None,
 ) -> dict:
     """``batch`` with each row's answer replaced: its prompt, then ``answers[row]``
-    supervised, right padded; later turns are dropped. Image inputs are kept."""
+    supervised, right padded; later turns are dropped. Image inputs are kept.
+    ``translate``: the answers' tokens for a model of another tokenizer (by text)."""
+    if translate is not None:
+        answers = [translate(answer.cpu()) for answer in answers]
     prompt_rows = prompt_tokens(batch)
     if len(answers) != len(prompt_rows):
         raise ValueError(f"{len(answers)} answers for {len(prompt_rows)} rows")
@@ -216,11 +223,12 @@ def answered_batch(
     batch: dict,
     answers: Sequence[Tensor],
     student: tuple[FamilyAdapter, int],
-    teachers: tuple[FamilyAdapter, int] | Mapping[str, tuple[FamilyAdapter, int]] | None,
+    teachers: tuple | Mapping[str, tuple] | None,
 ) -> dict:
     """A collated KD batch (student rows, the teacher's batch or batches by name, sample
     metadata) with every row's answer replaced by ``answers``, each side with its own
-    image tokens. ``student`` and each teacher: (adapter, pad token id)."""
+    image tokens. ``student`` and each teacher: (adapter, pad token id), and for a teacher
+    of another tokenizer its answer translation (:func:`with_answers`)."""
     out = with_answers(batch, answers, *student)
     if isinstance(teachers, Mapping):
         out["teacher"] = {

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from betakd import calibration
+from betakd.cross_tokenizer.groups import AnswerTranslator
 from betakd.data import KDCollator, SampleEncoder
 from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule, GeneratedRows
 from betakd.files import write_json_atomic
@@ -200,7 +201,8 @@ class BetaKDTrainer(Trainer):
             seed=self.policy.generation_seed(step, batch["sample_index"].cpu()),
             suppress_tokens=self._image_token_ids,
         )
-        answered = answered_batch(batch, answers, _side(collator.student), _sides(collator.teacher))
+        teachers = _sides(collator.teacher, self._answer_translators)
+        answered = answered_batch(batch, answers, _side(collator.student), teachers)
         return GeneratedRows(rows.to(inputs["input_ids"].device), *self.loss_inputs(answered))
 
     def needs_data(self, generated: GeneratedRows | None, rows: int) -> bool:
@@ -238,6 +240,9 @@ class BetaKDTrainer(Trainer):
         self._image_token_ids = set().union(*(e.adapter.image_token_ids for e in encoders))
         if not self.stop_ids:
             raise ValueError("the student has no end-of-sequence or pad token to stop answers at")
+        self._answer_translators = _answer_translators(
+            self.data_collator.student, self.data_collator.teacher, self.stop_ids
+        )
 
     def _add_policy_metrics(self, out, generated: GeneratedRows | None) -> None:
         """Share of student-answered samples, their answers' length and whether they
@@ -512,15 +517,32 @@ def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / COMPLETE_MARKER).is_file()
 
 
-def _side(encoder: SampleEncoder) -> tuple:
-    """(adapter, pad token id): what re-encoding an answer needs of one model."""
-    return encoder.adapter, encoder.pad_token_id
+def _side(encoder: SampleEncoder, translate=None) -> tuple:
+    """(adapter, pad token id, answer translation or None): what re-encoding an answer
+    needs of one model."""
+    return encoder.adapter, encoder.pad_token_id, translate
 
 
-def _sides(teacher: SampleEncoder | Mapping[str, SampleEncoder] | None):
+def _sides(teacher: SampleEncoder | Mapping[str, SampleEncoder] | None, translators: Mapping):
     if isinstance(teacher, Mapping):
-        return {name: _side(encoder) for name, encoder in teacher.items()}
-    return None if teacher is None else _side(teacher)
+        return {name: _side(e, translators.get(name)) for name, e in teacher.items()}
+    return None if teacher is None else _side(teacher, translators.get(None))
+
+
+def _answer_translators(
+    student: SampleEncoder, teacher: SampleEncoder | Mapping[str, SampleEncoder] | None, stops
+) -> dict:
+    """An :class:`~betakd.cross_tokenizer.groups.AnswerTranslator` per teacher whose
+    vocabulary is not the student's (by name; None: the single teacher)."""
+    named = teacher if isinstance(teacher, Mapping) else {None: teacher} if teacher else {}
+    mine = tokenizer_of(student.processor)
+    vocabulary = mine.get_vocab()
+    out = {}
+    for name, encoder in named.items():
+        theirs = tokenizer_of(encoder.processor)
+        if theirs.get_vocab() != vocabulary:
+            out[name] = AnswerTranslator(mine, theirs, stops)
+    return out
 
 
 def _encoders(teacher: SampleEncoder | Mapping[str, SampleEncoder] | None) -> list:

@@ -19,6 +19,7 @@ from betakd.cross_tokenizer.alignment import (
     align_spans,
     tokenize_answer,
 )
+from betakd.cross_tokenizer.groups import AnswerTranslator, group_runs, tokenized_run
 from betakd.cross_tokenizer.vocabulary import SharedVocabulary
 from betakd.testing.tiny import DEFAULT_TEXTS, TURN_END, train_tokenizer
 
@@ -339,3 +340,33 @@ def test_chunked_group_values_equal_the_whole_batch(group_case):
     torch.testing.assert_close(chunked_values, whole)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_sampled_spelling_gets_spans_from_decoding(student_tokenizer, teacher_tokenizer):
+    """An answer spelt in pieces the tokenizer would not choose (as a sampled answer may
+    be): its spans come from decoding growing prefixes, and it still aligns."""
+    canonical = student_tokenizer("The shape is red.", add_special_tokens=False)["input_ids"]
+    pieces = [
+        i
+        for word in canonical
+        for i in student_tokenizer(student_tokenizer.decode([word]), add_special_tokens=False)[
+            "input_ids"
+        ]
+    ]
+    spelled = student_tokenizer.convert_tokens_to_ids(list("The")) + canonical[1:]
+    assert spelled != canonical and pieces == canonical
+    run = tokenized_run(student_tokenizer, spelled)
+    assert run.text == "The shape is red." and run.spans[:3] == ((0, 1), (1, 2), (2, 3))
+    teacher_ids = teacher_tokenizer("The shape is red.", add_special_tokens=False)["input_ids"]
+    groups = group_runs(spelled, teacher_ids, student_tokenizer, teacher_tokenizer)
+    assert groups.unaligned_student == 0 and groups.student[0] == (0, 3)
+
+
+def test_answers_are_translated_by_text(student_tokenizer, teacher_tokenizer):
+    stop = student_tokenizer.convert_tokens_to_ids(TURN_END)
+    answer = student_tokenizer("A green triangle.", add_special_tokens=False)["input_ids"]
+    translate = AnswerTranslator(student_tokenizer, teacher_tokenizer, {stop})
+    ended = translate(torch.tensor([*answer, stop])).tolist()
+    want = teacher_tokenizer("A green triangle.", add_special_tokens=False)["input_ids"]
+    assert ended == [*want, teacher_tokenizer.eos_token_id]
+    assert translate(torch.tensor(answer)).tolist() == want  # cut short: no end token

@@ -173,6 +173,32 @@ def test_chunked_energies_equal_the_dense_path(
     assert_same_final_state(tmp_path / "dense", tmp_path / "chunked", atol=1e-5)
 
 
+@pytest.mark.parametrize("mode", ["on_policy", "mixed"])
+def test_the_students_own_answers_are_scored_by_a_teacher_of_another_tokenizer(
+    mode, tiny_model_dir, other_teachers, sentence_data, tmp_path
+):
+    config = config_for(
+        tiny_model_dir("llava"),
+        other_teachers["llava"],
+        sentence_data["llava"],
+        tmp_path / "o",
+        weighting="recommended",
+        max_steps=2,
+    )
+    raw = config.model_dump()
+    raw["policy"].update(mode=mode, generation={"max_new_tokens": 8})
+    if mode == "mixed":  # some rows of each batch the student's, some the data's
+        raw["policy"].update(per="sample", student_fraction=0.6)
+    trainer = build_trainer(cfg.validate(raw), training_arguments(cfg.validate(raw)))
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    logged = [h for h in trainer.state.log_history if "on_policy/share" in h]
+    assert logged and logged[0]["on_policy/share"] > 0
+    # Sampled answers re-tokenised by text: the run's share of unaligned tokens is kept.
+    assert trainer.teacher.tokens_seen > 0
+    assert trainer.teacher.tokens_unaligned <= 0.05 * trainer.teacher.tokens_seen
+
+
 def test_accumulation_equals_one_large_batch(
     tiny_model_dir, other_teachers, sentence_data, tmp_path
 ):
@@ -251,7 +277,6 @@ def test_another_vocabulary_without_the_option_is_refused_with_its_name(
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda raw: raw["policy"].update(mode="on_policy"), "off_policy"),
         (lambda raw: raw["teacher"].update(source="cache", cache_dir="c"), "runs online"),
         (lambda raw: raw["channels"]["logits"][0].update(positions="answer_and_prompt"), "answer"),
     ],

@@ -11,7 +11,7 @@ sampled answer), its tokens are counted unaligned instead of being guessed.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -77,14 +77,38 @@ def answer_runs(aligned: AlignedPositions) -> list[list[tuple[int, int]]]:
     return runs
 
 
-def tokenized_run(tokenizer, ids: Sequence[int]) -> TokenizedAnswer | None:
-    """A run's tokens with their spans in its decoded text; None when re-tokenising the
-    text does not give these tokens back."""
-    text = tokenizer.decode(
+def decode(tokenizer, ids: Sequence[int]) -> str:
+    return tokenizer.decode(
         list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False
     )
+
+
+def tokenized_run(tokenizer, ids: Sequence[int]) -> TokenizedAnswer | None:
+    """A run's tokens with their spans in its decoded text.
+
+    The spans are the tokenizer's offsets when re-tokenising the text gives these tokens
+    back (the data's answers); otherwise (a sampled answer may spell a word in pieces the
+    tokenizer would not choose) they come from decoding growing prefixes, each token
+    spanning what it adds to the text. None when neither holds: a prefix's text is not
+    the start of the whole text (a tokenizer that rewrites text as it decodes).
+    """
+    text = decode(tokenizer, ids)
     answer = tokenize_answer(tokenizer, text)
-    return answer if list(answer.ids) == list(ids) else None
+    if list(answer.ids) == list(ids):
+        return answer
+    spans, start = [], 0
+    for k in range(1, len(ids) + 1):
+        prefix = decode(tokenizer, ids[:k])
+        # A character split over several byte-level tokens decodes as a replacement
+        # character until its last piece: those pieces share the character's span.
+        stable = prefix.rstrip("\ufffd")
+        if not text.startswith(stable):
+            return None
+        end = max(start, len(stable))
+        spans.append((start, end))
+        start = end
+    special_ids = set(tokenizer.all_special_ids)
+    return TokenizedAnswer(text, tuple(ids), tuple(spans), tuple(i in special_ids for i in ids))
 
 
 def group_runs(
@@ -231,3 +255,25 @@ def survey_alignment(conversations, student_encoder, teacher_encoder) -> Alignme
         if missing:
             unaligned[conversation.id] = missing
     return AlignmentSurvey(tokens, unaligned)
+
+
+class AnswerTranslator:
+    """The student's answer as another tokenizer writes it: its text (without the
+    student's end-of-answer token) tokenised again, then the other tokenizer's end-of-
+    sequence token where the student's answer ended (an on-policy answer for a teacher of
+    another tokenizer)."""
+
+    def __init__(self, student_tokenizer, teacher_tokenizer, student_stop_ids: Collection[int]):
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.student_stop_ids = set(student_stop_ids)
+        self.teacher_eos = teacher_tokenizer.eos_token_id
+
+    def __call__(self, answer: Tensor) -> Tensor:
+        ids = answer.tolist()
+        ended = bool(ids) and ids[-1] in self.student_stop_ids
+        text = decode(self.student_tokenizer, ids[:-1] if ended else ids)
+        out = self.teacher_tokenizer(text, add_special_tokens=False)["input_ids"]
+        if ended and self.teacher_eos is not None:
+            out = [*out, self.teacher_eos]
+        return torch.tensor(out, dtype=torch.long)

@@ -196,6 +196,7 @@ def _text_aligned_teacher(
         teacher_vocab=teacher_vocab,
         loss=plan.settings.cross_tokenizer.loss,
         chunk_size=chunk,
+        max_unaligned=plan.settings.cross_tokenizer.max_unaligned,
     )
 
 

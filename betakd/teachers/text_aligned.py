@@ -20,6 +20,9 @@ from betakd.teachers.online import OnlineTeacher
 from betakd.teachers.protocol import BatchMeta, TeacherTargets
 from betakd.teachers.targets import GroupedTargets
 
+# Below this many answer tokens seen, one odd batch would decide the run's share.
+MIN_TOKENS_FOR_BOUND = 512
+
 
 class TextAlignedTeacher:
     """A teacher of another vocabulary: per-group targets over the answers' text.
@@ -44,6 +47,7 @@ class TextAlignedTeacher:
         teacher_vocab: int,
         loss: str = "hybrid",
         chunk_size: int | None = None,
+        max_unaligned: float = 1.0,
     ) -> None:
         self.teacher = teacher
         self.student_tokenizer = student_tokenizer
@@ -52,6 +56,9 @@ class TextAlignedTeacher:
         self.teacher_vocab = teacher_vocab
         self.loss = loss
         self.chunk_size = chunk_size
+        self.max_unaligned = max_unaligned
+        self.tokens_seen = 0
+        self.tokens_unaligned = 0
 
     def prepare(self, accelerator) -> TextAlignedTeacher:
         self.teacher.prepare(accelerator)
@@ -72,12 +79,28 @@ class TextAlignedTeacher:
         counts = meta.image_counts if counts is None else counts.tolist()
         own = self.teacher.targets(teacher_batch, teacher, counts)
         groups = batch_groups(student, teacher, self.student_tokenizer, self.teacher_tokenizer)
+        self._count(student, groups, meta.sample_ids)
         return student, TeacherTargets(
             None,
             own.visual,
             own.representation,
             groups=self._grouped(own, teacher, groups),
         )
+
+    def _count(self, student: AlignedPositions, groups: BatchGroups, sample_ids) -> None:
+        """Keep the run's share of unaligned student answer tokens under the bound (the
+        data's answers were surveyed before training; the student's own are new)."""
+        self.tokens_seen += len(student)
+        self.tokens_unaligned += int(groups.unaligned.sum())
+        share = self.tokens_unaligned / max(self.tokens_seen, 1)
+        if self.tokens_seen >= MIN_TOKENS_FOR_BOUND and share > self.max_unaligned:
+            rows = groups.unaligned.nonzero().flatten().tolist()
+            raise ValueError(
+                f"cross_tokenizer: {self.tokens_unaligned} of {self.tokens_seen} student "
+                f"answer tokens so far ({share:.1%}) align with no teacher tokens, above "
+                f"max_unaligned={self.max_unaligned}; in this batch samples "
+                f"{[sample_ids[r] for r in rows][:5]}"
+            )
 
     def _grouped(
         self, own: TeacherTargets, teacher: AlignedPositions, groups: BatchGroups
