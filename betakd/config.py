@@ -68,10 +68,12 @@ class ServerSettings(Strict):
 
 
 class CrossTokenizerSettings(Strict):
-    loss: Literal["hybrid", "uld"] = Field(
+    loss: Literal["prefix", "hybrid", "uld"] = Field(
         "hybrid",
-        description="hybrid: the channel's energy on the shared vocabulary, ULD's sorted L1 "
-        "outside it; uld: sorted L1 on everything (docs/cross-tokenizer.md)",
+        description="prefix: the channel's energy between both distributions projected onto "
+        "the shared tokens by longest prefix; hybrid (GOLD): the energy on the shared "
+        "vocabulary, ULD's sorted L1 outside it; uld: sorted L1 on everything "
+        "(docs/cross-tokenizer.md)",
     )
     max_unaligned: float = Field(
         0.05,

@@ -479,6 +479,8 @@ class DistillationModule(nn.Module):
         if grouped.loss == "uld":
             return group_loss.uld
         energy, shared = self.head.energy_fns[name], grouped.shared
+        if grouped.loss == "prefix":
+            return lambda zs, rs, zt, rt: group_loss.prefix(energy, zs, zt, shared)
         return lambda zs, rs, zt, rt: group_loss.hybrid(energy, zs, rs, zt, rt, shared)
 
     def _group_energy(

@@ -214,7 +214,13 @@ def group_case():
     vs, vt = 7, 9
     pairs = [(0, 3), (2, 0), (3, 1), (6, 8)]
     shared = SharedVocabulary(
-        torch.tensor([a for a, _ in pairs]), torch.tensor([b for _, b in pairs]), vs, vt
+        torch.tensor([a for a, _ in pairs]),
+        torch.tensor([b for _, b in pairs]),
+        vs,
+        vt,
+        # Longest shared prefixes, made up (index 4: the bucket).
+        student_prefix=torch.tensor([0, 0, 1, 2, 2, 4, 3]),
+        teacher_prefix=torch.tensor([1, 2, 0, 0, 1, 4, 3, 2, 3]),
     )
     zs = torch.randn(4, vs, generator=g)
     zt = torch.randn(4, vt, generator=g)
@@ -282,6 +288,8 @@ def test_gradients_match_finite_differences(group_case, loss):
     def value(z: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         if loss == "uld":
             return group_loss.uld(z, r, zt, rt).sum()
+        if loss == "prefix":  # no rest: its gradient is zero
+            return group_loss.prefix(fn, z, zt, shared).sum() + 0 * r.sum()
         return group_loss.hybrid(fn, z, r, zt, rt, shared).sum()
 
     z, r = zs.double().requires_grad_(True), rs.double().requires_grad_(True)
@@ -370,3 +378,52 @@ def test_answers_are_translated_by_text(student_tokenizer, teacher_tokenizer):
     want = teacher_tokenizer("A green triangle.", add_special_tokens=False)["input_ids"]
     assert ended == [*want, teacher_tokenizer.eos_token_id]
     assert translate(torch.tensor(answer)).tolist() == want  # cut short: no end token
+
+
+def test_prefix_keys_are_the_longest_shared_prefixes(student_tokenizer, teacher_tokenizer):
+    shared = SharedVocabulary.between(
+        student_tokenizer, teacher_tokenizer, len(student_tokenizer), len(teacher_tokenizer)
+    )
+    spelled = {i: t for t, i in student_tokenizer.get_vocab().items()}
+    shared_tokens = [spelled[i] for i in shared.student_ids.tolist()]
+    special = set(student_tokenizer.all_special_tokens)
+    for i in range(len(student_tokenizer)):
+        token = spelled[i]
+        if token in special:
+            continue
+        # By brute force: the longest shared token that starts this token's text.
+        want = max((t for t in shared_tokens if token.startswith(t) and t not in special), key=len)
+        assert shared_tokens[shared.student_prefix[i]] == want
+
+
+def test_prefix_loss_against_a_direct_projection():
+    """Vocabularies of 5 and 4 tokens, 3 shared; each token's probability added to its
+    prefix key by hand, then JSD by its formula."""
+    shared = SharedVocabulary(
+        torch.tensor([0, 1, 2]), torch.tensor([0, 1, 3]), 5, 4,
+        student_prefix=torch.tensor([0, 1, 2, 1, 3]), teacher_prefix=torch.tensor([0, 1, 0, 2]),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(6)
+    zs, zt = torch.randn(3, 5, generator=g), torch.randn(3, 4, generator=g)
+    got = group_loss.prefix(energies.get("jsd"), zs, zt, shared)
+    want = []
+    for s_row, t_row in zip(zs.tolist(), zt.tolist(), strict=True):
+        ps, pt = softmax(s_row), softmax(t_row)
+        s_proj = [ps[0], ps[1] + ps[3], ps[2], ps[4]]
+        t_proj = [pt[0] + pt[2], pt[1], pt[3], 0.0]
+        want.append(direct_jsd(s_proj, t_proj))
+    torch.testing.assert_close(got, torch.tensor(want), rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(
+        group_loss.prefix(energies.get("jsd"), zs.requires_grad_(True), zt, shared).sum(), zs
+    )
+    assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("name", ["jsd", "cosine_probs"])
+def test_prefix_loss_with_one_vocabulary_is_the_energy(name):
+    g = torch.Generator().manual_seed(7)
+    zs, zt = torch.randn(4, 9, generator=g), torch.randn(4, 9, generator=g)
+    ids = torch.arange(9)
+    fn = energies.get(name)
+    shared = SharedVocabulary(ids, ids, 9, 9, ids, ids)
+    assert torch.equal(group_loss.prefix(fn, zs, zt, shared), fn(zs, zt))

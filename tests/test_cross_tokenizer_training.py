@@ -57,10 +57,12 @@ def sentence_data(tmp_path_factory, llava_files):
     }
 
 
-def config_for(student, teacher, data, out, *, cross=True, weighting="task", **training):
+def config_for(
+    student, teacher, data, out, *, cross=True, weighting="task", loss="hybrid", **training
+):
     raw = {
         "student": {"path": str(student)},
-        "teacher": {"path": str(teacher), **({"cross_tokenizer": {}} if cross else {})},
+        "teacher": {"path": str(teacher), **({"cross_tokenizer": {"loss": loss}} if cross else {})},
         "data": {"train_file": str(data[0]), "image_folder": data[1] and str(data[1])},
         "channels": {"logits": [{"energy": "jsd"}]},
         "weighting": {"name": weighting},
@@ -128,22 +130,29 @@ def test_groups_of_a_batch_cover_the_same_text(
 
 
 @pytest.mark.parametrize(
-    "family,weighting",
+    "family,weighting,loss",
     [
-        ("llava", "equal"),
-        ("llava", "task"),
-        ("llava", "closed_form"),
-        ("llava", "recommended"),
-        ("llama", "task"),
-        ("llama", "recommended"),
+        ("llava", "equal", "hybrid"),
+        ("llava", "task", "hybrid"),
+        ("llava", "closed_form", "hybrid"),
+        ("llava", "recommended", "hybrid"),
+        ("llava", "recommended", "prefix"),
+        ("llava", "task", "uld"),
+        ("llama", "task", "prefix"),
+        ("llama", "recommended", "hybrid"),
     ],
 )
-def test_every_weighting_trains_with_another_tokenizer(
-    family, weighting, tiny_model_dir, other_teachers, sentence_data, tmp_path
+def test_every_weighting_and_loss_trains_with_another_tokenizer(
+    family, weighting, loss, tiny_model_dir, other_teachers, sentence_data, tmp_path
 ):
     student = tiny_model_dir(family)
     config = config_for(
-        student, other_teachers[family], sentence_data[family], tmp_path / "o", weighting=weighting
+        student,
+        other_teachers[family],
+        sentence_data[family],
+        tmp_path / "o",
+        weighting=weighting,
+        loss=loss,
     )
     result = run_training(config)
     assert all(torch.isfinite(torch.tensor(losses(result))))

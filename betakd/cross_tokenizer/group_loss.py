@@ -38,7 +38,7 @@ from betakd.chunked import TeacherLogits
 from betakd.cross_tokenizer.vocabulary import SharedVocabulary
 from betakd.energies import EnergyFn
 
-LOSSES = ("hybrid", "uld")
+LOSSES = ("prefix", "hybrid", "uld")
 
 
 def group_log_probs(first_logits: Tensor, rest_log_prob: Tensor) -> Tensor:
@@ -117,6 +117,41 @@ def hybrid(
         (teacher_first[:, unshared_t] + teacher_rest[:, None]).exp(),
     )
     return w * shared_energy + (1 - w) * outside
+
+
+def prefix(
+    energy: EnergyFn, student_logits: Tensor, teacher_logits: Tensor, shared: SharedVocabulary
+) -> Tensor:
+    """``[G]`` the prefix loss: each side's distribution at the group's first token
+    projected onto the shared tokens, every token's probability added to the shared token
+    that is the longest prefix of its text (the rest to one bucket), then ``energy``
+    between the two projections.
+
+    Where one tokenizer keeps a word whole (``Ġblue``) and the other splits it (``Ġbl``,
+    ``u``, ``e``), both sides' mass for that word lands on the same shared token (``Ġbl``),
+    as does each side's mass for the other words starting that way; so the teacher's
+    preference between alternatives (blue or green) reaches the student in the student's
+    own tokens, which comparing first tokens directly does not do (the hybrid loss
+    then pushes the student towards the teacher's pieces). One vocabulary on both sides:
+    the energy itself.
+    """
+    if shared.identical:
+        return energy(student_logits, teacher_logits.detach())
+    if shared.student_prefix is None or shared.teacher_prefix is None:
+        raise ValueError("the prefix loss needs SharedVocabulary.between's prefix keys")
+    return energy(
+        _projected(student_logits, shared.student_prefix, len(shared)),
+        _projected(teacher_logits.detach(), shared.teacher_prefix, len(shared)),
+    )
+
+
+def _projected(logits: Tensor, keys: Tensor, num_shared: int) -> Tensor:
+    """``[G, S + 1]``: log of the probability each shared token (and the bucket) collects."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    mass = probs.new_zeros(probs.shape[0], num_shared + 1)
+    mass = mass.index_add(1, keys.to(probs.device), probs)
+    # The where keeps log's gradient finite at an empty column (see _rest_bucket).
+    return torch.where(mass > 0, mass.clamp_min(1e-38).log(), float("-inf"))
 
 
 def _rest_bucket(first_log_p: Tensor, rest: Tensor, unshared: Tensor) -> Tensor:

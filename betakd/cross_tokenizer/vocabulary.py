@@ -28,6 +28,11 @@ class SharedVocabulary:
     teacher_ids: Tensor  # [S] long
     student_size: int
     teacher_size: int
+    # Per token of each vocabulary [V]: the shared token (its index in the pairs) that is
+    # the longest prefix of its text, or S when none is (what the prefix loss projects
+    # each side's distribution onto).
+    student_prefix: Tensor | None = None
+    teacher_prefix: Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.student_ids.numel())
@@ -57,7 +62,33 @@ class SharedVocabulary:
         student_of = _first_id_of_key(student_keys, student_size)
         pairs = sorted((i, teacher_of[key]) for key, i in student_of.items() if key in teacher_of)
         ids = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
-        return cls(ids[:, 0].contiguous(), ids[:, 1].contiguous(), student_size, teacher_size)
+        shared_index = {student_keys[i]: n for n, (i, _) in enumerate(pairs)}
+        return cls(
+            ids[:, 0].contiguous(),
+            ids[:, 1].contiguous(),
+            student_size,
+            teacher_size,
+            _longest_shared_prefix(student_keys, student_size, shared_index),
+            _longest_shared_prefix(teacher_keys, teacher_size, shared_index),
+        )
+
+
+def _longest_shared_prefix(
+    keys: dict[int, tuple[bool, bytes]], size: int, shared: dict[tuple[bool, bytes], int]
+) -> Tensor:
+    """``[size]``: for each token, the index of the shared token that is the longest
+    prefix of its bytes (a special token: only itself), else ``len(shared)``."""
+    out = torch.full((size,), len(shared), dtype=torch.long)
+    for i, (special, text) in keys.items():
+        if i >= size:
+            continue
+        lengths = [len(text)] if special else range(len(text), 0, -1)
+        for length in lengths:
+            n = shared.get((special, text[:length]))
+            if n is not None:
+                out[i] = n
+                break
+    return out
 
 
 def _first_id_of_key(keys: dict[int, tuple[bool, bytes]], size: int) -> dict:
