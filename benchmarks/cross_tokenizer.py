@@ -4,7 +4,7 @@
 A tiny LLaVA student and two teachers of one size (``teacher_cache.py``'s sizes and
 sentence answers, 20-25 tokens each): ``same`` has the student's tokenizer; ``cross``
 another one (other merges, a smaller vocabulary), aligned by text
-(``teacher.cross_tokenizer``, the hybrid loss). Both distil ``jsd`` with the task
+(``teacher.cross_tokenizer``, the prefix loss). Both distil ``jsd`` with the task
 weighting. What the cross-tokenizer step adds: tokenising each answer run again for its
 spans, grouping, the teacher's NLL of its own tokens and the per-group energy.
 
@@ -58,7 +58,7 @@ def prepare(root: Path, samples: int) -> None:
 def make_config(root: Path, variant: str, batch_size: int) -> cfg.TrainConfig:
     teacher = {"path": str(root / variant)}
     if variant == "cross":
-        teacher["cross_tokenizer"] = {"loss": "hybrid"}
+        teacher["cross_tokenizer"] = {"loss": "prefix"}
     return cfg.validate(
         {
             "student": {"path": str(root / "student")},

@@ -69,7 +69,7 @@ class ServerSettings(Strict):
 
 class CrossTokenizerSettings(Strict):
     loss: Literal["prefix", "hybrid", "uld"] = Field(
-        "hybrid",
+        "prefix",
         description="prefix: the channel's energy between both distributions projected onto "
         "the shared tokens by longest prefix; hybrid (GOLD): the energy on the shared "
         "vocabulary, ULD's sorted L1 outside it; uld: sorted L1 on everything "

@@ -86,14 +86,15 @@ def losses(result) -> list[float]:
     return [h["loss"] for h in result.log_history if "loss" in h]
 
 
+@pytest.mark.parametrize("loss", ["prefix", "hybrid"])
 def test_the_same_tokenizer_through_text_alignment_is_the_same_run(
-    llava_pair, sentence_data, tmp_path
+    loss, llava_pair, sentence_data, tmp_path
 ):
     """One vocabulary on both sides: every group is one token, the loss the energy
     itself, so the whole run equals the same-tokenizer run."""
     data = sentence_data["llava"]
     plain = run_training(config_for(*llava_pair, data, tmp_path / "a", cross=False, max_steps=3))
-    aligned = run_training(config_for(*llava_pair, data, tmp_path / "b", max_steps=3))
+    aligned = run_training(config_for(*llava_pair, data, tmp_path / "b", loss=loss, max_steps=3))
     assert losses(aligned) == pytest.approx(losses(plain), abs=1e-6)
     assert_same_final_state(tmp_path / "a", tmp_path / "b", atol=1e-6)
 

@@ -139,7 +139,7 @@ class CrossTokenizerScenario:
     seeds: tuple[int, ...] = (0, 1, 2)
     strategy: str = "reliable_instance"  # the weighting (a strategy name) of every KD run
     teacher_vocab_size: int = 360  # the other tokenizer's vocabulary (fewer merges)
-    losses: tuple[str, ...] = ("hybrid", "uld")
+    losses: tuple[str, ...] = ("prefix", "hybrid", "uld")
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ blind slice). Teacher a is trained with the student's tokenizer; teacher b is th
 teacher (same data, size, training) with another tokenizer, trained here with fewer
 merges (``cross_tokenizer.teacher_vocab_size``), so it spells the answers' words in other
 pieces. Students learn with the recommended weighting from teacher a (the reference),
-from teacher b aligned by text (``teacher.cross_tokenizer``) with each loss (hybrid,
-plain ULD), and from CE only; the report gives the share of teacher a's gain over CE
+from teacher b aligned by text (``teacher.cross_tokenizer``) with each loss (prefix,
+GOLD's hybrid, plain ULD), and from CE only; the report gives the share of teacher a's gain over CE
 that teacher b keeps, per seed.
 """
 

@@ -202,7 +202,7 @@ class GroupedTargets:
     answer_nll: Tensor
     shared: SharedVocabulary
     teacher_vocab: int
-    loss: str = "hybrid"
+    loss: str = "prefix"
 
     @property
     def num_groups(self) -> int:

@@ -33,7 +33,7 @@ class TextAlignedTeacher:
         student_tokenizer, teacher_tokenizer: fast tokenizers (offsets).
         shared: the shared vocabulary of the two.
         teacher_vocab: the teacher's logit columns that are tokens.
-        loss: ``hybrid`` or ``uld`` (:mod:`betakd.cross_tokenizer.group_loss`).
+        loss: ``prefix``, ``hybrid`` or ``uld`` (:mod:`betakd.cross_tokenizer.group_loss`).
         chunk_size: rows at a time for the teacher's NLL of its own tokens.
     """
 
@@ -45,7 +45,7 @@ class TextAlignedTeacher:
         shared: SharedVocabulary,
         *,
         teacher_vocab: int,
-        loss: str = "hybrid",
+        loss: str = "prefix",
         chunk_size: int | None = None,
         max_unaligned: float = 1.0,
     ) -> None:

@@ -15,7 +15,7 @@ from betakd.demo.run import demo_config
 def test_runs_pair_each_teacher_with_its_tokenizer_setting():
     config = demo_config(False, [])
     runs = {r.name: r for r in scenario_runs(config)}
-    assert set(runs) == {"ce_only", "same_tokenizer", "cross_hybrid", "cross_uld"}
+    assert set(runs) == {"ce_only", "same_tokenizer", "cross_prefix", "cross_hybrid", "cross_uld"}
     assert runs["same_tokenizer"].teacher == "a" and runs["same_tokenizer"].cross_tokenizer is None
     assert runs["cross_uld"].teacher == "b" and runs["cross_uld"].cross_tokenizer == {"loss": "uld"}
     other = other_tokenizer_config(config)
@@ -47,7 +47,7 @@ def test_quick_cross_tokenizer_scenario_writes_its_report(tmp_path, monkeypatch,
     assert result.exit_code == 0, result.output
     results = json.loads((out / "results.json").read_text())
     assert {r["run"] for r in results["runs"]} == {
-        "ce_only", "same_tokenizer", "cross_hybrid", "cross_uld"
+        "ce_only", "same_tokenizer", "cross_prefix", "cross_hybrid", "cross_uld"
     }  # fmt: skip
     assert results["teachers"]["b"]["vocab_size"] == 360
     report = (out / "report.md").read_text()
