@@ -9,6 +9,7 @@ forward passes, ``BetaKDTrainer.compute_loss``, backward and the optimizer step
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
@@ -16,10 +17,12 @@ import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import torch
 from common import fmt, mib, ratio, run_worker
 from teacher_cache import step
 
 from betakd.profiling import peak_rss_bytes, peak_tensor_bytes
+from betakd.train import build_trainer, training_arguments
 
 
 def batches(trainer, batch_size: int, count: int) -> list[list]:
@@ -64,6 +67,49 @@ def step_memory(trainer, work: list[list]) -> dict:
         run(conversations)
     live = peak_tensor_bytes(lambda: run(work[-1]))
     return {"rss_bytes": peak_rss_bytes(), "step_live_bytes": live}
+
+
+def parse_args(argv: list[str] | None, description: str, batch_size: int):
+    """The options every side-by-side benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--samples", type=int, default=48, help="samples in the data set")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--steps", type=int, default=16, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
+    p.add_argument("--threads", type=int, default=1, help="see teacher_cache.py")
+    p.add_argument("--root", default=None, help=argparse.SUPPRESS)  # models and data
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def training_block(root: Path, variant: str, batch_size: int) -> dict:
+    """The ``training`` block of a variant's config (CPU, no reporting)."""
+    return {
+        "output_dir": str(root / f"out-{variant}"),
+        "per_device_train_batch_size": batch_size,
+        "use_cpu": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+    }
+
+
+def main(
+    args, prepare: Callable[[Path, int], None], make_config: Callable, variants: tuple[str, ...]
+) -> dict:
+    """A benchmark's run: a worker's memory (``--worker``), or every variant measured
+    with the last variant's ratios over the first's. ``make_config(root, variant,
+    batch_size)`` is a variant's ``betakd train`` config."""
+    torch.set_num_threads(args.threads)
+
+    def trainer_of(root: Path, variant: str, batch_size: int):
+        config = make_config(root, variant, batch_size)
+        return build_trainer(config, training_arguments(config))
+
+    if args.worker:
+        return worker(args, trainer_of)
+    torch.manual_seed(0)
+    result = measure(args, prepare, trainer_of, variants)
+    return with_ratios(result, variants[-1], variants[0])
 
 
 def measure(
