@@ -22,7 +22,6 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from betakd import config as cfg
 from betakd import models, weighting
 from betakd.align import representation_dim
-from betakd.cross_tokenizer.groups import survey_alignment
 from betakd.data import DataCache, KDCollator, SampleEncoder, SkipReport, build_dataset
 from betakd.distill import DistillationHead, DistillationModule, LogitChannelSpec
 from betakd.features import FeatureChannel
@@ -214,8 +213,11 @@ def build_trainer(
             )
     for plan in config.teacher_plans():
         if plan.settings.cross_tokenizer is not None:
-            encoder = teacher.encoder if plan.name is None else teacher.encoder[plan.name]
-            survey = survey_alignment(conversations, student_encoder, encoder)
+            source = teacher.source if plan.name is None else teacher.source.members[plan.name]
+            encoder = teacher.encoder
+            if isinstance(encoder, dict):
+                encoder = encoder.get(plan.name)
+            survey = source.survey(conversations, student_encoder, encoder)
             logger.info("%s: %s", plan.key, survey.summary())
             survey.enforce(
                 plan.settings.cross_tokenizer.max_unaligned, f"{plan.key}.cross_tokenizer"

@@ -10,6 +10,7 @@ from kd_configs import TRAINING, StopAfter, assert_same_final_state
 from transformers import AutoTokenizer
 
 from betakd import config as cfg
+from betakd.cache_cli import cache_teacher
 from betakd.models import ModelError
 from betakd.teachers import BatchMeta
 from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
@@ -209,6 +210,33 @@ def test_the_students_own_answers_are_scored_by_a_teacher_of_another_tokenizer(
     assert trainer.teacher.tokens_unaligned <= 0.05 * trainer.teacher.tokens_seen
 
 
+def test_a_cache_of_a_teacher_of_another_tokenizer_trains_like_the_online_teacher(
+    tiny_model_dir, other_teachers, sentence_data, teacher_tokenizer, tmp_path
+):
+    """`betakd cache-teacher` writes the teacher's own tokens and top-k (k = its whole
+    vocabulary here); training from that cache follows the online teacher to float16
+    precision."""
+    runs = {}
+    for source in ("online", "cache"):
+        config = config_for(
+            tiny_model_dir("llava"),
+            other_teachers["llava"],
+            sentence_data["llava"],
+            tmp_path / source,
+            weighting="recommended",
+            max_steps=3,
+        )
+        raw = config.model_dump()
+        raw["teacher"].update(
+            cache_dir=str(tmp_path / "teacher-cache"), cache_top_k=len(teacher_tokenizer)
+        )
+        if source == "cache":
+            cache_teacher(cfg.validate(raw), progress=False)
+            raw["teacher"]["source"] = "cache"
+        runs[source] = losses(run_training(cfg.validate(raw)))
+    assert runs["cache"] == pytest.approx(runs["online"], rel=2e-3)
+
+
 def test_accumulation_equals_one_large_batch(
     tiny_model_dir, other_teachers, sentence_data, tmp_path
 ):
@@ -287,7 +315,10 @@ def test_another_vocabulary_without_the_option_is_refused_with_its_name(
 @pytest.mark.parametrize(
     "change,message",
     [
-        (lambda raw: raw["teacher"].update(source="cache", cache_dir="c"), "runs online"),
+        (
+            lambda raw: raw["teacher"].update(source="served", server={"url": "u", "model": "m"}),
+            "served teacher of another tokenizer",
+        ),
         (lambda raw: raw["channels"]["logits"][0].update(positions="answer_and_prompt"), "answer"),
     ],
 )

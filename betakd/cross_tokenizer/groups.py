@@ -195,19 +195,20 @@ def label_runs(labels: Tensor) -> list[list[int]]:
 
 
 def unaligned_tokens(
-    student_labels: Tensor, teacher_labels: Tensor, student_tokenizer, teacher_tokenizer
+    student_runs: Sequence[Sequence[int]],
+    teacher_runs: Sequence[Sequence[int]],
+    student_tokenizer,
+    teacher_tokenizer,
 ) -> tuple[int, int]:
-    """One sample's (student answer tokens, those in no group)."""
-    student_runs, teacher_runs = label_runs(student_labels), label_runs(teacher_labels)
+    """One sample's (student answer tokens, those in no group), run k with run k."""
     total = sum(len(run) for run in student_runs)
     missing = 0
     for k, run in enumerate(student_runs):
         if k >= len(teacher_runs):
             missing += len(run)
             continue
-        missing += group_runs(
-            run, teacher_runs[k], student_tokenizer, teacher_tokenizer
-        ).unaligned_student
+        groups = group_runs(run, teacher_runs[k], student_tokenizer, teacher_tokenizer)
+        missing += groups.unaligned_student
     return total, missing
 
 
@@ -239,17 +240,20 @@ class AlignmentSurvey:
             )
 
 
-def survey_alignment(conversations, student_encoder, teacher_encoder) -> AlignmentSurvey:
-    """Align every conversation's answers as both encoders encode them (their encodings
-    are cached by the validation pass) and count what stays unaligned."""
+def survey_alignment(
+    conversations, student_encoder, teacher_runs, teacher_tokenizer
+) -> AlignmentSurvey:
+    """Align every conversation's answers, the student's as its encoder encodes them (the
+    validation pass cached them) and the teacher's as ``teacher_runs(conversation)`` gives
+    its answer runs, and count what stays unaligned."""
     tokens = 0
     unaligned: dict[str, int] = {}
     for conversation in conversations:
         total, missing = unaligned_tokens(
-            student_encoder.encode_cached(conversation).labels,
-            teacher_encoder.encode_cached(conversation).labels,
+            label_runs(student_encoder.encode_cached(conversation).labels),
+            teacher_runs(conversation),
             student_encoder.tokenizer,
-            teacher_encoder.tokenizer,
+            teacher_tokenizer,
         )
         tokens += total
         if missing:

@@ -173,10 +173,27 @@ def _text_aligned_teacher(
     student: models.LoadedModel,
     student_vocab: int,
 ) -> TextAlignedTeacher:
-    """A teacher of another tokenizer: its own online source, aligned by text."""
+    """An online teacher of another tokenizer: its own online source, aligned by text."""
     teacher_vocab = models.vocab_rows(teacher.processor, teacher.model)
+    chunk = config.channels.chunk_size
+    own = online_source(config, plan, teacher, teacher_vocab, chunk, student_adapter=None)
+    own.need_logits = True  # the groups' targets and the teacher's NLL read them
+    return _aligned_by_text(config, plan, own, student.processor, teacher.processor, student_vocab)
+
+
+def _aligned_by_text(
+    config: cfg.TrainConfig,
+    plan: cfg.TeacherPlan,
+    own: OnlineTeacher | CachedTeacher,
+    student_processor,
+    teacher_processor,
+    student_vocab: int,
+) -> TextAlignedTeacher:
+    """A source of the teacher's own targets (its vocabulary) aligned by text with the
+    student's answers."""
+    teacher_vocab = models.vocab_rows(teacher_processor)
     shared = SharedVocabulary.between(
-        student.processor, teacher.processor, student_vocab, teacher_vocab
+        student_processor, teacher_processor, student_vocab, teacher_vocab
     )
     logger.info(
         "%s: aligned by text; %d of the student's %d and the teacher's %d tokens shared",
@@ -185,18 +202,16 @@ def _text_aligned_teacher(
         student_vocab,
         teacher_vocab,
     )
-    chunk = config.channels.chunk_size
-    own = online_source(config, plan, teacher, teacher_vocab, chunk, student_adapter=None)
-    own.need_logits = True  # the groups' targets and the teacher's NLL read them
+    settings = plan.settings.cross_tokenizer
     return TextAlignedTeacher(
         own,
-        models.tokenizer_of(student.processor),
-        models.tokenizer_of(teacher.processor),
+        models.tokenizer_of(student_processor),
+        models.tokenizer_of(teacher_processor),
         shared,
         teacher_vocab=teacher_vocab,
-        loss=plan.settings.cross_tokenizer.loss,
-        chunk_size=chunk,
-        max_unaligned=plan.settings.cross_tokenizer.max_unaligned,
+        loss=settings.loss,
+        chunk_size=config.channels.chunk_size,
+        max_unaligned=settings.max_unaligned,
     )
 
 
@@ -237,20 +252,31 @@ def _cached_teacher(
     if needs.visual and not student.adapter.multimodal:
         raise CacheError(f"{where}.features: the student is text-only, it has no visual tokens")
     settings = plan.settings
+    cross = settings.cross_tokenizer is not None
+    if cross and not settings.path:
+        raise CacheError(
+            f"{plan.key}.path: a cached teacher of another tokenizer needs its folder for the "
+            "tokenizer (its weights are not loaded)"
+        )
+    # The cache holds the teacher's tokens: those of its own tokenizer when it differs.
+    processor = models.load_processor(settings.path) if cross else student.processor
     cache = TeacherCache(settings.cache_dir)
     cache.check_fingerprint(
-        config_data_fingerprint(config, student.processor),
+        config_data_fingerprint(config, processor),
         teacher_path=settings.path,
         top_k=settings.cache_top_k if needs.logits else None,
     )
     vocab = models.vocab_rows(student.processor, student.model)
+    cached_vocab = models.vocab_rows(processor) if cross else vocab
     source = CachedTeacher(
         cache,
-        vocab_rows=vocab,
-        need_logits=needs.logits,
+        vocab_rows=cached_vocab,
+        need_logits=needs.logits or cross,
         need_visual=needs.visual,
         representation=needs.representation,
     )
+    if cross:
+        source = _aligned_by_text(config, plan, source, student.processor, processor, vocab)
     return TeacherSide(
         source=source,
         encoder=None,

@@ -246,14 +246,42 @@ class CachedTeacher:
     ) -> tuple[AlignedPositions, TeacherTargets]:
         samples = [self.cache.sample(int(i)) for i in torch.as_tensor(meta.sample_index).tolist()]
         aligned, ranks = self._align(student_batch, samples, meta.sample_ids)
-        rows = aligned.batch_index.cpu()
+        targets = self._targets(samples, aligned.batch_index.cpu(), ranks, meta.image_counts)
+        return aligned, targets
+
+    def own_targets(
+        self, student_batch: dict, meta: BatchMeta
+    ) -> tuple[AlignedPositions, TeacherTargets]:
+        """The cached answer tokens with their targets, aligned with themselves (what a
+        teacher of another tokenizer is aligned from by text). The cache keeps no turn
+        boundaries: a sample's cached answer tokens are one run."""
+        del student_batch  # the cache holds the teacher's own tokens
+        samples = [self.cache.sample(int(i)) for i in torch.as_tensor(meta.sample_index).tolist()]
+        counts = [s.target_ids.numel() for s in samples]
+        rows = torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(counts))
+        ranks = torch.cat([torch.arange(n) for n in counts]) if counts else rows
+        aligned = AlignedPositions(
+            batch_index=rows.to(self.device),
+            student_pos=ranks.to(self.device),  # consecutive: one run per sample
+            teacher_pos=ranks.to(self.device),
+            token_ids=torch.cat([s.target_ids.long() for s in samples]).to(self.device),
+            is_answer=torch.ones(len(rows), dtype=torch.bool, device=self.device),
+            batch_size=len(samples),
+        )
+        return aligned, self._targets(samples, rows, ranks, meta.image_counts)
+
+    def cached_answer_runs(self, conversation) -> list[list[int]]:
+        """A sample's cached answer tokens, as one run."""
+        return [self.cache.sample(conversation.index).target_ids.tolist()]
+
+    def _targets(self, samples, rows: Tensor, ranks: Tensor, image_counts) -> TeacherTargets:
         tokens = self._tokens(samples, rows, ranks) if self.need_logits else None
-        visual = self._visual(samples, meta.image_counts) if self.need_visual else None
+        visual = self._visual(samples, image_counts) if self.need_visual else None
         representation = None
         if self.representation is not None:
             representation = torch.stack([s.representation.float() for s in samples])
             representation = representation.to(self.device)
-        return aligned, TeacherTargets(tokens, visual, representation)
+        return TeacherTargets(tokens, visual, representation)
 
     def _align(
         self, student_batch: dict, samples: list[CachedSample], sample_ids

@@ -101,6 +101,23 @@ class OnlineTeacher:
         counts = meta.image_counts if counts is None else counts.tolist()
         return aligned, self.targets(meta.teacher_batch, aligned, counts)
 
+    def own_targets(
+        self, student_batch: dict, meta: BatchMeta
+    ) -> tuple[AlignedPositions, TeacherTargets]:
+        """The teacher's targets for its own answer tokens (its batch aligned with itself):
+        what a teacher of another tokenizer is aligned from by text."""
+        if meta.teacher_batch is None:
+            raise ValueError(
+                "the online teacher needs the teacher's batch: collate with the teacher's "
+                "encoder (KDCollator(student, teacher))"
+            )
+        teacher = align_positions(
+            meta.teacher_batch, meta.teacher_batch, sample_ids=meta.sample_ids
+        )
+        counts = meta.teacher_batch.get("image_counts")
+        counts = meta.image_counts if counts is None else counts.tolist()
+        return teacher, self.targets(meta.teacher_batch, teacher, counts)
+
     @torch.no_grad()
     def targets(
         self, teacher_batch: dict, aligned: AlignedPositions, image_counts: Sequence[int]

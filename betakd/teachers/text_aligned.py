@@ -1,10 +1,11 @@
 """A teacher with another tokenizer than the student's, aligned by text (a
 :class:`~betakd.teachers.TeacherSource`).
 
-It wraps a source of the teacher's own targets (an :class:`~betakd.teachers.OnlineTeacher`
-built for the teacher's vocabulary), runs it on the teacher's own batch with the
-teacher's answer tokens aligned to themselves, and groups both sides' answer tokens by
-text (:mod:`betakd.cross_tokenizer`). The aligned positions it returns are the student's
+It wraps a source of the teacher's own targets, built for the teacher's vocabulary (an
+:class:`~betakd.teachers.OnlineTeacher` on the teacher's own batch, or a
+:class:`~betakd.teachers.CachedTeacher` of a cache that ``betakd cache-teacher`` wrote
+with the teacher's tokenizer), asks it for the teacher's answer tokens with their targets
+(``own_targets``), and groups both sides' answer tokens by text (:mod:`betakd.cross_tokenizer`). The aligned positions it returns are the student's
 answer tokens (aligned with themselves: ``teacher_pos`` carries no teacher meaning); the
 teacher's side travels as :class:`~betakd.teachers.targets.GroupedTargets`.
 """
@@ -13,9 +14,17 @@ from __future__ import annotations
 
 from betakd import chunked
 from betakd.align import AlignedPositions, align_positions
-from betakd.cross_tokenizer.groups import BatchGroups, batch_groups, sum_by_group
+from betakd.cross_tokenizer.groups import (
+    AlignmentSurvey,
+    BatchGroups,
+    batch_groups,
+    label_runs,
+    sum_by_group,
+    survey_alignment,
+)
 from betakd.cross_tokenizer.vocabulary import SharedVocabulary
 from betakd.objective import per_sample_mean
+from betakd.teachers.cache_reader import CachedTeacher
 from betakd.teachers.online import OnlineTeacher
 from betakd.teachers.protocol import BatchMeta, TeacherTargets
 from betakd.teachers.targets import GroupedTargets
@@ -29,7 +38,8 @@ class TextAlignedTeacher:
 
     Args:
         teacher: the teacher's own source, built for its vocabulary (``vocab_rows`` =
-            ``teacher_vocab``), returning logits for its answer tokens.
+            ``teacher_vocab``), with ``own_targets(student_batch, meta)``: its answer
+            tokens aligned with themselves and their targets.
         student_tokenizer, teacher_tokenizer: fast tokenizers (offsets).
         shared: the shared vocabulary of the two.
         teacher_vocab: the teacher's logit columns that are tokens.
@@ -39,7 +49,7 @@ class TextAlignedTeacher:
 
     def __init__(
         self,
-        teacher: OnlineTeacher,
+        teacher: OnlineTeacher | CachedTeacher,
         student_tokenizer,
         teacher_tokenizer,
         shared: SharedVocabulary,
@@ -60,6 +70,18 @@ class TextAlignedTeacher:
         self.tokens_seen = 0
         self.tokens_unaligned = 0
 
+    def survey(self, conversations, student_encoder, teacher_encoder=None) -> AlignmentSurvey:
+        """How much of a data set's answers aligns: the teacher's answer runs from its
+        encoder (online) or from the cache (one run per sample)."""
+        if teacher_encoder is not None:
+
+            def runs(conversation):
+                return label_runs(teacher_encoder.encode_cached(conversation).labels)
+
+        else:
+            runs = self.teacher.cached_answer_runs
+        return survey_alignment(conversations, student_encoder, runs, self.teacher_tokenizer)
+
     def prepare(self, accelerator) -> TextAlignedTeacher:
         self.teacher.prepare(accelerator)
         return self
@@ -67,17 +89,8 @@ class TextAlignedTeacher:
     def __call__(
         self, student_batch: dict, meta: BatchMeta
     ) -> tuple[AlignedPositions, TeacherTargets]:
-        teacher_batch = meta.teacher_batch
-        if teacher_batch is None:
-            raise ValueError(
-                "a teacher of another tokenizer needs the teacher's batch: collate with the "
-                "teacher's encoder (KDCollator(student, teacher))"
-            )
         student = align_positions(student_batch, student_batch, sample_ids=meta.sample_ids)
-        teacher = align_positions(teacher_batch, teacher_batch, sample_ids=meta.sample_ids)
-        counts = teacher_batch.get("image_counts")
-        counts = meta.image_counts if counts is None else counts.tolist()
-        own = self.teacher.targets(teacher_batch, teacher, counts)
+        teacher, own = self.teacher.own_targets(student_batch, meta)
         groups = batch_groups(student, teacher, self.student_tokenizer, self.teacher_tokenizer)
         self._count(student, groups, meta.sample_ids)
         return student, TeacherTargets(
