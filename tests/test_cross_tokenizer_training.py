@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from kd_configs import TRAINING, StopAfter, assert_same_final_state
+from kd_configs import TRAINING, StopAfter, assert_same_final_state, final_state
 from transformers import AutoTokenizer
 
 from betakd import config as cfg
@@ -181,7 +181,15 @@ def test_chunked_energies_equal_the_dense_path(
         raw["channels"]["chunk_size"] = chunk
         runs[name] = losses(run_training(cfg.validate(raw)))
     assert runs["chunked"] == pytest.approx(runs["dense"], abs=1e-5)
-    assert_same_final_state(tmp_path / "dense", tmp_path / "chunked", atol=1e-5)
+    for dense, chunked in zip(
+        final_state(tmp_path / "dense"), final_state(tmp_path / "chunked"), strict=True
+    ):
+        for key, value in dense.items():
+            # An attention key bias gets a zero gradient in exact arithmetic (softmax is
+            # shift-invariant); Adam turns its rounding noise into steps of the learning
+            # rate's size, which differ with the thread count, not with the chunking.
+            if not key.endswith("k_proj.bias"):
+                torch.testing.assert_close(chunked[key], value, rtol=0, atol=1e-5, msg=key)
 
 
 @pytest.mark.parametrize("mode", ["on_policy", "mixed"])
