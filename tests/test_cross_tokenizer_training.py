@@ -69,6 +69,8 @@ def config_for(
         "weighting": {"name": weighting},
         "training": {"output_dir": str(out), **TRAINING, "max_steps": 2, **training},
     }
+    if weighting == "fixed":
+        raw["weighting"]["options"] = {"weights": {"jsd": 2.0}}
     if weighting == "recommended":
         raw["weighting"] = {
             "name": "instance",
@@ -135,6 +137,8 @@ def test_groups_of_a_batch_cover_the_same_text(
     "family,weighting,loss",
     [
         ("llava", "equal", "hybrid"),
+        ("llava", "fixed", "prefix"),
+        ("llava", "instance", "prefix"),
         ("llava", "task", "hybrid"),
         ("llava", "closed_form", "hybrid"),
         ("llava", "recommended", "hybrid"),
