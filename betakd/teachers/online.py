@@ -83,40 +83,25 @@ class OnlineTeacher:
     def __call__(
         self, student_batch: dict, meta: BatchMeta
     ) -> tuple[AlignedPositions, TeacherTargets]:
-        if meta.teacher_batch is None:
-            raise ValueError(
-                "the online teacher needs the teacher's batch: collate with the teacher's "
-                "encoder (KDCollator(student, teacher))"
-            )
+        teacher_batch, counts = _teacher_batch(meta)
         aligned = align_positions(
             student_batch,
-            meta.teacher_batch,
+            teacher_batch,
             student_adapter=self.student_adapter,
             teacher_adapter=self.adapter,
             include_prompt=self.include_prompt,
             sample_ids=meta.sample_ids,
         )
-        # The teacher's own visual pieces (tiles differ between families), when collated.
-        counts = meta.teacher_batch.get("image_counts")
-        counts = meta.image_counts if counts is None else counts.tolist()
-        return aligned, self.targets(meta.teacher_batch, aligned, counts)
+        return aligned, self.targets(teacher_batch, aligned, counts)
 
     def own_targets(
         self, student_batch: dict, meta: BatchMeta
     ) -> tuple[AlignedPositions, TeacherTargets]:
         """The teacher's targets for its own answer tokens (its batch aligned with itself):
         what a teacher of another tokenizer is aligned from by text."""
-        if meta.teacher_batch is None:
-            raise ValueError(
-                "the online teacher needs the teacher's batch: collate with the teacher's "
-                "encoder (KDCollator(student, teacher))"
-            )
-        teacher = align_positions(
-            meta.teacher_batch, meta.teacher_batch, sample_ids=meta.sample_ids
-        )
-        counts = meta.teacher_batch.get("image_counts")
-        counts = meta.image_counts if counts is None else counts.tolist()
-        return teacher, self.targets(meta.teacher_batch, teacher, counts)
+        teacher_batch, counts = _teacher_batch(meta)
+        teacher = align_positions(teacher_batch, teacher_batch, sample_ids=meta.sample_ids)
+        return teacher, self.targets(teacher_batch, teacher, counts)
 
     @torch.no_grad()
     def targets(
@@ -163,6 +148,18 @@ class OnlineTeacher:
         # The tokens come with the forward pass at no extra cost, so they are always
         # returned (a trust measured against the data reads them too).
         return TeacherTargets(tokens, visual if self.need_visual else None, representation)
+
+
+def _teacher_batch(meta: BatchMeta) -> tuple[dict, list[int]]:
+    """The teacher's own batch and its visual pieces per sample (tiles differ between
+    families; the student's counts when the collator kept none)."""
+    if meta.teacher_batch is None:
+        raise ValueError(
+            "the online teacher needs the teacher's batch: collate with the teacher's "
+            "encoder (KDCollator(student, teacher))"
+        )
+    counts = meta.teacher_batch.get("image_counts")
+    return meta.teacher_batch, meta.image_counts if counts is None else counts.tolist()
 
 
 def _zero_stage(accelerator) -> int:
