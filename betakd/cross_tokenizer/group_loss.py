@@ -1,29 +1,29 @@
 """Energies between a student and a teacher of another vocabulary, one value per group.
 
 A *group* (:mod:`betakd.cross_tokenizer.alignment`) pairs student and teacher tokens
-covering the same text. Each side's group distribution is its first position's full
-distribution times the probabilities of the group's remaining actual tokens
-(unnormalised; GOLD, Patiño et al. 2025): ``log P = log_softmax(z_first) + rest``, with
-``rest`` the summed log-probabilities of the remaining tokens (0 for a one-token group).
+covering the same text. Three losses per group, each a divergence (zero only at a match,
+as Beta-KD's Laplace step needs):
 
-Two losses per group:
-
-* **hybrid** (default): on the shared vocabulary (:class:`SharedVocabulary`), any betakd
-  energy between the two group distributions restricted to the shared tokens plus one
-  bucket holding all the rest of the mass (``1 - sum P[shared]``: other first tokens and
-  other continuations of the group), so both rows are distributions and the energy is a
-  divergence (zero only at a match, as Beta-KD's Laplace step needs). On the tokens
-  outside the shared vocabulary, ULD's sorted L1. The two are mixed by the teacher's share
-  of probability on shared tokens at the group's first position, ``w``:
-  ``w * energy + (1 - w) * ULD``.
+* **prefix** (default, :func:`prefix`): each side's distribution at the group's first
+  token projected onto the shared tokens by longest prefix, then any betakd energy.
+* **hybrid** (GOLD, Patiño et al. 2025): each side's *group distribution* is its first
+  position's full distribution times the probabilities of the group's remaining actual
+  tokens (unnormalised): ``log P = log_softmax(z_first) + rest``, with ``rest`` the summed
+  log-probabilities of the remaining tokens (0 for a one-token group). On the shared
+  vocabulary (:class:`SharedVocabulary`), any betakd energy between the two group
+  distributions restricted to the shared tokens plus one bucket holding all the rest of
+  the mass (``1 - sum P[shared]``: other first tokens and other continuations of the
+  group), so both rows are distributions. On the tokens outside the shared vocabulary,
+  ULD's sorted L1. The two are mixed by the teacher's share of probability on shared
+  tokens at the group's first position, ``w``: ``w * energy + (1 - w) * ULD``.
 * **uld** (Boizard et al. 2024): the L1 distance between the two whole group
   distributions sorted in decreasing order, the shorter one padded with zeros.
 
-With one vocabulary on both sides (every token shared, every group one token) the
-hybrid loss is the energy itself, exactly: no bucket, ``w = 1``. Limits: ULD cannot see
-which token carries the mass (a permutation of the teacher's distribution costs
-nothing), and a text that the two tokenizers split differently (numbers, for one) falls
-outside the shared vocabulary, where only ULD sees it (X-Token, 2026).
+With one vocabulary on both sides (every token shared, every group one token) prefix and
+hybrid are the energy itself, exactly. Limits: ULD cannot see which token carries the
+mass (a permutation of the teacher's distribution costs nothing), and a text that the two
+tokenizers split differently (numbers, for one) falls outside the shared vocabulary,
+where only ULD sees it (X-Token, 2026).
 """
 
 from __future__ import annotations
@@ -85,8 +85,8 @@ def hybrid(
     teacher_rest = teacher_rest.float().to(teacher_first.device).detach()
     ids_s = shared.student_ids.to(student_first.device)
     ids_t = shared.teacher_ids.to(teacher_first.device)
-    unshared_s = shared.unshared_student().to(student_first.device)
-    unshared_t = shared.unshared_teacher().to(teacher_first.device)
+    unshared_s = shared.unshared_student.to(student_first.device)
+    unshared_t = shared.unshared_teacher.to(teacher_first.device)
     multi_token = bool(((student_rest != 0) | (teacher_rest != 0)).any())
     if unshared_s.numel() or unshared_t.numel() or multi_token:
         student_shared = torch.cat(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -45,9 +46,12 @@ class SharedVocabulary:
             torch.equal(self.student_ids, self.teacher_ids)
         )
 
+    # Computed once per vocabulary pair, not on every batch of the hybrid loss.
+    @cached_property
     def unshared_student(self) -> Tensor:
         return _complement(self.student_ids, self.student_size)
 
+    @cached_property
     def unshared_teacher(self) -> Tensor:
         return _complement(self.teacher_ids, self.teacher_size)
 
