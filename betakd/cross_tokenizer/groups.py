@@ -4,9 +4,11 @@ Each side's answer tokens are given as aligned rows (:class:`~betakd.align.Align
 of the side with itself): sample-major, in order. A sample's answer is split into
 *runs* (contiguous answer tokens: one per assistant turn); run k of the student is
 aligned with run k of the teacher by text (:func:`~betakd.cross_tokenizer.alignment.align_answers`).
-A run's text is its tokens decoded; when re-tokenising that text does not give the same
-tokens back (a tokenizer that normalises text, or a non-canonical tokenization such as a
-sampled answer), its tokens are counted unaligned instead of being guessed.
+A run's text is its tokens decoded; the tokens' spans are the tokenizer's offsets when
+re-tokenising the text gives them back, else (a sampled answer spelt in pieces the
+tokenizer would not choose) what each token adds to the decoded text
+(:func:`tokenized_run`); a run whose text neither gives is counted unaligned instead of
+being guessed.
 """
 
 from __future__ import annotations
@@ -123,6 +125,22 @@ def group_runs(
     return align_answers(student, teacher)
 
 
+def sample_groups(
+    student_runs: Sequence[Sequence[int]],
+    teacher_runs: Sequence[Sequence[int]],
+    student_tokenizer,
+    teacher_tokenizer,
+) -> list[TokenGroups]:
+    """One sample's answer runs grouped, run k of the student with run k of the teacher;
+    a student run without a partner has no groups (all its tokens unaligned)."""
+    return [
+        group_runs(run, teacher_runs[k], student_tokenizer, teacher_tokenizer)
+        if k < len(teacher_runs)
+        else TokenGroups((), (), len(run), 0)
+        for k, run in enumerate(student_runs)
+    ]
+
+
 def batch_groups(
     student: AlignedPositions,
     teacher: AlignedPositions,
@@ -140,16 +158,13 @@ def batch_groups(
     out: dict[str, list[int]] = {k: [] for k in ("sf", "tf", "sr", "srg", "tr", "trg", "sample")}
     unaligned = []
     for b in range(student.batch_size):
-        missing = 0
-        for k, (s_run, s_stop) in enumerate(s_runs[b]):
-            if k >= len(t_runs[b]):
-                missing += s_stop - s_run
-                continue
-            t_run, t_stop = t_runs[b][k]
-            groups = group_runs(
-                s_ids[s_run:s_stop], t_ids[t_run:t_stop], student_tokenizer, teacher_tokenizer
-            )
-            missing += groups.unaligned_student
+        runs = sample_groups(
+            [s_ids[start:stop] for start, stop in s_runs[b]],
+            [t_ids[start:stop] for start, stop in t_runs[b]],
+            student_tokenizer,
+            teacher_tokenizer,
+        )
+        for groups, (s_run, _), (t_run, _) in zip(runs, s_runs[b], t_runs[b], strict=False):
             for (s0, s1), (t0, t1) in zip(groups.student, groups.teacher, strict=True):
                 g = len(out["sf"])
                 out["sf"].append(s_run + s0)
@@ -159,7 +174,7 @@ def batch_groups(
                 out["srg"].extend([g] * (s1 - s0 - 1))
                 out["tr"].extend(range(t_run + t0 + 1, t_run + t1))
                 out["trg"].extend([g] * (t1 - t0 - 1))
-        unaligned.append(missing)
+        unaligned.append(sum(groups.unaligned_student for groups in runs))
     device = student.batch_index.device
     as_tensor = lambda key: torch.tensor(out[key], dtype=torch.long, device=device)  # noqa: E731
     return BatchGroups(
@@ -201,15 +216,8 @@ def unaligned_tokens(
     teacher_tokenizer,
 ) -> tuple[int, int]:
     """One sample's (student answer tokens, those in no group), run k with run k."""
-    total = sum(len(run) for run in student_runs)
-    missing = 0
-    for k, run in enumerate(student_runs):
-        if k >= len(teacher_runs):
-            missing += len(run)
-            continue
-        groups = group_runs(run, teacher_runs[k], student_tokenizer, teacher_tokenizer)
-        missing += groups.unaligned_student
-    return total, missing
+    runs = sample_groups(student_runs, teacher_runs, student_tokenizer, teacher_tokenizer)
+    return sum(len(run) for run in student_runs), sum(g.unaligned_student for g in runs)
 
 
 @dataclass
