@@ -536,11 +536,8 @@ class DistillationModule(nn.Module):
         """CE and logit energies from hidden states, never building [N, V] logits."""
         if not bool(aligned.is_answer.all()):
             raise ValueError("chunked energies cover answer tokens only")
-        grouped = {
-            c.name: teacher.of(c.teacher).groups
-            for c in self.head.logit_channels
-            if teacher.of(c.teacher).groups is not None
-        }
+        of_channel = {c.name: teacher.of(c.teacher).groups for c in self.head.logit_channels}
+        grouped = {name: groups for name, groups in of_channel.items() if groups is not None}
         plain = [c for c in self.head.logit_channels if c.name not in grouped]
         names = [c.name for c in plain]
         tokens = {c.teacher: teacher.of(c.teacher).tokens for c in plain}
