@@ -557,7 +557,7 @@ class TrainConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _student_answers_need_online_teachers(self) -> TrainConfig:
+    def _student_answers_need_a_scoring_teacher(self) -> TrainConfig:
         if not self.policy.on_policy:
             return self
         cached = [p.key for p in self.teacher_plans() if p.settings.source == "cache"]
@@ -565,14 +565,8 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"policy.mode {self.policy.mode!r}: the teacher scores the student's own "
                 f"answers, new at every step, but {', '.join(cached)} reads an offline cache "
-                "of the data's answers; use source: online (or policy.mode: off_policy)"
-            )
-        served = [p.key for p in self.teacher_plans() if p.settings.source == "served"]
-        if served:
-            raise ValueError(
-                f"policy.mode {self.policy.mode!r}: {', '.join(served)} is served, and a "
-                "served teacher scores the data's answers only so far; use source: online "
-                "(or policy.mode: off_policy)"
+                "of the data's answers; use source: online or served (or policy.mode: "
+                "off_policy)"
             )
         return self
 

@@ -227,8 +227,9 @@ def answered_batch(
 ) -> dict:
     """A collated KD batch (student rows, the teacher's batch or batches by name, sample
     metadata) with every row's answer replaced by ``answers``, each side with its own
-    image tokens. ``student`` and each teacher: (adapter, pad token id), and for a teacher
-    of another tokenizer its answer translation (:func:`with_answers`)."""
+    image tokens, marked as the student's answers (``student_answers``). ``student`` and
+    each teacher: (adapter, pad token id), and for a teacher of another tokenizer its
+    answer translation (:func:`with_answers`)."""
     out = with_answers(batch, answers, *student)
     if isinstance(teachers, Mapping):
         out["teacher"] = {
@@ -237,4 +238,5 @@ def answered_batch(
         }
     elif teachers is not None:
         out["teacher"] = with_answers(batch["teacher"], answers, *teachers)
+    out["student_answers"] = True
     return out

@@ -19,6 +19,8 @@ from transformers import TrainerCallback
 
 from betakd import config as cfg
 from betakd.cache_cli import cache_teacher
+from betakd.labels import supervised
+from betakd.onpolicy import answered_batch
 from betakd.teachers import ServedTeacherError, TopKLogits
 from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
@@ -94,6 +96,17 @@ def first_batch(trainer, size=4):
     return trainer.data_collator([trainer.train_dataset[i] for i in range(size)])
 
 
+def batch_of(trainer, answers=None):
+    """The first batch; with ``answers``, as an on-policy step writes them into it (the
+    student's own answers, each side with its own image tokens)."""
+    batch = first_batch(trainer)
+    if answers is None:
+        return batch
+    student, teacher = trainer.data_collator.student, trainer.data_collator.teacher
+    teachers = None if teacher is None else (teacher.adapter, teacher.pad_token_id)
+    return answered_batch(batch, answers, (student.adapter, student.pad_token_id), teachers)
+
+
 @pytest.fixture(scope="module")
 def served_llama(vllm_environment, tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("served_llama")
@@ -132,9 +145,11 @@ def test_a_served_text_teacher_equals_the_in_process_one(
     assert remote.state.global_step == STEPS
 
 
-def assert_served_equals_in_process(online, remote) -> None:
-    _, aligned_o, targets_o, _ = online.loss_inputs(first_batch(online))
-    _, aligned_s, targets_s, _ = remote.loss_inputs(first_batch(remote))
+def assert_served_equals_in_process(online, remote, answers=None) -> None:
+    """The served targets of the first batch (with ``answers`` as the student's own, when
+    given) equal the in-process teacher's."""
+    _, aligned_o, targets_o, _ = online.loss_inputs(batch_of(online, answers))
+    _, aligned_s, targets_s, _ = remote.loss_inputs(batch_of(remote, answers))
     # The same student positions and answer tokens, found in the server's tokens (for
     # the VLM, its own 64 image tokens per image against the student's 16).
     for field in ("batch_index", "student_pos", "token_ids", "is_answer"):
@@ -259,13 +274,81 @@ def test_a_served_and_a_local_teacher_train_together(
     assert trainer.state.global_step == 3 and logged
 
 
-def test_on_policy_with_a_served_teacher_is_refused_so_far(
-    served_llava, llava_pair, data, tmp_path
+def data_answers(trainer) -> list[torch.Tensor]:
+    batch = first_batch(trainer)
+    return [batch["input_ids"][r][supervised(batch["labels"][r])] for r in range(4)]
+
+
+def test_a_served_text_teacher_scores_the_students_very_tokens(
+    served_llama, tiny_model_dir, text_data, tmp_path
 ):
-    raw = raw_config(llava_pair[0], served(served_llava), data, tmp_path)
+    """On-policy, a text teacher gets the rows' tokens as a completion's prompt: every
+    sampled token is scored as the in-process teacher scores it, however oddly spelt."""
+    student, teacher = tiny_model_dir("llama", "student"), tiny_model_dir("llama", "teacher")
+    online = trainer_for(raw_config(student, {"path": str(teacher)}, text_data, tmp_path / "a"))
+    remote = trainer_for(raw_config(student, served(served_llama), text_data, tmp_path / "b"))
+    generator = torch.Generator().manual_seed(0)
+    answers = [torch.randint(10, 300, (3 + row,), generator=generator) for row in range(4)]
+    assert_served_equals_in_process(online, remote, answers)
+
+
+def split_spelling(tokenizer, token: int) -> list[int] | None:
+    """Two tokens that spell ``token``'s text, where the vocabulary has them."""
+    text = tokenizer.convert_ids_to_tokens(token)
+    vocab = tokenizer.get_vocab()
+    for cut in range(1, len(text)):
+        if text[:cut] in vocab and text[cut:] in vocab:
+            return [vocab[text[:cut]], vocab[text[cut:]]]
+    return None
+
+
+def test_a_served_vlm_teacher_scores_the_students_very_tokens_with_the_image(
+    served_llava, llava_pair, llava_teacher, data, tmp_path
+):
+    """On-policy, a VLM teacher gets the rows' tokens (each image's cut to its one
+    placeholder) and the images through vLLM's token-in API. The data's answers, one
+    spelt in other pieces than the tokenizer's (as sampling may: its text would be
+    re-tokenised otherwise) and byte tokens that are no text at all: every token scored
+    as the in-process teacher scores it."""
+    student = llava_pair[0]
+    online = trainer_for(raw_config(student, {"path": str(llava_teacher)}, data, tmp_path / "a"))
+    remote = trainer_for(raw_config(student, served(served_llava), data, tmp_path / "b"))
+    answers = data_answers(remote)
+    assert_served_equals_in_process(online, remote, answers)
+    tokenizer = remote.teacher.tokenizer
+    cut, pieces = next(
+        (i, split)
+        for i, t in enumerate(answers[0].tolist())
+        if (split := split_spelling(tokenizer, t))
+    )
+    answers[0] = torch.cat([answers[0][:cut], torch.tensor(pieces), answers[0][cut + 1 :]])
+    assert tokenizer.decode(answers[0]) == tokenizer.decode(data_answers(remote)[0])
+    bytes_only = [t for t in range(tokenizer.vocab_size) if "\ufffd" in tokenizer.decode([t])]
+    answers[1] = torch.tensor(bytes_only[:3])
+    assert_served_equals_in_process(online, remote, answers)
+
+
+def test_on_policy_with_a_vlm_teacher_needs_the_token_api(served_llama, llava_pair, data, tmp_path):
+    # The text server here is started without --enable-scale-out.
+    raw = raw_config(llava_pair[0], served(served_llama), data, tmp_path)
     raw["policy"] = {"mode": "on_policy"}
-    with pytest.raises(ValueError, match="served teacher scores the data's answers only"):
-        cfg.validate(raw)
+    with pytest.raises(ServedTeacherError, match="token-in API .* --enable-scale-out"):
+        trainer_for(raw)
+
+
+@pytest.mark.parametrize("mode", ["on_policy", "mixed"])
+def test_on_policy_and_mixed_runs_train_with_a_served_teacher(
+    served_llava, llava_pair, data, tmp_path, mode
+):
+    raw = raw_config(llava_pair[0], served(served_llava), data, tmp_path, max_steps=3)
+    raw["policy"] = {"mode": mode, "generation": {"max_new_tokens": 6}}
+    if mode == "mixed":  # some rows of each batch the student's, some the data's
+        raw["policy"].update(per="sample", student_fraction=0.6)
+    trainer = trainer_for(raw)
+    result = trainer.train()
+    assert math.isfinite(result.training_loss) and trainer.state.global_step == 3
+    logged = [h for h in trainer.state.log_history if "on_policy/share" in h]
+    assert logged and logged[0]["on_policy/share"] > 0
 
 
 class LoseServerAfter(TrainerCallback):

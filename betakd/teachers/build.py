@@ -318,6 +318,8 @@ def _served_teacher(
         concurrency=settings.concurrency,
     )
     server.check()
+    if config.policy.on_policy and student.adapter.multimodal:
+        server.check_token_api()
     vocab = models.vocab_rows(student.processor, student.model)
     source = ServedTeacher(
         server,
@@ -326,6 +328,7 @@ def _served_teacher(
         top_k=settings.top_k,
         images=student.adapter.multimodal,
         tokenizer=models.tokenizer_of(student.processor),
+        image_token_ids=student.adapter.image_token_ids,
         representation=needs.representation,
         chunk_size=config.channels.chunk_size,
     )

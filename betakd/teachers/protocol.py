@@ -67,6 +67,9 @@ class BatchMeta:
     # The teacher's own encoding, when the collator made one; with several teachers, a
     # dict of them by teacher name.
     teacher_batch: dict | None = None
+    # The rows carry the student's own answers (on-policy), not the data's: a source
+    # that reads the data's conversations (a served teacher) scores these instead.
+    student_answers: bool = False
 
     @classmethod
     def pop_from(cls, inputs: dict) -> BatchMeta:
@@ -76,6 +79,7 @@ class BatchMeta:
             sample_index=inputs.pop("sample_index"),
             image_counts=inputs.pop("image_counts").tolist(),
             teacher_batch=inputs.pop("teacher", None),
+            student_answers=inputs.pop("student_answers", False),
         )
 
 

@@ -31,8 +31,8 @@ import asyncio
 import base64
 import math
 import mimetypes
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 
 import httpx
 import torch
@@ -41,6 +41,7 @@ from torch import Tensor
 from betakd.align import AlignedPositions, align_positions, instance_representation
 from betakd.data.records import Conversation, load_records, parse_record
 from betakd.labels import IGNORE_INDEX, supervised
+from betakd.onpolicy import prompt_tokens
 from betakd.teachers.protocol import BatchMeta, TeacherTargets
 from betakd.teachers.targets import LOG_TAIL_FLOOR, TopKLogits
 
@@ -60,7 +61,12 @@ class ServedTeacherError(RuntimeError):
 
 
 class TeacherServer:
-    """One model on a vLLM server at ``url`` (its ``/v1`` base)."""
+    """One model on a vLLM server at ``url`` (its ``/v1`` base).
+
+    Endpoints by name: ``chat`` (a conversation, templated by the server), ``completions``
+    (a text model's token ids as they are) and ``tokens`` (vLLM's token-in API, token ids
+    with images: served with ``--enable-scale-out``).
+    """
 
     def __init__(
         self,
@@ -72,6 +78,11 @@ class TeacherServer:
         concurrency: int = 8,
     ) -> None:
         self.url = url.rstrip("/")
+        self.endpoints = {
+            "chat": f"{self.url}/chat/completions",
+            "completions": f"{self.url}/completions",
+            "tokens": f"{self.url.removesuffix('/v1')}/inference/v1/generate",
+        }
         self.model = model
         self.timeout_s = timeout_s
         self.retries = retries
@@ -98,28 +109,46 @@ class TeacherServer:
                 f"{self.model!r}"
             )
 
-    def chat(self, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
-        """POST every body to ``/chat/completions``, concurrently; the JSON answers in
-        order. ``names`` name the samples in errors."""
-        return asyncio.run(self._chat_all(bodies, names))
+    def check_token_api(self) -> None:
+        """The server takes token ids with images (``tokens``); raises with one line
+        otherwise. An empty request is answered 422 (invalid) where the API is served,
+        403 where it is disabled (vLLM says so) and 404 where it does not exist."""
+        try:
+            response = httpx.post(self.endpoints["tokens"], json={}, timeout=self.timeout_s)
+        except httpx.HTTPError as err:
+            raise ServedTeacherError(f"teacher server {self.url}: {err}") from err
+        if response.status_code in (403, 404):
+            raise ServedTeacherError(
+                f"teacher server {self.url} does not serve vLLM's token-in API "
+                f"({self.endpoints['tokens']}: {_error_message(response)}), through which a "
+                "VLM teacher scores the student's own answers: start it with "
+                "--enable-scale-out"
+            )
 
-    async def _chat_all(self, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
+    def post_all(self, endpoint: str, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
+        """POST every body to ``endpoint`` (a name in ``endpoints``), concurrently; the
+        JSON answers in order. ``names`` name the samples in errors."""
+        return asyncio.run(self._post_all(endpoint, bodies, names))
+
+    async def _post_all(
+        self, endpoint: str, bodies: Sequence[dict], names: Sequence[str]
+    ) -> list[dict]:
         limit = asyncio.Semaphore(self.concurrency)
         async with httpx.AsyncClient(timeout=self.timeout_s) as client:
 
             async def one(body: dict, name: str) -> dict:
                 async with limit:
-                    return await self._post(client, body, name)
+                    return await self._post(client, self.endpoints[endpoint], body, name)
 
             return await asyncio.gather(*(one(b, n) for b, n in zip(bodies, names)))
 
-    async def _post(self, client: httpx.AsyncClient, body: dict, name: str) -> dict:
+    async def _post(self, client: httpx.AsyncClient, url: str, body: dict, name: str) -> dict:
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
                 await asyncio.sleep(min(RETRY_DELAY * 2 ** (attempt - 1), RETRY_MAX_DELAY))
             try:
-                response = await client.post(f"{self.url}/chat/completions", json=body)
+                response = await client.post(url, json=body)
             except httpx.TransportError as err:  # timeouts, refused or dropped connections
                 last = f"{type(err).__name__}: {err}"
                 continue
@@ -174,6 +203,18 @@ def chat_messages(conversation: Conversation, *, images: bool) -> list[dict]:
     return messages
 
 
+def prompt_only(conversation: Conversation) -> Conversation:
+    """The conversation up to its first answer, with that part's images: what an
+    on-policy row keeps before the student's answer (:func:`betakd.onpolicy.with_answers`)."""
+    first = next(
+        (i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"),
+        len(conversation.messages),
+    )
+    messages = conversation.messages[:first]
+    images = sum(part["type"] != "text" for m in messages for part in m["content"])
+    return replace(conversation, messages=messages, image_paths=conversation.image_paths[:images])
+
+
 def _data_url(path) -> str:
     kind = mimetypes.guess_type(str(path))[0] or "image/png"
     return f"data:{kind};base64,{base64.b64encode(path.read_bytes()).decode()}"
@@ -189,8 +230,11 @@ class ServedSample:
 
 
 def parse_answer(payload: dict, name: str) -> ServedSample:
-    """Token ids and prompt log-probabilities from a chat answer; a malformed or
-    truncated answer is an error naming the sample."""
+    """Token ids and prompt log-probabilities from a chat answer (at its top level) or a
+    completion (in its choice); a malformed or truncated answer is an error naming the
+    sample."""
+    if "prompt_logprobs" not in payload and isinstance(payload.get("choices"), list):
+        payload = payload["choices"][0] if payload["choices"] else {}
     ids = payload.get("prompt_token_ids")
     entries = payload.get("prompt_logprobs")
     if not isinstance(ids, list) or not isinstance(entries, list) or len(ids) != len(entries):
@@ -291,6 +335,72 @@ def server_batch(
             "labels": labels.to(device)}  # fmt: skip
 
 
+def student_answer_batch(
+    samples: Sequence[ServedSample],
+    student_batch: dict,
+    sample_ids: Sequence[str],
+    image_token_ids: Collection[int],
+) -> dict:
+    """The server's tokens as a teacher batch for rows that carry the student's own
+    answers (on-policy), sent as tokens (:meth:`ServedTeacher.student_answer_requests`).
+
+    The server returns the tokens it scored, its image tokens expanded by its own
+    processor; the answer starts after the prompt's text that follows its last image,
+    found at its first occurrence past the server's last image token, and must be the
+    student's tokens there (anything else is an error naming the sample).
+    """
+    size = len(samples)
+    length = max(len(s.token_ids) for s in samples)
+    input_ids = torch.zeros(size, length, dtype=torch.long)
+    mask = torch.zeros(size, length, dtype=torch.long)
+    labels = torch.full((size, length), IGNORE_INDEX, dtype=torch.long)
+    prompts = prompt_tokens(student_batch)
+    for row, sample in enumerate(samples):
+        server_ids = sample.token_ids
+        input_ids[row, : len(server_ids)] = torch.tensor(server_ids, dtype=torch.long)
+        mask[row, : len(server_ids)] = 1
+        prompt = prompts[row].tolist()
+        tail = prompt[_after_last(prompt, image_token_ids) :]
+        begin = _after_last(server_ids, image_token_ids)
+        start = next(
+            (
+                i
+                for i in range(begin, len(server_ids) - len(tail) + 1)
+                if server_ids[i : i + len(tail)] == tail
+            ),
+            None,
+        )
+        segments = answer_segments(
+            student_batch["labels"][row].cpu(), student_batch["attention_mask"][row].cpu()
+        )
+        answer = [token for segment in segments for token in segment]
+        first = len(server_ids) if start is None else start + len(tail)
+        if server_ids[first : first + len(answer)] != answer:
+            raise ServedTeacherError(
+                f"sample {sample_ids[row]}: the server scored other tokens than the student's "
+                "prompt and answer it was sent"
+            )
+        labels[row, first : first + len(answer)] = torch.tensor(answer, dtype=torch.long)
+    device = student_batch["input_ids"].device
+    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
+            "labels": labels.to(device)}  # fmt: skip
+
+
+def collapse_image_runs(tokens: Sequence[int], image_token_ids: Collection[int]) -> list[int]:
+    """``tokens`` with each run of one image token cut to a single token: the
+    placeholder a server's processor expands into its own number of image tokens."""
+    out: list[int] = []
+    for token in tokens:
+        if not (out and token == out[-1] and token in image_token_ids):
+            out.append(token)
+    return out
+
+
+def _after_last(tokens: Sequence[int], wanted: Collection[int]) -> int:
+    """The position after the last of ``tokens`` in ``wanted`` (0 when none is)."""
+    return next((len(tokens) - i for i, t in enumerate(reversed(tokens)) if t in wanted), 0)
+
+
 def topk_targets(
     samples: Sequence[ServedSample],
     aligned: AlignedPositions,
@@ -354,8 +464,9 @@ class ServedTeacher:
 
     ``conversations(indices)`` gives the samples at these rows of the data file;
     ``images``: send them (the student is a VLM); ``tokenizer`` decodes tokens in error
-    messages; ``representation``: None or ``"teacher_confidence"`` (the weighting's h(x)
-    from the top-k, ``chunk_size`` rows at a time).
+    messages; ``image_token_ids``: the tokens that stand for images; ``representation``: None or
+    ``"teacher_confidence"`` (the weighting's h(x) from the top-k, ``chunk_size`` rows at
+    a time).
     """
 
     def __init__(
@@ -367,6 +478,7 @@ class ServedTeacher:
         top_k: int,
         images: bool,
         tokenizer,
+        image_token_ids: Collection[int] = (),
         representation: str | None = None,
         chunk_size: int | None = None,
     ) -> None:
@@ -380,6 +492,7 @@ class ServedTeacher:
         self.top_k = top_k
         self.images = images
         self.tokenizer = tokenizer
+        self.image_token_ids = set(image_token_ids)
         self.representation = representation
         self.chunk_size = chunk_size
         self.device = torch.device("cpu")
@@ -389,17 +502,51 @@ class ServedTeacher:
         self.device = torch.device(accelerator.device)
         return self
 
-    def request(self, conversation: Conversation) -> dict:
-        """The chat request scoring one conversation (its answer the last message)."""
+    def _scoring(self, **body) -> dict:
         return {
             "model": self.server.model,
-            "messages": chat_messages(conversation, images=self.images),
+            **body,
             "max_tokens": 1,
             "prompt_logprobs": self.top_k,
             "return_token_ids": True,
-            "add_generation_prompt": False,
             "temperature": 0.0,
         }
+
+    def request(self, conversation: Conversation) -> dict:
+        """The chat request scoring one conversation (its answer the last message)."""
+        messages = chat_messages(conversation, images=self.images)
+        return self._scoring(messages=messages, add_generation_prompt=False)
+
+    def student_answer_requests(
+        self, student_batch: dict, conversations: Sequence[Conversation]
+    ) -> tuple[str, list[dict]]:
+        """The endpoint and requests scoring each row's own answer (on-policy) as the
+        very tokens the student sampled (their text could spell them otherwise): a text
+        model's as a completion's prompt; a VLM's through vLLM's token-in API with the
+        prompt's images, each image's tokens cut to the one placeholder its processor
+        expands."""
+        real = student_batch["attention_mask"].bool().cpu()
+        ids = student_batch["input_ids"].cpu()
+        rows = [ids[r][real[r]].tolist() for r in range(ids.shape[0])]
+        if not self.images:
+            return "completions", [self._scoring(prompt=row) for row in rows]
+        bodies = []
+        for row, conversation in zip(rows, conversations):
+            images = prompt_only(conversation).image_paths
+            bodies.append(
+                {
+                    "model": self.server.model,
+                    "token_ids": collapse_image_runs(row, self.image_token_ids),
+                    "content_parts": [{"type": "image_url", "url": _data_url(p)} for p in images],
+                    "sampling_params": {
+                        "max_tokens": 1,
+                        "prompt_logprobs": self.top_k,
+                        "temperature": 0.0,
+                    },
+                    "return_token_ids": True,
+                }
+            )
+        return "tokens", bodies
 
     def __call__(
         self, student_batch: dict, meta: BatchMeta
@@ -407,9 +554,18 @@ class ServedTeacher:
         indices = torch.as_tensor(meta.sample_index).tolist()
         conversations = self.conversations(indices)
         names = list(meta.sample_ids)
-        answers = self.server.chat([self.request(c) for c in conversations], names)
+        if meta.student_answers:
+            endpoint, bodies = self.student_answer_requests(student_batch, conversations)
+        else:
+            endpoint, bodies = "chat", [self.request(c) for c in conversations]
+        answers = self.server.post_all(endpoint, bodies, names)
         samples = [parse_answer(a, n) for a, n in zip(answers, names)]
-        teacher_batch = server_batch(samples, student_batch, names, self.tokenizer)
+        if meta.student_answers:
+            teacher_batch = student_answer_batch(
+                samples, student_batch, names, self.image_token_ids
+            )
+        else:
+            teacher_batch = server_batch(samples, student_batch, names, self.tokenizer)
         try:
             aligned = align_positions(student_batch, teacher_batch, sample_ids=names)
         except ValueError as err:

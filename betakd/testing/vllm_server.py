@@ -134,7 +134,8 @@ class VLLMServer:
     """``vllm serve model_dir`` on 127.0.0.1, started in its own process group.
 
     Use as a context manager; ``url`` is the OpenAI-compatible base URL and ``model``
-    the served name. ``images``: allow one image per prompt (a VLM).
+    the served name. ``images``: allow one image per prompt (a VLM) and serve the
+    token-in API (``--enable-scale-out``) through which it scores token ids with images.
     """
 
     def __init__(
@@ -163,7 +164,7 @@ class VLLMServer:
             "--max-num-seqs", "8", "--host", "127.0.0.1", "--port", str(self.port),
         ]  # fmt: skip
         if images:
-            self.args += ["--limit-mm-per-prompt", json.dumps({"image": 1})]
+            self.args += ["--limit-mm-per-prompt", json.dumps({"image": 1}), "--enable-scale-out"]
         self.process: subprocess.Popen | None = None
 
     def start(self) -> VLLMServer:
