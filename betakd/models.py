@@ -191,12 +191,25 @@ def load(
     key: str = "model path",
 ) -> LoadedModel:
     """Model, processor and adapter from one folder (or hub id); see :func:`load_model`."""
+    processor, adapter = load_interface(path, trust_remote_code=trust_remote_code, key=key)
+    try:
+        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, frozen=frozen)
+    except ModelError as err:
+        raise ModelError(f"{key} ({path}): {err}") from err
+    return LoadedModel(model, processor, adapter)
+
+
+def load_interface(
+    path: str | Path, *, trust_remote_code: bool = False, key: str = "model path"
+) -> tuple[object, FamilyAdapter]:
+    """A model's processor and family adapter without its weights: what encoding its
+    data needs (a teacher served elsewhere shares the student's)."""
     check_model_path(key, path)
     try:
         processor = load_processor(path, trust_remote_code=trust_remote_code)
         check_chat_template(processor)
-        model = load_model(path, dtype=dtype, trust_remote_code=trust_remote_code, frozen=frozen)
-        return LoadedModel(model, processor, get_adapter(model, processor))
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        return processor, get_adapter(config, processor)
     except ModelError as err:
         raise ModelError(f"{key} ({path}): {err}") from err
 

@@ -332,18 +332,18 @@ def test_interrupted_write_resumes_to_the_same_shards(
     reference, _ = written
     config = make_config(llava_pair, *data_files, tmp_path / "cache")
     cache_dir = tmp_path / "cache"
-    real_targets = OnlineTeacher.targets
+    real_call = OnlineTeacher.__call__
     computed = []
 
-    def crash_in_second_shard(self, batch, aligned, image_counts):
-        if "s4" in batch["sample_ids"]:
+    def crash_in_second_shard(self, batch, meta):
+        if "s4" in meta.sample_ids:
             # Killed while writing the second shard: a partial temporary file, no shard.
             files.temp_name(cache_dir / "shard-00001.safetensors").write_bytes(b"partial")
             raise KeyboardInterrupt("simulated interruption")
-        computed.extend(batch["sample_ids"])
-        return real_targets(self, batch, aligned, image_counts)
+        computed.extend(meta.sample_ids)
+        return real_call(self, batch, meta)
 
-    monkeypatch.setattr(OnlineTeacher, "targets", crash_in_second_shard)
+    monkeypatch.setattr(OnlineTeacher, "__call__", crash_in_second_shard)
     with pytest.raises(KeyboardInterrupt):
         cache_teacher(config, **WRITE)
     assert sorted(p.name for p in cache_dir.glob(fmt.SHARD_GLOB)) == ["shard-00000.safetensors"]
@@ -354,11 +354,11 @@ def test_interrupted_write_resumes_to_the_same_shards(
 
     computed.clear()
 
-    def counting(self, batch, aligned, image_counts):
-        computed.extend(batch["sample_ids"])
-        return real_targets(self, batch, aligned, image_counts)
+    def counting(self, batch, meta):
+        computed.extend(meta.sample_ids)
+        return real_call(self, batch, meta)
 
-    monkeypatch.setattr(OnlineTeacher, "targets", counting)
+    monkeypatch.setattr(OnlineTeacher, "__call__", counting)
     cache_teacher(config, **WRITE)
     assert computed == ["s4", "s5"]  # only the missing shard ran
     assert not files.leftover_temp_files(cache_dir)

@@ -9,19 +9,22 @@ to fix.
 
 from __future__ import annotations
 
+import json
 import math
 
 import httpx
 import pytest
 import torch
+from click.testing import CliRunner
 from kd_configs import TRAINING, assert_same_final_state
 from transformers import TrainerCallback
 
 from betakd import config as cfg
 from betakd.cache_cli import cache_teacher
+from betakd.cli import main
 from betakd.labels import supervised
 from betakd.onpolicy import answered_batch
-from betakd.teachers import ServedTeacherError, TopKLogits
+from betakd.teachers import CacheError, ServedTeacherError, TeacherCache, TopKLogits
 from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
 from betakd.train import build_trainer, run_training, training_arguments
@@ -194,6 +197,102 @@ def test_training_with_the_served_teacher_follows_a_cache_of_the_same_top_k(
     # The cache stores float16 log-probabilities; the server sends float32.
     for step, (a, b) in enumerate(zip(*losses)):
         assert b == pytest.approx(a, rel=2e-3, abs=2e-3), (step, a, b)
+
+
+CACHE_WRITE = {"shard_size": 4, "batch_size": 4, "progress": False}
+
+
+def cache_config(student, teacher: dict, data, cache, top_k=TOP_K):
+    teacher = {**teacher, "cache_dir": str(cache), "cache_top_k": top_k}
+    return cfg.validate(raw_config(student, teacher, data, cache.parent / "unused"))
+
+
+def cached_samples(cache) -> list:
+    reader = TeacherCache(cache)
+    return [reader.sample(i) for i in range(len(reader))]
+
+
+def test_a_cache_from_the_server_equals_one_written_in_process(
+    served_llava, llava_pair, llava_teacher, data, tmp_path
+):
+    """`cache-teacher` from the server: the same samples, answer tokens, top-k values and
+    tails as the in-process writer's (float16 storage), the reported mass of larger k
+    only up to the server's k; a run from it follows a run from the in-process cache."""
+    student = llava_pair[0]
+    in_process = tmp_path / "in-process"
+    remote = tmp_path / "served"
+    cache_teacher(cache_config(student, {"path": str(llava_teacher)}, data, in_process),
+                  **CACHE_WRITE)  # fmt: skip
+    cache_teacher(cache_config(student, served(served_llava, top_k=16), data, remote),
+                  **CACHE_WRITE)  # fmt: skip
+    ours, theirs = cached_samples(in_process), cached_samples(remote)
+    assert [s.sample_id for s in ours] == [s.sample_id for s in theirs]
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.target_ids, b.target_ids)
+        # Near-uniform random logits: compare values (ids may swap among near ties).
+        torch.testing.assert_close(b.topk_log_probs.float(), a.topk_log_probs.float(),
+                                   atol=2e-3, rtol=0)  # fmt: skip
+        torch.testing.assert_close(b.tail_log_mass.float(), a.tail_log_mass.float(),
+                                   atol=2e-3, rtol=0)  # fmt: skip
+    mass = json.loads((remote / "index.json").read_text())["topk_mass"]
+    assert set(mass["mean_by_k"]) == {"8", "16"}  # the server gave 16 per token
+    runs = []
+    for cache in (in_process, remote):
+        teacher = {"source": "cache", "cache_dir": str(cache), "cache_top_k": TOP_K}
+        run = trainer_for(raw_config(student, teacher, data, cache.parent / f"run-{cache.name}"))
+        run.train()
+        runs.append([h["loss"] for h in run.state.log_history if "loss" in h])
+    assert len(runs[0]) == STEPS
+    for step, (a, b) in enumerate(zip(*runs)):
+        assert b == pytest.approx(a, rel=2e-3, abs=2e-3), (step, a, b)
+
+
+def test_an_interrupted_cache_from_the_server_resumes_without_duplicates(
+    served_llava, llava_pair, data, tmp_path, monkeypatch
+):
+    """The server lost in the second shard: `betakd cache-teacher` stops with one line;
+    rerun, it asks only for the missing shard's samples and writes every sample once,
+    as an uninterrupted run does."""
+    student, cache = llava_pair[0], tmp_path / "cache"
+    raw = raw_config(student, served(served_llava, retries=0), data, tmp_path / "unused")
+    raw["teacher"].update(cache_dir=str(cache), cache_top_k=TOP_K)
+    path = tmp_path / "cache.yaml"
+    path.write_text(cfg.yaml.safe_dump(raw))
+    command = ["cache-teacher", str(path), "--shard-size", "4", "--no-progress"]
+    post, asked, server = httpx.AsyncClient.post, [], {"lost_after": 4}
+
+    async def lossy_post(client, url, json=None, **kwargs):
+        if len(asked) == server["lost_after"]:  # after the first shard's requests
+            raise httpx.ConnectError("connection refused (simulated)")
+        asked.append(json["messages"][-1]["content"])
+        return await post(client, url, json=json, **kwargs)
+
+    monkeypatch.setattr(httpx.AsyncClient, "post", lossy_post)
+    broken = CliRunner().invoke(main, command)
+    assert broken.exit_code == 1
+    assert "failed for sample s" in broken.output and "rerun the command" in broken.output
+    assert [shard.name for shard in cache.glob("shard-*")] == ["shard-00000.safetensors"]
+    server["lost_after"] = None  # back
+    asked.clear()
+    done = CliRunner().invoke(main, command)
+    assert done.exit_code == 0, done.output
+    assert len(asked) == 8  # the two missing shards only
+    index = json.loads((cache / "index.json").read_text())
+    cached = [i for shard in index["shards"] for i in shard["sample_indices"]]
+    assert cached == list(range(12))  # every sample once, in order
+    monkeypatch.setattr(httpx.AsyncClient, "post", post)
+    uninterrupted = tmp_path / "uninterrupted"
+    cache_teacher(cache_config(student, served(served_llava), data, uninterrupted), **CACHE_WRITE)
+    for shard in index["shards"]:
+        assert (cache / shard["file"]).read_bytes() == (uninterrupted / shard["file"]).read_bytes()
+
+
+def test_a_cache_of_more_tokens_than_the_server_gives_is_refused(
+    served_llava, llava_pair, data, tmp_path
+):
+    config = cache_config(llava_pair[0], served(served_llava), data, tmp_path / "c", top_k=32)
+    with pytest.raises(CacheError, match=f"cache_top_k: 32 > the {TOP_K} log-probabilities"):
+        cache_teacher(config, **CACHE_WRITE)
 
 
 def test_an_unreachable_server_or_another_model_is_refused_before_training(

@@ -40,6 +40,7 @@ _EXPORTS = {
     "dense_from_topk": "targets",
     "topk_summary": "targets",
     "write_cache": "cache_writer",
+    "CacheSource": "cache_writer",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -289,8 +289,33 @@ def _cached_teacher(
 def _served_teacher(
     config: cfg.TrainConfig, plan: cfg.TeacherPlan, student: models.LoadedModel
 ) -> TeacherSide:
-    """source: served -- a vLLM server scores every batch; it must answer and serve the
-    configured model before anything else is built. It returns log-probabilities only."""
+    """source: served -- a vLLM server scores every batch."""
+    vocab = models.vocab_rows(student.processor, student.model)
+    source = served_source(config, plan, student.processor, student.adapter, vocab)
+    return TeacherSide(
+        source=source,
+        encoder=None,
+        vocab_rows=vocab,
+        visual_dims={plan.name: None},
+        representation_dim=2 if source.representation else 1,
+    )
+
+
+def served_source(
+    config: cfg.TrainConfig,
+    plan: cfg.TeacherPlan,
+    processor,
+    adapter: models.FamilyAdapter,
+    vocab: int,
+    *,
+    on_policy: bool | None = None,
+) -> ServedTeacher:
+    """The plan's vLLM server as a source for a student of ``processor`` and ``adapter``
+    (the teacher shares its tokenizer). The server must answer and serve the configured
+    model before anything else is built, and, when it will score the student's own
+    answers with images (``on_policy``; default: the config's policy), take token ids
+    with images. It returns log-probabilities only: feature channels, prompt positions
+    and hidden-state representations are refused."""
     where = "channels" if plan.name is None else f"{plan.key}.channels"
     if plan.features:
         raise ServedTeacherError(
@@ -318,26 +343,19 @@ def _served_teacher(
         concurrency=settings.concurrency,
     )
     server.check()
-    if config.policy.on_policy and student.adapter.multimodal:
+    on_policy = config.policy.on_policy if on_policy is None else on_policy
+    if on_policy and adapter.multimodal:
         server.check_token_api()
-    vocab = models.vocab_rows(student.processor, student.model)
-    source = ServedTeacher(
+    return ServedTeacher(
         server,
         RecordConversations(config.data.train_file, config.data.image_folder),
         vocab_rows=vocab,
         top_k=settings.top_k,
-        images=student.adapter.multimodal,
-        tokenizer=models.tokenizer_of(student.processor),
-        image_token_ids=student.adapter.image_token_ids,
+        images=adapter.multimodal,
+        tokenizer=models.tokenizer_of(processor),
+        image_token_ids=adapter.image_token_ids,
         representation=needs.representation,
         chunk_size=config.channels.chunk_size,
-    )
-    return TeacherSide(
-        source=source,
-        encoder=None,
-        vocab_rows=vocab,
-        visual_dims={plan.name: None},
-        representation_dim=2 if needs.representation else 1,
     )
 
 

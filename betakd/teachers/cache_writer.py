@@ -1,10 +1,12 @@
 """Writing the offline teacher cache: run the teacher once over a data set.
 
-The records come from :meth:`OnlineTeacher.targets <betakd.teachers.online.OnlineTeacher.targets>`,
-the same computation training with an online teacher uses, with the teacher batch
-aligned with itself (its answer tokens in order); this module only summarises them
-(top-k + tail, pooled visual tokens) and stores them (format:
-:mod:`betakd.teachers.cache_format`).
+The records come from a teacher source (:mod:`betakd.teachers.protocol`), the same
+computation training with that source uses, on batches encoded for the teacher's
+tokenizer, so the aligned tokens are the answers' tokens in order: an
+:class:`~betakd.teachers.online.OnlineTeacher` (its own batch aligned with itself) or a
+:class:`~betakd.teachers.served.ServedTeacher` (a vLLM server's top-k, requests of a
+batch in flight at once). This module only summarises them (top-k + tail, pooled visual
+tokens) and stores them (format: :mod:`betakd.teachers.cache_format`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from betakd import align, files
-from betakd.align import align_positions, representation_dim
 from betakd.data import ConversationDataset, KDCollator, SampleEncoder
-from betakd.models import visual_width
 from betakd.teachers.cache_defaults import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_SHARD_SIZE,
@@ -45,8 +45,8 @@ from betakd.teachers.cache_format import (
     encode_ids,
     id_storage,
 )
-from betakd.teachers.online import OnlineTeacher
-from betakd.teachers.targets import captured_mass, topk_summary
+from betakd.teachers.protocol import BatchMeta, TeacherSource
+from betakd.teachers.targets import TopKLogits, captured_mass, topk_summary
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,26 @@ logger = logging.getLogger(__name__)
 MIN_MEAN_TOPK_MASS = 0.9
 # The other k the writer measures the mass of, as multiples of the cached k.
 MASS_MULTIPLES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass
+class CacheSource:
+    """A teacher source to cache and what the index records of its teacher.
+
+    ``source`` gives targets for a collated batch of the teacher's own encoding;
+    ``contents`` is what it is asked for; ``visual_dim`` the width of its visual tokens
+    (None: text-only); ``representation_dim`` that of h(x) when cached; ``chunk_size``:
+    rows of dense logits at a time when summarising; ``top_k_given``: a source that only
+    gives a top-k (a server) and its k, which bounds the cache's.
+    """
+
+    source: TeacherSource
+    contents: CacheContents
+    vocab_rows: int
+    visual_dim: int | None
+    representation_dim: int | None = None
+    chunk_size: int | None = None
+    top_k_given: int | None = None
 
 
 @dataclass
@@ -71,7 +91,7 @@ class _SampleRecord:
 
 def write_cache(
     cache_dir: str | Path,
-    teacher: OnlineTeacher,
+    teacher: CacheSource,
     encoder: SampleEncoder,
     dataset: ConversationDataset,
     *,
@@ -85,8 +105,8 @@ def write_cache(
 ) -> Path:
     """Run ``teacher`` over ``dataset`` (encoded by ``encoder``) and write the cache.
 
-    What is stored follows what the teacher is asked for (its ``need_logits``,
-    ``need_visual`` and ``representation``). ``fingerprint`` identifies the run's
+    What is stored follows what the teacher is asked for (``teacher.contents``).
+    ``fingerprint`` identifies the run's
     inputs (data file, tokenizer, teacher; see :mod:`~betakd.teachers.cache_format`);
     the settings of this call are added to it. Resumable: shards already on disk
     (complete by construction) are kept, so an interrupted run continues where it
@@ -95,12 +115,17 @@ def write_cache(
     """
     if shard_size < 1 or batch_size < 1 or visual_tokens < 1:
         raise ValueError("shard_size, batch_size and visual_tokens must be >= 1")
-    contents = CacheContents(teacher.need_logits, teacher.need_visual, teacher.representation)
+    contents = teacher.contents
     vocab = teacher.vocab_rows
     storage = id_storage(vocab)
     if contents.logits and top_k > vocab:
         raise CacheError(f"teacher.cache_top_k: {top_k} > vocabulary of {vocab}")
-    if contents.visual and not teacher.adapter.multimodal:
+    if contents.logits and teacher.top_k_given is not None and top_k > teacher.top_k_given:
+        raise CacheError(
+            f"teacher.cache_top_k: {top_k} > the {teacher.top_k_given} log-probabilities the "
+            "teacher gives per token (teacher.server.top_k)"
+        )
+    if contents.visual and teacher.visual_dim is None:
         raise CacheError("channels.features: the teacher is text-only, it has no visual tokens")
     fingerprint = {
         **fingerprint,
@@ -163,17 +188,14 @@ def write_cache(
         bar.update(len(conversations))
     bar.close()
 
-    config = teacher.model.config
     layout = {
         "vocab_size": vocab,
         "top_k": top_k,
         "id_storage": storage,
         "visual_tokens": visual_tokens,
         "contents": contents.as_dict(),
-        "teacher_visual_dim": visual_width(config),
-        "representation_dim": (
-            representation_dim(contents.representation, config) if contents.representation else None
-        ),
+        "teacher_visual_dim": teacher.visual_dim,
+        "representation_dim": teacher.representation_dim if contents.representation else None,
         "bytes_per_token_fields": bytes_per_token(top_k, vocab, contents.logits),
     }
     index = {
@@ -284,13 +306,15 @@ class _Summariser:
     """The teacher's targets for one collated batch, cut into per-sample records."""
 
     def __init__(
-        self, teacher: OnlineTeacher, top_k: int, visual_tokens: int, device: torch.device
+        self, teacher: CacheSource, top_k: int, visual_tokens: int, device: torch.device
     ) -> None:
         self.teacher = teacher
         self.top_k = top_k
         self.visual_tokens = visual_tokens
         self.device = device
-        self.mass_ks = sorted({min(top_k * m, teacher.vocab_rows) for m in MASS_MULTIPLES})
+        # The mass of larger k is measured where the source has it.
+        largest = min(teacher.vocab_rows, teacher.top_k_given or teacher.vocab_rows)
+        self.mass_ks = sorted({min(top_k * m, largest) for m in MASS_MULTIPLES})
         self.reset_mass()
 
     def reset_mass(self) -> None:
@@ -306,16 +330,19 @@ class _Summariser:
     def __call__(self, batch: dict) -> list[_SampleRecord]:
         sample_ids = batch["sample_ids"]
         batch = {k: v.to(self.device) if isinstance(v, Tensor) else v for k, v in batch.items()}
-        # The teacher batch aligned with itself: its answer tokens in order.
-        aligned = align_positions(batch, batch, sample_ids=sample_ids)
-        targets = self.teacher.targets(batch, aligned, batch["image_counts"].tolist())
-        top = self._topk(targets.tokens) if self.teacher.need_logits else None
+        index = batch["sample_index"]
+        meta = BatchMeta.pop_from(batch)
+        # The batch is the teacher's own encoding: it is the source's student batch and
+        # its teacher batch at once, so the aligned tokens are its answer tokens in order.
+        meta.teacher_batch = batch
+        aligned, targets = self.teacher.source(batch, meta)
+        top = self._topk(targets.tokens) if self.teacher.contents.logits else None
         records = []
         rows = aligned.batch_index.cpu()
         for row, sample_id in enumerate(sample_ids):
             mine = (rows == row).nonzero().flatten()
             record = _SampleRecord(
-                index=int(batch["sample_index"][row]),
+                index=int(index[row]),
                 sample_id=str(sample_id),
                 target_ids=aligned.token_ids[mine.to(aligned.token_ids.device)].cpu(),
             )
@@ -334,7 +361,12 @@ class _Summariser:
         return records
 
     def _topk(self, tokens) -> tuple[Tensor, Tensor, Tensor]:
-        """The top-k summary of every aligned row, built a chunk of rows at a time."""
+        """The top-k summary of every aligned row, built a chunk of rows at a time (a
+        source's own top-k is kept as it came, cut to the cache's k)."""
+        if isinstance(tokens, TopKLogits):
+            self.mass_sums += tokens.captured_mass(self.mass_ks).sum(dim=0).double().cpu()
+            self.mass_tokens += tokens.num_tokens
+            return tokens.truncated(self.top_k)
         n, size = tokens.num_tokens, self.teacher.chunk_size or tokens.num_tokens or 1
         parts = []
         for start in range(0, max(n, 1), size):

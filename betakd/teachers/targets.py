@@ -129,6 +129,24 @@ class TopKLogits:
             self.log_probs[index], self.ids[index], self.tail_log_mass[index], self.vocab_size
         )
 
+    def truncated(self, k: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(log-probs [n, k], ids [n, k], log tail mass [n]) of the ``k`` most likely kept
+        tokens, the others' mass added to the tail: the summary a top-k of fewer tokens
+        would have stored."""
+        if k > self.log_probs.shape[1]:
+            raise ValueError(f"a top-{self.log_probs.shape[1]} summary has no top {k}")
+        values, order = self.log_probs.float().sort(dim=-1, descending=True)
+        tail = self.tail_log_mass.float()
+        if k < values.shape[1]:
+            tail = torch.logaddexp(tail, values[:, k:].logsumexp(dim=-1))
+        return values[:, :k], self.ids.gather(1, order)[:, :k], tail.clamp_min(LOG_TAIL_FLOOR)
+
+    def captured_mass(self, ks: Sequence[int]) -> Tensor:
+        """``[n, len(ks)]``: the probability mass of each row's ``k`` most likely tokens,
+        for each ``k`` in ``ks`` (at most the summary's k; cf. :func:`captured_mass`)."""
+        cumulative = self.log_probs.float().exp().sort(dim=-1, descending=True).values.cumsum(-1)
+        return cumulative[:, [k - 1 for k in ks]]
+
 
 def check_topk(log_probs: Tensor, ids: Tensor, tail_log_mass: Tensor, vocab_size: int) -> None:
     n, k = log_probs.shape
