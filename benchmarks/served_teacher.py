@@ -1,20 +1,24 @@
-"""Served teacher (vLLM) vs in-process teacher vs offline cache: training step time.
+"""Served teacher (vLLM) vs in-process teacher vs offline cache: training step time
+and cache-build throughput.
 
 Builds a tiny LLaVA student and a larger teacher (head sizes vLLM's CPU attention
-takes), the synthetic data of ``teacher_cache.py``, writes the teacher's cache
-in-process, starts ``vllm serve`` on the teacher (``betakd.testing.vllm_server``: its own
-environment, created on first use) and times training steps three ways on the same
-student, head and optimizer, alternating the three on the same batches so that the
-ratios compare like with like on a shared machine. Every variant asks for the same
-top-k where it has one (cache and server).
+takes), the synthetic data of ``teacher_cache.py``, starts ``vllm serve`` on the teacher
+(``betakd.testing.vllm_server``: its own environment, created on first use) and
+measures, side by side in one run:
 
-On a CPU machine the server shares the cores with the training process: the served
-step then pays for the teacher's forward pass on the same cores, plus HTTP and JSON. On
-a GPU, with the server on its own device, the teacher's time overlaps nothing yet (a
-batch's requests go out at the start of its step), so the served step costs about the
-server's latency for one batch.
+* training steps four ways on the same student, head and optimizer and the same
+  batches: the online teacher, a cache, the server asked at the step, and the server
+  asked a batch ahead (``prefetch``: the batch's requests sent while the step before
+  computes, as the data loader's one-batch lookahead does in training). Each round runs
+  every variant for a block of consecutive steps (the first untimed: nothing was sent
+  ahead for it), in an order that rotates between rounds;
+* ``betakd cache-teacher`` in-process and from the server (same k), alternated:
+  samples per second.
 
-    python benchmarks/served_teacher.py                 # about two minutes on 2 CPU cores
+Every variant asks for the same top-k where it has one (cache and server). On a CPU
+machine the server shares the cores with the training process.
+
+    python benchmarks/served_teacher.py                 # about four minutes on 2 CPU cores
     python benchmarks/served_teacher.py --steps 12 --top-k 20   # the options of teacher_cache.py
 
 The last printed line is a JSON object with every measurement.
@@ -25,6 +29,7 @@ from __future__ import annotations
 import json
 import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -62,6 +67,11 @@ def make_config(root: Path, data: Path, images: Path, args, teacher: dict) -> cf
     )
 
 
+VARIANTS = ("online", "cached", "served", "prefetch")
+BLOCK = 4  # consecutive steps of one variant per round; the first is untimed
+CACHE_ROUNDS = 2
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -78,50 +88,101 @@ def main(argv: list[str] | None = None) -> dict:
         local = {"path": str(root / "teacher"), "cache_dir": str(root / "cache"),
                  "cache_top_k": args.top_k}  # fmt: skip
         online_config = make_config(root, data, images, args, local)
-        cache_teacher(online_config, progress=False)
-        trainer = build_trainer(online_config, training_arguments(online_config))
-        optimizer = trainer.create_optimizer()
-        module = trainer.model
-        student = models.LoadedModel(module.student, trainer.processing_class, module.adapter)
-        cached = build_teacher(
-            make_config(root, data, images, args, {**local, "source": "cache"}), student
-        ).source
         served_dir = servable_copy(root / "teacher", root / "served-teacher")
         with VLLMServer(served_dir, images=True, max_logprobs=args.top_k,
                         log_file=root / "vllm.log") as server:  # fmt: skip
-            remote = {"source": "served",
+            remote = {"source": "served", "cache_top_k": args.top_k,
                       "server": {"url": server.url, "model": server.model, "top_k": args.top_k}}  # fmt: skip
-            served = build_teacher(make_config(root, data, images, args, remote), student).source
-            student_collator = KDCollator(trainer.data_collator.student)
-            dataset = trainer.train_dataset
-            batches = [
-                [dataset[(i * args.batch_size + j) % len(dataset)] for j in range(args.batch_size)]
-                for i in range(args.warmup + args.steps)
-            ]
-            times = {"online": [], "cached": [], "served": []}
-            for i, conversations in enumerate(batches):
-                measured = {
-                    "online": step(trainer, optimizer, trainer.data_collator, conversations),
-                    "cached": step(trainer, optimizer, student_collator, conversations, cached),
-                    "served": step(trainer, optimizer, student_collator, conversations, served),
-                }
-                if i >= args.warmup:
-                    for name, seconds in measured.items():
-                        times[name].append(seconds)
+            build_s = cache_builds(root, lambda cache: make_config(
+                root, data, images, args, {**(local if cache.name.startswith("online") else
+                                              remote), "cache_dir": str(cache)}))  # fmt: skip
+            cache_teacher(online_config, progress=False)
+            times = step_times(root, data, images, args, online_config, local, remote)
     median = {name: statistics.median(values) for name, values in times.items()}
+    samples = args.samples
     return {
         "student_params": params[0],
         "teacher_params": params[1],
         "device": "cpu",
         "threads": args.threads,
         "batch_size": args.batch_size,
-        "steps": args.steps,
+        "steps": len(times["online"]),
         "top_k": args.top_k,
         **{f"{name}_step_s": value for name, value in median.items()},
         **{f"{name}_step_min_s": min(values) for name, values in times.items()},
         "served_over_online": median["served"] / median["online"],
+        "prefetch_over_online": median["prefetch"] / median["online"],
+        "prefetch_over_served": median["prefetch"] / median["served"],
         "served_over_cached": median["served"] / median["cached"],
+        "cache_samples": samples,
+        **{
+            f"cache_build_{n}_samples_per_s": samples / statistics.median(v)
+            for n, v in build_s.items()
+        },  # fmt: skip
+        "cache_build_served_over_online": statistics.median(build_s["online"])
+        / statistics.median(build_s["served"]),
     }
+
+
+def cache_builds(root: Path, config_for) -> dict[str, list[float]]:
+    """Seconds per full `cache-teacher` run, in-process and from the server, alternated
+    (each into a fresh folder)."""
+    seconds: dict[str, list[float]] = {"online": [], "served": []}
+    for round_ in range(CACHE_ROUNDS):
+        for name in seconds:
+            config = config_for(root / f"{name}-cache-{round_}")
+            start = time.perf_counter()
+            cache_teacher(config, progress=False)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
+def step_times(root, data, images, args, online_config, local, remote) -> dict[str, list[float]]:
+    trainer = build_trainer(online_config, training_arguments(online_config))
+    optimizer = trainer.create_optimizer()
+    module = trainer.model
+    student = models.LoadedModel(module.student, trainer.processing_class, module.adapter)
+    sources = {
+        "cached": build_teacher(
+            make_config(root, data, images, args, {**local, "source": "cache"}), student
+        ).source,
+        "served": build_teacher(
+            make_config(root, data, images, args, _with_prefetch(remote, 0)), student
+        ).source,
+        "prefetch": build_teacher(make_config(root, data, images, args, remote), student).source,
+    }
+    student_collator = KDCollator(trainer.data_collator.student)
+    dataset = trainer.train_dataset
+    batches = [
+        [dataset[(i * args.batch_size + j) % len(dataset)] for j in range(args.batch_size)]
+        for i in range(len(dataset) // args.batch_size)
+    ]
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    rounds = max(1, -(-args.steps // (BLOCK - 1)))
+    for round_ in range(args.warmup + rounds):
+        order = VARIANTS[round_ % len(VARIANTS) :] + VARIANTS[: round_ % len(VARIANTS)]
+        for name in order:
+            for i in range(BLOCK):
+                conversations = batches[(round_ * BLOCK + i) % len(batches)]
+                following = batches[(round_ * BLOCK + i + 1) % len(batches)]
+                if name == "online":
+                    seconds = step(trainer, optimizer, trainer.data_collator, conversations)
+                else:
+                    source = sources[name]
+                    ahead = (
+                        (lambda s=source, f=following: s.prefetch(f))
+                        if name == "prefetch"
+                        else None
+                    )
+                    seconds = step(trainer, optimizer, student_collator, conversations, source,
+                                   before=ahead)  # fmt: skip
+                if round_ >= args.warmup and i > 0:
+                    times[name].append(seconds)
+    return times
+
+
+def _with_prefetch(remote: dict, batches: int) -> dict:
+    return {**remote, "server": {**remote["server"], "prefetch_batches": batches}}
 
 
 def report(result: dict) -> None:
@@ -130,14 +191,22 @@ def report(result: dict) -> None:
         f"parameters, batch {result['batch_size']}, top-k {result['top_k']}, "
         f"{result['steps']} timed steps each (median; min in brackets)"
     )
-    for name in ("online", "cached", "served"):
+    for name in VARIANTS:
         print(
-            f"  {name:7s} step {result[f'{name}_step_s'] * 1000:8.1f} ms "
+            f"  {name:8s} step {result[f'{name}_step_s'] * 1000:8.1f} ms "
             f"[{result[f'{name}_step_min_s'] * 1000:.1f}]"
         )
     print(
-        f"served / online: {result['served_over_online']:.2f}x, "
-        f"served / cached: {result['served_over_cached']:.2f}x"
+        f"served / online: {result['served_over_online']:.2f}x, prefetch / online: "
+        f"{result['prefetch_over_online']:.2f}x, prefetch / served: "
+        f"{result['prefetch_over_served']:.2f}x, served / cached: "
+        f"{result['served_over_cached']:.2f}x"
+    )
+    print(
+        f"cache-teacher, {result['cache_samples']} samples: in-process "
+        f"{result['cache_build_online_samples_per_s']:.1f} samples/s, served "
+        f"{result['cache_build_served_samples_per_s']:.1f} samples/s "
+        f"(served / in-process {result['cache_build_served_over_online']:.2f}x)"
     )
     print(json.dumps(result))
 

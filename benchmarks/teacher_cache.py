@@ -130,8 +130,12 @@ def parameters(path: Path) -> int:
     return sum(t.numel() for t in load_file(path / "model.safetensors").values())
 
 
-def step(trainer, optimizer, collator, conversations, teacher=None) -> float:
+def step(trainer, optimizer, collator, conversations, teacher=None, before=None) -> float:
+    """Seconds of one training step on ``conversations`` with ``teacher`` (default: the
+    trainer's); ``before()`` runs first, inside the timing (the data loader's work)."""
     start = time.perf_counter()
+    if before is not None:
+        before()
     batch = collator(conversations)
     num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
     online = trainer.teacher

@@ -65,6 +65,12 @@ class ServerSettings(Strict):
         4, ge=0, description="retries of a request after a timeout, a lost connection or a 5xx/429"
     )
     concurrency: int = Field(8, ge=1, description="requests in flight at once")
+    prefetch_batches: int = Field(
+        2,
+        ge=0,
+        description="batches whose requests are sent before their step asks (the data loader "
+        "collates a batch ahead), so the server works while the student computes; 0: none",
+    )
 
 
 class CrossTokenizerSettings(Strict):

@@ -28,8 +28,9 @@ from betakd.features import FeatureChannel
 from betakd.files import write_json_atomic
 from betakd.objective import DistillationObjective
 from betakd.onpolicy import GenerationSettings, PolicyMix
-from betakd.teachers import CachedTeacher
+from betakd.teachers import CachedTeacher, ServedTeacher
 from betakd.teachers.build import build_teacher, sources_of, weighting_representation
+from betakd.teachers.protocol import BatchMeta, TeacherSource, prefetch_hook
 from betakd.trainer import BetaKDTrainer, is_complete
 
 logger = logging.getLogger(__name__)
@@ -211,6 +212,11 @@ def build_trainer(
             source.cache.check_covers(
                 [c.index for c in conversations], [c.id for c in conversations]
             )
+        elif isinstance(source, ServedTeacher):
+            # One sample scored before training: a server of another tokenizer or chat
+            # template stops the run here, naming the sample.
+            first = KDCollator(student_encoder)(conversations[:1])
+            source(first, BatchMeta.pop_from(first))
     for plan in config.teacher_plans():
         if plan.settings.cross_tokenizer is not None:
             source = teacher.source if plan.name is None else teacher.source.members[plan.name]
@@ -253,7 +259,9 @@ def build_trainer(
         ),
         args=args,
         train_dataset=dataset,
-        data_collator=KDCollator(student_encoder, teacher.encoder),
+        data_collator=KDCollator(
+            student_encoder, teacher.encoder, on_collate=_prefetch(config, args, teacher.source)
+        ),
         processing_class=student.processor,
         teacher=teacher.source,
         head_learning_rate=config.weighting.learning_rate,
@@ -268,6 +276,16 @@ def build_trainer(
         policy=policy_mix(config, args.seed),
         generation=GenerationSettings(**config.policy.generation.model_dump()),
     )
+
+
+def _prefetch(config: cfg.TrainConfig, args, source: TeacherSource):
+    """The teacher's prefetch hook for the collator (see
+    :func:`~betakd.teachers.protocol.prefetch_hook`), or None: not with data-loader
+    workers (the collator then runs in other processes, where requests would be lost)
+    and not on-policy (the rows are the student's answers, known at the step only)."""
+    if args.dataloader_num_workers > 0 or config.policy.mode == "on_policy":
+        return None
+    return prefetch_hook(source)
 
 
 def policy_mix(config: cfg.TrainConfig, seed: int) -> PolicyMix:

@@ -188,7 +188,9 @@ class BetaKDTrainer(Trainer):
         batch = inputs
         if not bool(chosen.all()):
             index = inputs["sample_index"][rows].tolist()
-            batch = self._prepare_inputs(self.data_collator(self.train_dataset.by_index(index)))
+            # Not announced: no teacher scores these rows' data answers.
+            rows_of = self.train_dataset.by_index(index)
+            batch = self._prepare_inputs(self.data_collator.collate(rows_of, announce=False))
         collator: KDCollator = self.data_collator
         student = self.distillation_module.student
         answers = sample_answers(

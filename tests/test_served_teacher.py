@@ -24,7 +24,13 @@ from betakd.cache_cli import cache_teacher
 from betakd.cli import main
 from betakd.labels import supervised
 from betakd.onpolicy import answered_batch
-from betakd.teachers import CacheError, ServedTeacherError, TeacherCache, TopKLogits
+from betakd.teachers import (
+    CacheError,
+    ServedTeacher,
+    ServedTeacherError,
+    TeacherCache,
+    TopKLogits,
+)
 from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
 from betakd.train import build_trainer, run_training, training_arguments
@@ -295,6 +301,33 @@ def test_a_cache_of_more_tokens_than_the_server_gives_is_refused(
         cache_teacher(config, **CACHE_WRITE)
 
 
+def test_each_steps_requests_are_sent_while_the_step_before_computes(
+    served_llava, llava_pair, data, tmp_path, monkeypatch
+):
+    """The data loader collates a batch ahead; the served teacher sends that batch's
+    requests then, and the step finds them sent. The run equals one without prefetch."""
+    found, real_call = [], ServedTeacher.__call__
+
+    def spy(self, batch, meta):
+        found.append(tuple(meta.sample_index.tolist()) in self.pending)
+        return real_call(self, batch, meta)
+
+    monkeypatch.setattr(ServedTeacher, "__call__", spy)
+    losses = {}
+    for prefetch in (2, 0):
+        teacher = served(served_llava, prefetch_batches=prefetch)
+        trainer = trainer_for(raw_config(llava_pair[0], teacher, data, tmp_path / f"{prefetch}",
+                                         max_steps=5))  # fmt: skip
+        found.clear()  # the sample scored when the run was built
+        trainer.train()
+        losses[prefetch] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        assert all(found) if prefetch else not any(found)
+        # Step 5 ends the run; the batch collated after it was sent for nothing.
+        assert len(found) == 5 and len(trainer.teacher.pending) == (1 if prefetch else 0)
+        found.clear()
+    assert losses[2] == losses[0]
+
+
 def test_an_unreachable_server_or_another_model_is_refused_before_training(
     served_llava, llava_pair, data, tmp_path
 ):
@@ -310,22 +343,22 @@ def test_an_unreachable_server_or_another_model_is_refused_before_training(
 def test_a_k_above_the_servers_limit_is_refused_with_its_message(
     served_llava, llava_pair, data, tmp_path
 ):
-    trainer = trainer_for(raw_config(llava_pair[0], served(served_llava, top_k=50), data, tmp_path))
-    refused = r"step 1: .* refused sample s\d+: HTTP 400: .*max allowed: 20.*teacher.server.top_k"
+    # Before training: one sample is scored when the run is built.
+    refused = r"refused sample s0: HTTP 400: .*max allowed: 20.*teacher.server.top_k"
     with pytest.raises(ServedTeacherError, match=refused):
-        trainer.loss_inputs(first_batch(trainer))
+        trainer_for(raw_config(llava_pair[0], served(served_llava, top_k=50), data, tmp_path))
 
 
-def test_a_server_of_another_tokenizer_is_refused_naming_the_sample(
+def test_a_server_of_another_tokenizer_is_refused_before_training_naming_the_sample(
     served_llava, tiny_model_dir, data, tmp_path
 ):
     # A student whose tokenizer was trained on other text: other merges, so the answers
     # are other token ids (the special tokens, image included, keep theirs).
     other = train_tokenizer(texts=tuple(t.upper() for t in DEFAULT_TEXTS), vocab_size=400)
     student = save_tiny_model("llava", tmp_path / "student", other)
-    trainer = trainer_for(raw_config(student, served(served_llava), data, tmp_path / "out"))
+    # Before training: one sample is scored when the run is built.
     with pytest.raises(ServedTeacherError, match="sample s0: the server's tokens do not contain"):
-        trainer.loss_inputs(first_batch(trainer))
+        trainer_for(raw_config(student, served(served_llava), data, tmp_path / "out"))
 
 
 def test_feature_channels_and_hidden_representations_are_refused(

@@ -4,7 +4,7 @@ teacher sources and the trainer need to know about it."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -48,6 +48,11 @@ class KDCollator:
     Trainer sees them), the teacher's under "teacher" (several teachers: a dict of
     batches by teacher name), and per-sample metadata: `sample_index` (row in the data
     file), `sample_ids` and `image_counts`.
+
+    ``on_collate(conversations)``, when given, hears of every batch the data loader
+    collates (a served teacher sends its requests then: the loader collates a batch
+    ahead of the one the step computes); :meth:`collate` with ``announce=False`` does
+    not call it (a batch no teacher will score with the data's answers).
     """
 
     def __init__(
@@ -57,11 +62,13 @@ class KDCollator:
         *,
         student_padding_side: str = "right",
         teacher_padding_side: str = "right",
+        on_collate: Callable[[Sequence[Conversation]], None] | None = None,
     ):
         self.student = student
         self.teacher = teacher
         self.student_padding_side = student_padding_side
         self.teacher_padding_side = teacher_padding_side
+        self.on_collate = on_collate
 
     def _encode_all(self, encoder: SampleEncoder, conversations) -> list[Encoded]:
         encoded = []
@@ -83,6 +90,11 @@ class KDCollator:
         return batch
 
     def __call__(self, conversations: Sequence[Conversation]) -> dict:
+        return self.collate(conversations)
+
+    def collate(self, conversations: Sequence[Conversation], *, announce: bool = True) -> dict:
+        if announce and self.on_collate is not None:
+            self.on_collate(conversations)
         encoded = self._encode_all(self.student, conversations)
         batch = pad_encoded(encoded, self.student, self.student_padding_side)
         if isinstance(self.teacher, Mapping):

@@ -356,6 +356,7 @@ def served_source(
         image_token_ids=adapter.image_token_ids,
         representation=needs.representation,
         chunk_size=config.channels.chunk_size,
+        prefetch_batches=settings.prefetch_batches,
     )
 
 

@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from betakd.align import AlignedPositions
-from betakd.teachers.protocol import BatchMeta, TeacherSource, TeacherTargets
+from betakd.teachers.protocol import BatchMeta, TeacherSource, TeacherTargets, prefetch_hook
 
 
 class TeacherEnsemble:
@@ -43,6 +43,13 @@ class TeacherEnsemble:
     def prepare(self, accelerator) -> TeacherEnsemble:
         self.members = {name: source.prepare(accelerator) for name, source in self.members.items()}
         return self
+
+    def prefetch(self, conversations) -> None:
+        """Announce a coming batch to the members that send requests ahead (served)."""
+        for source in self.members.values():
+            hook = prefetch_hook(source)
+            if hook is not None:
+                hook(conversations)
 
     def __call__(
         self, student_batch: dict, meta: BatchMeta

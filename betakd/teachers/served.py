@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import math
 import mimetypes
+import threading
+from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
@@ -66,6 +69,10 @@ class TeacherServer:
     Endpoints by name: ``chat`` (a conversation, templated by the server), ``completions``
     (a text model's token ids as they are) and ``tokens`` (vLLM's token-in API, token ids
     with images: served with ``--enable-scale-out``).
+
+    Requests run on an event loop in a thread of their own, with one HTTP client (its
+    connections kept), so that :meth:`submit` returns at once and the requests proceed
+    while the caller computes; :meth:`close` stops the thread.
     """
 
     def __init__(
@@ -87,6 +94,9 @@ class TeacherServer:
         self.timeout_s = timeout_s
         self.retries = retries
         self.concurrency = concurrency
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._limit: asyncio.Semaphore | None = None
 
     def check(self) -> None:
         """The server answers and serves ``model``; raises with one line otherwise."""
@@ -128,19 +138,41 @@ class TeacherServer:
     def post_all(self, endpoint: str, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
         """POST every body to ``endpoint`` (a name in ``endpoints``), concurrently; the
         JSON answers in order. ``names`` name the samples in errors."""
-        return asyncio.run(self._post_all(endpoint, bodies, names))
+        return self.submit(endpoint, bodies, names).result()
 
-    async def _post_all(
+    def submit(
         self, endpoint: str, bodies: Sequence[dict], names: Sequence[str]
-    ) -> list[dict]:
-        limit = asyncio.Semaphore(self.concurrency)
-        async with httpx.AsyncClient(timeout=self.timeout_s) as client:
+    ) -> concurrent.futures.Future:
+        """:meth:`post_all` started in the background: its future (at most
+        ``concurrency`` requests in flight over every submitted batch)."""
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="betakd-teacher-server",
+                             daemon=True).start()  # fmt: skip
+        return asyncio.run_coroutine_threadsafe(
+            self._post_all(self.endpoints[endpoint], bodies, names), self._loop
+        )
 
-            async def one(body: dict, name: str) -> dict:
-                async with limit:
-                    return await self._post(client, self.endpoints[endpoint], body, name)
+    def close(self) -> None:
+        """Close the client and stop the requests' thread (a later request starts both
+        again)."""
+        if self._loop is None:
+            return
+        if self._client is not None:
+            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._loop = self._client = self._limit = None
 
-            return await asyncio.gather(*(one(b, n) for b, n in zip(bodies, names)))
+    async def _post_all(self, url: str, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
+        if self._client is None:  # made on the loop that uses them
+            self._client = httpx.AsyncClient(timeout=self.timeout_s)
+            self._limit = asyncio.Semaphore(self.concurrency)
+
+        async def one(body: dict, name: str) -> dict:
+            async with self._limit:
+                return await self._post(self._client, url, body, name)
+
+        return await asyncio.gather(*(one(b, n) for b, n in zip(bodies, names)))
 
     async def _post(self, client: httpx.AsyncClient, url: str, body: dict, name: str) -> dict:
         last = ""
@@ -481,6 +513,7 @@ class ServedTeacher:
         image_token_ids: Collection[int] = (),
         representation: str | None = None,
         chunk_size: int | None = None,
+        prefetch_batches: int = 2,
     ) -> None:
         if representation not in (None, "teacher_confidence"):
             raise ServedTeacherError(
@@ -495,12 +528,26 @@ class ServedTeacher:
         self.image_token_ids = set(image_token_ids)
         self.representation = representation
         self.chunk_size = chunk_size
+        self.prefetch_batches = prefetch_batches
+        self.pending: OrderedDict[tuple[int, ...], concurrent.futures.Future] = OrderedDict()
         self.device = torch.device("cpu")
 
     def prepare(self, accelerator) -> ServedTeacher:
         """Outputs go to the process's device; the model lives on the server."""
         self.device = torch.device(accelerator.device)
         return self
+
+    def prefetch(self, conversations: Sequence[Conversation]) -> None:
+        """Send the requests scoring these conversations' answers now, for the step that
+        will ask for them."""
+        key = tuple(c.index for c in conversations)
+        if self.prefetch_batches < 1 or key in self.pending:
+            return
+        while len(self.pending) >= self.prefetch_batches:
+            self.pending.popitem(last=False)[1].cancel()
+        names = [c.id for c in conversations]
+        bodies = [self.request(c) for c in conversations]
+        self.pending[key] = self.server.submit("chat", bodies, names)
 
     def _scoring(self, **body) -> dict:
         return {
@@ -538,10 +585,13 @@ class ServedTeacher:
                     "model": self.server.model,
                     "token_ids": collapse_image_runs(row, self.image_token_ids),
                     "content_parts": [{"type": "image_url", "url": _data_url(p)} for p in images],
+                    # Token ids are all betakd reads: decoding every prompt position's
+                    # top-k into strings took half the server's time (tiny LLaVA, CPU).
                     "sampling_params": {
                         "max_tokens": 1,
                         "prompt_logprobs": self.top_k,
                         "temperature": 0.0,
+                        "detokenize": False,
                     },
                     "return_token_ids": True,
                 }
@@ -552,13 +602,17 @@ class ServedTeacher:
         self, student_batch: dict, meta: BatchMeta
     ) -> tuple[AlignedPositions, TeacherTargets]:
         indices = torch.as_tensor(meta.sample_index).tolist()
-        conversations = self.conversations(indices)
         names = list(meta.sample_ids)
-        if meta.student_answers:
-            endpoint, bodies = self.student_answer_requests(student_batch, conversations)
+        sent = None if meta.student_answers else self.pending.pop(tuple(indices), None)
+        if sent is not None:
+            answers = sent.result()
         else:
-            endpoint, bodies = "chat", [self.request(c) for c in conversations]
-        answers = self.server.post_all(endpoint, bodies, names)
+            conversations = self.conversations(indices)
+            if meta.student_answers:
+                endpoint, bodies = self.student_answer_requests(student_batch, conversations)
+            else:
+                endpoint, bodies = "chat", [self.request(c) for c in conversations]
+            answers = self.server.post_all(endpoint, bodies, names)
         samples = [parse_answer(a, n) for a, n in zip(answers, names)]
         if meta.student_answers:
             teacher_batch = student_answer_batch(
