@@ -483,42 +483,39 @@ def test_on_policy_and_mixed_runs_train_with_a_served_teacher(
     assert logged and logged[0]["on_policy/share"] > 0
 
 
-class LoseServerAfter(TrainerCallback):
-    """The network to the server is lost after optimizer step ``step``."""
+class KillServerAfter(TrainerCallback):
+    """The vLLM server's processes are killed after optimizer step ``step``."""
 
-    def __init__(self, step, monkeypatch):
-        self.step, self.lost = step, False
-        post = httpx.AsyncClient.post
-
-        async def lossy_post(client, *args, **kwargs):
-            if self.lost:
-                raise httpx.ConnectError("connection refused (simulated)")
-            return await post(client, *args, **kwargs)
-
-        monkeypatch.setattr(httpx.AsyncClient, "post", lossy_post)
+    def __init__(self, server: VLLMServer, step: int):
+        self.server, self.step = server, step
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
-            self.lost = True
+            self.server.stop()
 
 
-def test_a_lost_server_stops_the_run_naming_the_step_and_resume_finishes_it(
-    served_llava, llava_pair, data, tmp_path, monkeypatch
+def test_a_killed_server_stops_the_run_naming_the_step_and_resume_finishes_it(
+    vllm_environment, llava_teacher, llava_pair, data, tmp_path
 ):
-    teacher = served(served_llava, retries=1)
-    checkpoints = {"save_strategy": "steps", "save_steps": 2, "max_steps": 6}
-    run_training(
-        cfg.validate(raw_config(llava_pair[0], teacher, data, tmp_path / "a", **checkpoints))
-    )
-    broken = cfg.validate(raw_config(llava_pair[0], teacher, data, tmp_path / "b", **checkpoints))
-    lose = LoseServerAfter(3, monkeypatch)
-    with pytest.raises(
-        ServedTeacherError,
-        match="step 4: teacher server .* failed for sample .* 2 attempts; last error: ConnectError",
-    ):
-        run_training(broken, callbacks=[lose])
-    # The server is back: the run resumes from its last checkpoint (step 2) to the
-    # uninterrupted run's student.
-    lose.lost = False
-    run_training(broken, resume=True)
+    """A server of its own, killed after step 3 (12 samples, batches of 4: the batch of
+    step 4 is collated, and its requests sent, after that). The run retries, stops at
+    step 4 with one line; the server restarted, `--resume` from the step-2 checkpoint
+    finishes with the uninterrupted run's student."""
+    copy = servable_copy(llava_teacher, tmp_path / "llava-teacher")
+    with VLLMServer(copy, images=True, max_logprobs=20, log_file=tmp_path / "vllm.log") as server:
+        teacher = served(server, retries=1)
+        checkpoints = {"save_strategy": "steps", "save_steps": 2, "max_steps": 6}
+        run_training(
+            cfg.validate(raw_config(llava_pair[0], teacher, data, tmp_path / "a", **checkpoints))
+        )
+        broken = cfg.validate(
+            raw_config(llava_pair[0], teacher, data, tmp_path / "b", **checkpoints)
+        )
+        with pytest.raises(
+            ServedTeacherError,
+            match="step 4: teacher server .* failed for sample .* 2 attempts; last error: Connect",
+        ):
+            run_training(broken, callbacks=[KillServerAfter(server, 3)])
+        server.start()
+        run_training(broken, resume=True)
     assert_same_final_state(tmp_path / "a", tmp_path / "b", atol=1e-5)
