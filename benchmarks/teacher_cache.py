@@ -61,8 +61,9 @@ ANSWERS = (
 LARGE_VOCAB = 151936
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser(description: str = __doc__.split("\n\n")[0]) -> argparse.ArgumentParser:
+    """The options of this benchmark, which ``served_teacher.py`` extends."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--samples", type=int, default=48, help="samples in the data set")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=8, help="timed steps per variant")
@@ -71,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # One intra-op thread: on a shared 2-core machine, waits for a second busy thread
     # dominate the tiny models' small ops (both variants alike) and swamp the ratio.
     p.add_argument("--threads", type=int, default=1)
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parser().parse_args(argv)
 
 
 def write_data(root: Path, samples: int) -> tuple[Path, Path]:

@@ -47,7 +47,7 @@ from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sampl
 from betakd.schedule import apply_current_lr, restarted_scheduler
 from betakd.step_metrics import StepMetrics
 from betakd.teachers.protocol import BatchMeta, TeacherSource
-from betakd.teachers.served import ServedTeacherError
+from betakd.teachers.vllm_client import ServedTeacherError
 
 logger = logging.getLogger(__name__)
 

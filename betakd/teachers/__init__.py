@@ -6,7 +6,8 @@
   states + lm_head, top-k + tail) and the tail rule;
 * :mod:`~betakd.teachers.online`: a frozen model run on every step;
 * :mod:`~betakd.teachers.ensemble`: several named sources at once (multi-teacher);
-* :mod:`~betakd.teachers.served`: a teacher on a vLLM server (``ServedTeacher``);
+* :mod:`~betakd.teachers.served`: a teacher on a vLLM server (``ServedTeacher``), which
+  :mod:`~betakd.teachers.vllm_client` talks to (``TeacherServer``);
 * the offline cache: :mod:`~betakd.teachers.cache_format` (layout, ids, fingerprint),
   :mod:`~betakd.teachers.cache_writer` (run the teacher once),
   :mod:`~betakd.teachers.cache_reader` (``TeacherCache``, ``CachedTeacher``);
@@ -30,8 +31,8 @@ _EXPORTS = {
     "HiddenStateLogits": "targets",
     "OnlineTeacher": "online",
     "ServedTeacher": "served",
-    "ServedTeacherError": "served",
-    "TeacherServer": "served",
+    "ServedTeacherError": "vllm_client",
+    "TeacherServer": "vllm_client",
     "TeacherCache": "cache_reader",
     "TeacherEnsemble": "ensemble",
     "TeacherSource": "protocol",

@@ -22,13 +22,9 @@ from betakd.teachers.cache_reader import CachedTeacher, TeacherCache
 from betakd.teachers.ensemble import TeacherEnsemble
 from betakd.teachers.online import OnlineTeacher
 from betakd.teachers.protocol import TeacherSource
-from betakd.teachers.served import (
-    RecordConversations,
-    ServedTeacher,
-    ServedTeacherError,
-    TeacherServer,
-)
+from betakd.teachers.served import RecordConversations, ServedTeacher
 from betakd.teachers.text_aligned import TextAlignedTeacher
+from betakd.teachers.vllm_client import ServedTeacherError, TeacherServer
 
 logger = logging.getLogger(__name__)
 

@@ -65,7 +65,7 @@ from transformers.models.llava_onevision.image_processing_pil_llava_onevision im
 )
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-from betakd.models import (
+from betakd.processors import (
     InternVLImageOnlyProcessor,
     LlavaOnevisionImageOnlyProcessor,
     Qwen2VLImageOnlyProcessor,
@@ -333,7 +333,7 @@ def _build_llava_next(tokenizer, dims: TinyDims, image_size: int):
 def _build_llava_onevision(tokenizer, dims: TinyDims, image_size: int):
     """LLaVA-OneVision: SigLIP tiles as in LLaVA-NeXT (a base view plus the grid that
     fits each image), all patch features kept ("full"); images only (no video
-    processor, see :class:`betakd.models.LlavaOnevisionImageOnlyProcessor`)."""
+    processor, see :class:`betakd.processors.LlavaOnevisionImageOnlyProcessor`)."""
     grid = _check_square(image_size, dims.patch_size)
     pinpoints = [[image_size * h, image_size * w] for h in (1, 2) for w in (1, 2)]
     vision = SiglipVisionConfig(
