@@ -24,93 +24,21 @@ from betakd.cross_tokenizer import group_loss
 from betakd.cross_tokenizer.groups import sum_by_group
 from betakd.features import FeatureChannel
 from betakd.models import FamilyAdapter, forward_inputs, slice_vocab, with_image_outputs
-from betakd.objective import DistillationObjective, ObjectiveOutput, per_sample_mean, token_counts
+from betakd.objective import (
+    GENERATED_CE,
+    ChannelValues,
+    DistillationObjective,
+    ObjectiveOutput,
+    per_sample_mean,
+    token_counts,
+    with_generated,
+)
+from betakd.onpolicy import GeneratedRows
 from betakd.reliability import TeacherReliability
 from betakd.teachers.protocol import TeacherTargets
 from betakd.teachers.targets import GroupedTargets
 
 HEAD_FILE = "betakd_head.safetensors"
-
-
-@dataclass
-class ChannelValues:
-    """One micro-batch's unweighted channels: what the objective weighs."""
-
-    ce: Tensor  # [B]
-    energies: dict[str, Tensor]  # teacher channel -> [B]
-    representation: Tensor | None  # [B, D] for an instance weighting
-    counts: Tensor  # [B] supervised answer tokens per sample
-    # Teacher's NLL of the answers, for data trust: [B], or [B, K] per weighted channel.
-    teacher_nll: Tensor | None = None
-    # The student's image encoder output of this pass (not weighed): a second pass over
-    # the same images reuses it (betakd.models.with_image_outputs).
-    image_outputs: object = None
-
-    def detached(self) -> ChannelValues:
-        return ChannelValues(
-            self.ce.detach(),
-            {name: value.detach() for name, value in self.energies.items()},
-            _maybe(self.representation, Tensor.detach),
-            self.counts,
-            _maybe(self.teacher_nll, Tensor.detach),
-        )
-
-    def rows(self, index: Tensor) -> ChannelValues:
-        """The values of rows ``index`` only."""
-        return ChannelValues(
-            self.ce[index],
-            {name: value[index] for name, value in self.energies.items()},
-            _maybe(self.representation, lambda r: r[index]),
-            self.counts[index],
-            _maybe(self.teacher_nll, lambda n: n[index]),
-        )
-
-
-def _maybe(value: Tensor | None, fn: Callable[[Tensor], Tensor]) -> Tensor | None:
-    return None if value is None else fn(value)
-
-
-GENERATED_CE = ("data", "none")
-
-
-@dataclass
-class GeneratedRows:
-    """The rows of a micro-batch answered by the student (on-policy), as the channels
-    need them: the student batch of those rows with the student's answers, aligned
-    with the teacher's targets for the same answers."""
-
-    rows: Tensor  # [P] rows of the data batch
-    batch: dict
-    aligned: AlignedPositions
-    teacher: TeacherTargets
-    image_counts: Sequence[int]
-
-
-def with_generated(
-    data: ChannelValues, generated: ChannelValues, rows: Tensor, ce: str
-) -> ChannelValues:
-    """One micro-batch's values when rows ``rows`` were answered by the student: their
-    energies and representation from ``generated`` (the student's answers, in row order
-    of ``rows``), everything else from ``data`` (the data's answers to the same prompts).
-
-    ``ce``: ``data`` keeps the data answer's CE for every row (Beta-KD's unweighted data
-    term keeps its meaning); ``none`` gives student-answered rows no CE (GKD's loss). A
-    row's token count (its weight under token reduction, and whether it counts) stays the
-    data answer's, as the trainer's normaliser counts the data's answer tokens.
-    """
-    if ce not in GENERATED_CE:
-        raise ValueError(f"ce must be one of {GENERATED_CE}, got {ce!r}")
-    energies = {
-        name: value.index_copy(0, rows, generated.energies[name].to(value.dtype))
-        for name, value in data.energies.items()
-    }
-    representation = data.representation
-    if representation is not None:
-        representation = representation.index_copy(
-            0, rows, generated.representation.to(representation.dtype)
-        )
-    ce_values = data.ce if ce == "data" else data.ce.index_fill(0, rows, 0.0)
-    return replace(data, ce=ce_values, energies=energies, representation=representation)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from betakd.align import AlignedPositions
 from betakd.labels import IGNORE_INDEX, supervised
 from betakd.models import FamilyAdapter, forward_inputs
+from betakd.teachers.protocol import TeacherTargets
 
 MODES = ("off_policy", "on_policy", "mixed")
 
@@ -240,3 +242,16 @@ def answered_batch(
         out["teacher"] = with_answers(batch["teacher"], answers, *teachers)
     out["student_answers"] = True
     return out
+
+
+@dataclass
+class GeneratedRows:
+    """The rows of a micro-batch answered by the student (on-policy), as the channels
+    need them: the student batch of those rows with the student's answers, aligned
+    with the teacher's targets for the same answers."""
+
+    rows: Tensor  # [P] rows of the data batch
+    batch: dict
+    aligned: AlignedPositions
+    teacher: TeacherTargets
+    image_counts: Sequence[int]

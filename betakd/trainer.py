@@ -38,12 +38,18 @@ from transformers import Trainer, TrainerCallback
 from betakd import calibration
 from betakd.cross_tokenizer.groups import AnswerTranslator
 from betakd.data import KDCollator, SampleEncoder
-from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule, GeneratedRows
+from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule
 from betakd.files import write_json_atomic
 from betakd.labels import supervised
 from betakd.models import stop_token_ids, tokenizer_of
 from betakd.objective import token_counts
-from betakd.onpolicy import GenerationSettings, PolicyMix, answered_batch, sample_answers
+from betakd.onpolicy import (
+    GeneratedRows,
+    GenerationSettings,
+    PolicyMix,
+    answered_batch,
+    sample_answers,
+)
 from betakd.schedule import apply_current_lr, restarted_scheduler
 from betakd.step_metrics import StepMetrics
 from betakd.teachers.protocol import BatchMeta, TeacherSource

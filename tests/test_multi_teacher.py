@@ -385,9 +385,8 @@ def test_two_teachers_score_the_students_own_answers(trio, vqa_data, tmp_path):
     """On-policy with two teachers of different families: each teacher's batch gets the
     student's answers with its own image tokens; answers equal to the data's give the
     off-policy loss, and a mixed run (per sample, rows collated again) trains."""
-    from betakd.distill import GeneratedRows
     from betakd.labels import supervised
-    from betakd.onpolicy import answered_batch
+    from betakd.onpolicy import GeneratedRows, answered_batch
 
     raw = two_teacher_raw(trio, vqa_data, tmp_path / "o", "instance", {"hidden": 8})
     raw["policy"] = {"mode": "mixed", "student_fraction": 0.8, "per": "sample",

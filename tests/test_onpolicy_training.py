@@ -9,10 +9,9 @@ import torch.nn.functional as F
 from kd_configs import StopAfter, assert_same_final_state, kd_raw, losses_on_repeated_batch
 
 from betakd import config as cfg
-from betakd.distill import GeneratedRows
 from betakd.labels import supervised
 from betakd.models import forward_inputs
-from betakd.onpolicy import PolicyMix, answered_batch, prompt_tokens, prompts
+from betakd.onpolicy import GeneratedRows, PolicyMix, answered_batch, prompt_tokens, prompts
 from betakd.testing.tiny import FAMILIES
 from betakd.train import build_trainer, run_training, training_arguments
 
