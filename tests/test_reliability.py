@@ -12,16 +12,18 @@ from scipy.optimize import minimize
 
 from betakd import weighting
 from betakd.reliability import (
+    TeacherReliability,
+    local_mean,
+    neighbourhood_size,
+    neighbours_of,
+)
+from betakd.reliability_cases import (
     MAX_COINCIDENCE,
     NllMixture,
-    TeacherReliability,
     component_log_densities,
     fit_components,
     fit_nll_mixture,
-    local_mean,
     mixture_log_likelihood,
-    neighbourhood_size,
-    neighbours_of,
     posterior,
 )
 
