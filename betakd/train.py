@@ -22,6 +22,7 @@ from transformers import TrainerCallback, TrainingArguments, set_seed
 from betakd import config as cfg
 from betakd import models, weighting
 from betakd.align import representation_dim
+from betakd.config_sections import LoraSettings
 from betakd.data import DataCache, KDCollator, SampleEncoder, SkipReport, build_dataset
 from betakd.distill import DistillationHead, DistillationModule, LogitChannelSpec
 from betakd.features import FeatureChannel
@@ -349,7 +350,7 @@ def _student_representation(config: cfg.TrainConfig) -> str | None:
     return weighting_representation(config) if wanted else None
 
 
-def _with_lora(student, lora: cfg.LoraSettings):
+def _with_lora(student, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 
     peft_config = LoraConfig(
