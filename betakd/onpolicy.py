@@ -27,8 +27,9 @@ import torch
 from torch import Tensor
 
 from betakd.align import AlignedPositions
+from betakd.cross_tokenizer.groups import AnswerTranslator
 from betakd.labels import IGNORE_INDEX, supervised
-from betakd.models import FamilyAdapter, forward_inputs
+from betakd.models import FamilyAdapter, forward_inputs, stop_token_ids, tokenizer_of
 from betakd.teachers.protocol import TeacherTargets
 
 MODES = ("off_policy", "on_policy", "mixed")
@@ -255,3 +256,86 @@ class GeneratedRows:
     aligned: AlignedPositions
     teacher: TeacherTargets
     image_counts: Sequence[int]
+
+
+class StudentAnswers:
+    """The on-policy step before the loss: which rows of a micro-batch the student
+    answers at a step (``policy``), and those rows as a collated batch with the
+    student's own answers written into the student's and every teacher's encoding.
+
+    ``collator`` re-collates a subset of rows (a KD collator: it encodes every side)
+    from ``dataset`` (its ``by_index``); the student samples with ``generation`` and
+    stops at the student's end-of-sequence or pad tokens; image tokens of any model are
+    never sampled (in an answer they would ask for images that are not there); a
+    teacher of another vocabulary gets the answer's text in its own tokens.
+    """
+
+    def __init__(
+        self, policy: PolicyMix, generation: GenerationSettings, collator, dataset, student
+    ) -> None:
+        self.policy = policy
+        self.generation = generation
+        self.collator = collator
+        self.dataset = dataset
+        self.stop_ids = stop_token_ids(student, tokenizer_of(collator.student.processor))
+        if not self.stop_ids:
+            raise ValueError("the student has no end-of-sequence or pad token to stop answers at")
+        teachers = _named(collator.teacher)
+        encoders = [collator.student, *teachers.values()]
+        self.image_token_ids = set().union(*(e.adapter.image_token_ids for e in encoders))
+        self.translators = _answer_translators(collator.student, teachers, self.stop_ids)
+
+    def answer(self, inputs: dict, step: int, student, adapter, prepare) -> tuple | None:
+        """``(rows, batch)``: the rows of ``inputs`` the policy gives the student at
+        ``step`` and those rows answered by ``student`` (its family ``adapter``);
+        ``prepare`` puts a re-collated batch on the device. None when no row is chosen."""
+        chosen = self.policy.chosen(step, inputs["sample_index"].cpu())
+        if not bool(chosen.any()):
+            return None
+        rows = chosen.nonzero().squeeze(1)
+        batch = inputs
+        if not bool(chosen.all()):
+            index = inputs["sample_index"][rows].tolist()
+            # Not announced: no teacher scores these rows' data answers.
+            batch = prepare(self.collator.collate(self.dataset.by_index(index), announce=False))
+        answers = sample_answers(
+            student,
+            adapter,
+            batch,
+            self.generation,
+            pad_token_id=self.collator.student.pad_token_id,
+            eos_token_id=sorted(self.stop_ids),
+            seed=self.policy.generation_seed(step, batch["sample_index"].cpu()),
+            suppress_tokens=self.image_token_ids,
+        )
+        teacher = self.collator.teacher
+        sides = {name: _side(e, self.translators.get(name)) for name, e in _named(teacher).items()}
+        teachers = sides if isinstance(teacher, Mapping) else sides.get(None)
+        answered = answered_batch(batch, answers, _side(self.collator.student), teachers)
+        return rows, answered
+
+
+def _named(teacher) -> dict:
+    """The collator's teacher encoders by name (None: the single teacher's)."""
+    if isinstance(teacher, Mapping):
+        return dict(teacher)
+    return {} if teacher is None else {None: teacher}
+
+
+def _side(encoder, translate=None) -> tuple:
+    """(adapter, pad token id, answer translation or None): what re-encoding an answer
+    needs of one model."""
+    return encoder.adapter, encoder.pad_token_id, translate
+
+
+def _answer_translators(student, teachers: Mapping, stops) -> dict:
+    """An :class:`~betakd.cross_tokenizer.groups.AnswerTranslator` per teacher whose
+    vocabulary is not the student's (by name; None: the single teacher)."""
+    mine = tokenizer_of(student.processor)
+    vocabulary = mine.get_vocab()
+    out = {}
+    for name, encoder in teachers.items():
+        theirs = tokenizer_of(encoder.processor)
+        if theirs.get_vocab() != vocabulary:
+            out[name] = AnswerTranslator(mine, theirs, stops)
+    return out

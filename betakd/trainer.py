@@ -36,20 +36,12 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from betakd import calibration
-from betakd.cross_tokenizer.groups import AnswerTranslator
-from betakd.data import KDCollator, SampleEncoder
+from betakd.data import KDCollator
 from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule
 from betakd.files import write_json_atomic
 from betakd.labels import supervised
-from betakd.models import stop_token_ids, tokenizer_of
 from betakd.objective import token_counts
-from betakd.onpolicy import (
-    GeneratedRows,
-    GenerationSettings,
-    PolicyMix,
-    answered_batch,
-    sample_answers,
-)
+from betakd.onpolicy import GeneratedRows, GenerationSettings, PolicyMix, StudentAnswers
 from betakd.schedule import apply_current_lr, restarted_scheduler
 from betakd.step_metrics import StepMetrics
 from betakd.teachers.protocol import BatchMeta, TeacherSource
@@ -99,9 +91,16 @@ class BetaKDTrainer(Trainer):
                 "parallel, or run on GPUs"
             )
         self.policy = policy if policy is not None and policy.fraction > 0 else None
-        self.generation = generation or GenerationSettings()
+        self.student_answers = None
         if self.policy is not None:
             self._check_can_generate()
+            self.student_answers = StudentAnswers(
+                self.policy,
+                generation or GenerationSettings(),
+                self.data_collator,
+                self.train_dataset,
+                self.distillation_module.student,
+            )
         self.teacher = teacher.prepare(self.accelerator)
         self.head_learning_rate = head_learning_rate
         self.head_weight_decay = head_weight_decay
@@ -184,34 +183,16 @@ class BetaKDTrainer(Trainer):
     def generated_rows(self, inputs: dict) -> GeneratedRows | None:
         """The rows of this micro-batch the policy gives to the student at this step,
         answered by it and scored by the teacher; None when there are none."""
-        if self.policy is None:
+        if self.student_answers is None:
             return None
-        step = self.state.global_step
-        chosen = self.policy.chosen(step, inputs["sample_index"].cpu())
-        if not bool(chosen.any()):
-            return None
-        rows = chosen.nonzero().squeeze(1)
-        batch = inputs
-        if not bool(chosen.all()):
-            index = inputs["sample_index"][rows].tolist()
-            # Not announced: no teacher scores these rows' data answers.
-            rows_of = self.train_dataset.by_index(index)
-            batch = self._prepare_inputs(self.data_collator.collate(rows_of, announce=False))
-        collator: KDCollator = self.data_collator
-        student = self.distillation_module.student
-        answers = sample_answers(
-            student,
-            self.distillation_module.adapter,
-            batch,
-            self.generation,
-            pad_token_id=collator.student.pad_token_id,
-            eos_token_id=sorted(self.stop_ids),
-            seed=self.policy.generation_seed(step, batch["sample_index"].cpu()),
-            suppress_tokens=self._image_token_ids,
+        module = self.distillation_module
+        answered = self.student_answers.answer(
+            inputs, self.state.global_step, module.student, module.adapter, self._prepare_inputs
         )
-        teachers = _sides(collator.teacher, self._answer_translators)
-        answered = answered_batch(batch, answers, _side(collator.student), teachers)
-        return GeneratedRows(rows.to(inputs["input_ids"].device), *self.loss_inputs(answered))
+        if answered is None:
+            return None
+        rows, batch = answered
+        return GeneratedRows(rows.to(inputs["input_ids"].device), *self.loss_inputs(batch))
 
     def needs_data(self, generated: GeneratedRows | None, rows: int) -> bool:
         """Whether the step reads anything of the data's answers: not when the student
@@ -241,16 +222,6 @@ class BetaKDTrainer(Trainer):
                 "which FSDP and DeepSpeed ZeRO-3 shard; betakd does not gather them for "
                 "generation yet: use DDP or ZeRO-1/2, or policy.mode: off_policy"
             )
-        student = self.distillation_module.student
-        self.stop_ids = stop_token_ids(student, tokenizer_of(self.data_collator.student.processor))
-        # Image tokens of any model: in an answer they would ask for images not there.
-        encoders = [self.data_collator.student, *_encoders(self.data_collator.teacher)]
-        self._image_token_ids = set().union(*(e.adapter.image_token_ids for e in encoders))
-        if not self.stop_ids:
-            raise ValueError("the student has no end-of-sequence or pad token to stop answers at")
-        self._answer_translators = _answer_translators(
-            self.data_collator.student, self.data_collator.teacher, self.stop_ids
-        )
 
     def _add_policy_metrics(self, out, generated: GeneratedRows | None) -> None:
         """Share of student-answered samples, their answers' length and whether they
@@ -262,7 +233,8 @@ class BetaKDTrainer(Trainer):
             labels = supervised(generated.batch["labels"])
             lengths = labels.sum(dim=1)
             last = generated.batch["input_ids"].gather(1, (labels.cumsum(1).argmax(1))[:, None])
-            ended = torch.tensor([int(t) in self.stop_ids for t in last.squeeze(1).tolist()])
+            stops = self.student_answers.stop_ids
+            ended = torch.tensor([int(t) in stops for t in last.squeeze(1).tolist()])
         self.metrics.add_policy(on, lengths, ended)
         groups = ["on_policy" if flag else "off_policy" for flag in on.tolist()]
         self.metrics.add_groups(out.energies, out.betas, out.valid, groups, prefix="policy")
@@ -523,37 +495,3 @@ def mark_complete(checkpoint: Path) -> None:
 
 def is_complete(checkpoint: Path) -> bool:
     return (checkpoint / COMPLETE_MARKER).is_file()
-
-
-def _side(encoder: SampleEncoder, translate=None) -> tuple:
-    """(adapter, pad token id, answer translation or None): what re-encoding an answer
-    needs of one model."""
-    return encoder.adapter, encoder.pad_token_id, translate
-
-
-def _sides(teacher: SampleEncoder | Mapping[str, SampleEncoder] | None, translators: Mapping):
-    if isinstance(teacher, Mapping):
-        return {name: _side(e, translators.get(name)) for name, e in teacher.items()}
-    return None if teacher is None else _side(teacher, translators.get(None))
-
-
-def _answer_translators(
-    student: SampleEncoder, teacher: SampleEncoder | Mapping[str, SampleEncoder] | None, stops
-) -> dict:
-    """An :class:`~betakd.cross_tokenizer.groups.AnswerTranslator` per teacher whose
-    vocabulary is not the student's (by name; None: the single teacher)."""
-    named = teacher if isinstance(teacher, Mapping) else {None: teacher} if teacher else {}
-    mine = tokenizer_of(student.processor)
-    vocabulary = mine.get_vocab()
-    out = {}
-    for name, encoder in named.items():
-        theirs = tokenizer_of(encoder.processor)
-        if theirs.get_vocab() != vocabulary:
-            out[name] = AnswerTranslator(mine, theirs, stops)
-    return out
-
-
-def _encoders(teacher: SampleEncoder | Mapping[str, SampleEncoder] | None) -> list:
-    if isinstance(teacher, Mapping):
-        return list(teacher.values())
-    return [] if teacher is None else [teacher]
