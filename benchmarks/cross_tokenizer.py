@@ -25,7 +25,8 @@ import side_by_side
 from teacher_cache import ANSWERS, STUDENT, TEACHER, write_data
 
 from betakd import config as cfg
-from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import save_tiny_model
+from betakd.testing.tiny_tokenizer import DEFAULT_TEXTS, train_tokenizer
 
 VARIANTS = ("same", "cross")
 

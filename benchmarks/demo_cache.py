@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from betakd.demo import run as demo
+from betakd.demo.evaluation import test_samples
 from betakd.demo.strategies import select
 from betakd.demo.teacher import ensure_teacher, prepare_data
 
@@ -44,7 +45,7 @@ def main() -> None:
         settings = replace(settings, steps=args.steps)
     data = prepare_data(config)
     teacher = ensure_teacher(config)
-    tests = demo.test_samples(data.test, settings.test_questions)
+    tests = test_samples(data.test, settings.test_questions)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)

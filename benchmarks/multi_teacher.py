@@ -28,7 +28,8 @@ import side_by_side
 from teacher_cache import STUDENT, TEACHER, write_data
 
 from betakd import config as cfg
-from betakd.testing.tiny import save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import save_tiny_model
+from betakd.testing.tiny_tokenizer import train_tokenizer
 
 # The second teacher: the first's sizes with patch 8 (a quarter of its image tokens).
 SECOND_TEACHER = dataclasses.replace(TEACHER, patch_size=8)

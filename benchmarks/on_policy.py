@@ -37,7 +37,8 @@ from teacher_cache import STUDENT, TEACHER, step, write_data
 
 from betakd import config as cfg
 from betakd.onpolicy import GenerationSettings, sample_answers
-from betakd.testing.tiny import save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import save_tiny_model
+from betakd.testing.tiny_tokenizer import train_tokenizer
 from betakd.train import build_trainer, training_arguments
 
 VARIANTS = {
@@ -93,9 +94,9 @@ def generation_seconds(trainer, conversations, args) -> tuple[float, int]:
         batch,
         GenerationSettings(args.max_new_tokens, temperature=1.0),
         pad_token_id=collator.student.pad_token_id,
-        eos_token_id=sorted(trainer._stop_ids),
+        eos_token_id=sorted(trainer.student_answers.stop_ids),
         seed=0,
-        suppress_tokens=trainer._image_token_ids,
+        suppress_tokens=trainer.student_answers.image_token_ids,
     )
     return time.perf_counter() - start, sum(a.numel() for a in answers)
 

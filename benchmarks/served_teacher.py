@@ -41,7 +41,8 @@ from betakd import models
 from betakd.cache_cli import cache_teacher
 from betakd.data import KDCollator
 from betakd.teachers.build import build_teacher
-from betakd.testing.tiny import TinyDims, save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import TinyDims, save_tiny_model
+from betakd.testing.tiny_tokenizer import train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
 from betakd.train import build_trainer, training_arguments
 

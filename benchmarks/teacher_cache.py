@@ -47,7 +47,8 @@ from betakd.data import KDCollator
 from betakd.teachers import BatchMeta
 from betakd.teachers import cache_format as fmt
 from betakd.teachers.build import build_teacher
-from betakd.testing.tiny import TinyDims, save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import TinyDims, save_tiny_model
+from betakd.testing.tiny_tokenizer import train_tokenizer
 from betakd.train import build_trainer, training_arguments
 
 STUDENT = TinyDims(hidden=64, layers=2, heads=2, vision_hidden=32, vision_layers=1, patch_size=8)

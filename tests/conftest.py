@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from betakd.testing.tiny import save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import save_tiny_model
+from betakd.testing.tiny_tokenizer import train_tokenizer
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 

@@ -21,7 +21,7 @@ from betakd.cross_tokenizer.alignment import (
 )
 from betakd.cross_tokenizer.groups import AnswerTranslator, group_runs, tokenized_run
 from betakd.cross_tokenizer.vocabulary import SharedVocabulary
-from betakd.testing.tiny import DEFAULT_TEXTS, TURN_END, train_tokenizer
+from betakd.testing.tiny_tokenizer import DEFAULT_TEXTS, TURN_END, train_tokenizer
 
 # --------------------------------------------------------------------------- tokenizers
 

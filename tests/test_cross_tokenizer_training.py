@@ -13,7 +13,8 @@ from betakd import config as cfg
 from betakd.cache_cli import cache_teacher
 from betakd.models import ModelError
 from betakd.teachers import BatchMeta
-from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import save_tiny_model
+from betakd.testing.tiny_tokenizer import DEFAULT_TEXTS, train_tokenizer
 from betakd.train import OutputDirError, build_trainer, run_training, training_arguments
 
 ANSWERS = (

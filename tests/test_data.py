@@ -21,7 +21,7 @@ from betakd.data import (
 )
 from betakd.labels import IGNORE_INDEX
 from betakd.models import forward_inputs, get_adapter, load_model, load_processor
-from betakd.testing.tiny import FAMILIES
+from betakd.testing.tiny_models import FAMILIES
 
 
 def encoder_for(path, max_length=None):

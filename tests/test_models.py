@@ -13,7 +13,8 @@ from betakd.models import (
     slice_vocab,
     vocab_rows,
 )
-from betakd.testing.tiny import build_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import build_tiny_model
+from betakd.testing.tiny_tokenizer import train_tokenizer
 
 
 def test_frozen_teacher_in_other_dtype(tiny_model_dir):

@@ -19,7 +19,8 @@ from betakd.distill import HEAD_FILE
 from betakd.models import forward_inputs
 from betakd.teachers import BatchMeta, TeacherEnsemble, TeacherTargets
 from betakd.teachers.cache_format import CacheError
-from betakd.testing.tiny import save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import save_tiny_model
+from betakd.testing.tiny_tokenizer import train_tokenizer
 from betakd.train import build_trainer, run_training, training_arguments
 
 TRAINING = {**SHARED_TRAINING, "max_steps": 3}

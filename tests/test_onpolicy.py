@@ -11,7 +11,7 @@ from betakd.data import KDCollator, SampleEncoder, build_dataset
 from betakd.labels import IGNORE_INDEX
 from betakd.models import forward_inputs, load
 from betakd.onpolicy import GenerationSettings, prompt_tokens, sample_answers, with_answers
-from betakd.testing.tiny import FAMILIES
+from betakd.testing.tiny_models import FAMILIES
 
 
 @pytest.fixture

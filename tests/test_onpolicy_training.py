@@ -12,7 +12,7 @@ from betakd import config as cfg
 from betakd.labels import supervised
 from betakd.models import forward_inputs
 from betakd.onpolicy import GeneratedRows, PolicyMix, answered_batch, prompt_tokens, prompts
-from betakd.testing.tiny import FAMILIES
+from betakd.testing.tiny_models import FAMILIES
 from betakd.train import build_trainer, run_training, training_arguments
 
 
@@ -181,13 +181,13 @@ def test_the_trainer_generates_as_generate_does_with_the_step_seed(llava_pair, v
     with torch.no_grad():
         out = student.generate(
             **inputs, max_new_tokens=6, do_sample=True, top_k=0, pad_token_id=pad,
-            eos_token_id=sorted(trainer.stop_ids),
+            eos_token_id=sorted(trainer.student_answers.stop_ids),
         )  # fmt: skip
     new = out[:, inputs["input_ids"].shape[1] :]
     labels = supervised(generated.batch["labels"])
     for row in range(4):
         expected = new[row].tolist()
-        stop = [i for i, t in enumerate(expected) if t in trainer.stop_ids]
+        stop = [i for i, t in enumerate(expected) if t in trainer.student_answers.stop_ids]
         expected = expected[: stop[0] + 1] if stop else expected
         assert generated.batch["input_ids"][row][labels[row]].tolist() == expected
 

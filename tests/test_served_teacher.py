@@ -31,7 +31,8 @@ from betakd.teachers import (
     TeacherCache,
     TopKLogits,
 )
-from betakd.testing.tiny import DEFAULT_TEXTS, save_tiny_model, train_tokenizer
+from betakd.testing.tiny_models import save_tiny_model
+from betakd.testing.tiny_tokenizer import DEFAULT_TEXTS, train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
 from betakd.train import build_trainer, run_training, training_arguments
 

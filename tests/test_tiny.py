@@ -7,13 +7,11 @@ import torch
 from PIL import Image
 
 from betakd.models import get_adapter, load_model, load_processor, tokenizer_of
-from betakd.testing.tiny import (
-    FAMILIES,
+from betakd.testing.tiny_models import FAMILIES, TinyDims, build_tiny_model
+from betakd.testing.tiny_tokenizer import (
     FAMILY_TOKENS,
     IMAGE_TOKEN,
     SPECIAL_TOKENS,
-    TinyDims,
-    build_tiny_model,
     train_tokenizer,
 )
 

@@ -19,7 +19,7 @@ from betakd import config as cfg
 from betakd.cli import main
 from betakd.distill import HEAD_FILE
 from betakd.teachers import DenseLogits, TeacherTargets
-from betakd.testing.tiny import FAMILIES
+from betakd.testing.tiny_models import FAMILIES
 from betakd.train import (
     RESOLVED_CONFIG,
     OutputDirError,

@@ -19,7 +19,7 @@ import yaml
 
 from betakd.config import ConfigError, apply_overrides
 from betakd.demo.easyvqa_data import DemoDataConfig
-from betakd.testing.tiny import TinyDims
+from betakd.testing.tiny_models import TinyDims
 
 DEFAULTS_PATH = Path(__file__).with_name("defaults.yaml")
 
@@ -28,7 +28,8 @@ class DemoConfigError(ValueError):
     """A problem with the demo design (defaults.yaml, --set or --strategies), named."""
 
 
-# Model sizes are betakd.testing.tiny's TinyDims: the demo builds its models with betakd.testing.tiny.
+# Model sizes are betakd.testing.tiny_models' TinyDims: the demo builds its models with
+# betakd.testing.tiny_models.
 ModelDims = TinyDims
 
 

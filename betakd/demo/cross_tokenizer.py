@@ -21,6 +21,7 @@ from pathlib import Path
 
 from betakd.demo import report
 from betakd.demo.config import DemoConfig
+from betakd.demo.evaluation import predict, test_samples
 from betakd.demo.on_policy import (
     ACCURACY_KEYS,
     PolicyJob,
@@ -32,12 +33,10 @@ from betakd.demo.on_policy import (
 from betakd.demo.run import (
     demo_config,
     one_thread,
-    predict,
     raise_for_failures,
     run_in_pool,
     scenario_settings,
     student_init,
-    test_samples,
 )
 from betakd.demo.strategies import catalogue
 from betakd.demo.teacher import ensure_teacher, prepare_data, teacher_info

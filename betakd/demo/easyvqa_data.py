@@ -519,14 +519,14 @@ def corpus_texts(samples: Iterable[Sample]) -> list[str]:
 def train_demo_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 512):
     """Train the offline tokenizer on easy-VQA text and save it; reuse a saved one.
 
-    Uses :func:`betakd.testing.tiny.train_tokenizer` so that the demo models get the same
-    special tokens and chat template as every other tiny model. Byte-level BPE keeps
+    Uses :func:`betakd.testing.tiny_tokenizer.train_tokenizer` so that the demo models get
+    the same special tokens and chat template as every other tiny model. Byte-level BPE keeps
     any user text encodable; a few hundred tokens are enough because easy-VQA has about
     50 distinct words, each of which becomes one token.
     """
     from transformers import PreTrainedTokenizerFast
 
-    from betakd.testing.tiny import train_tokenizer
+    from betakd.testing.tiny_tokenizer import train_tokenizer
 
     out = Path(out_dir)
     if (out / "tokenizer.json").exists():

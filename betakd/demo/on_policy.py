@@ -27,17 +27,16 @@ from pathlib import Path
 from betakd.demo import report
 from betakd.demo.config import DemoConfig
 from betakd.demo.easyvqa_data import DemoData
+from betakd.demo.evaluation import predict, test_samples
 from betakd.demo.run import (
     DemoSettings,
     demo_config,
     one_thread,
-    predict,
     prepare_worker,
     raise_for_failures,
     run_in_pool,
     scenario_settings,
     student_init,
-    test_samples,
     train_config,
     train_logged,
 )

@@ -2,8 +2,9 @@
 
 Every run goes through the public path (a ``betakd train`` config -> ``run_training``)
 and every accuracy through the evaluation harness (``betakd.eval.generate`` + the
-easy-VQA scorer), so the demo exercises what a user's data would. Runs are independent
-and go to ``jobs`` worker processes (one thread each: the models are tiny).
+easy-VQA scorer, see :mod:`betakd.demo.evaluation`), so the demo exercises what a user's
+data would. Runs are independent and go to ``jobs`` worker processes (one thread each:
+the models are tiny).
 """
 
 from __future__ import annotations
@@ -12,10 +13,8 @@ import contextlib
 import json
 import logging
 import multiprocessing
-import random
 import shutil
 import time
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,6 +26,15 @@ from betakd.demo import report
 from betakd.demo.audit import audit_demo_data
 from betakd.demo.config import DemoConfig, load_demo_config
 from betakd.demo.easyvqa_data import DemoData, read_jsonl
+from betakd.demo.evaluation import (
+    SLICES,
+    beta_history,
+    evaluate,
+    final_betas,
+    slice_history,
+    slice_of,
+    test_samples,
+)
 from betakd.demo.strategies import Strategy, catalogue, recommended, select
 from betakd.demo.teacher import (
     answer_nll,
@@ -37,13 +45,8 @@ from betakd.demo.teacher import (
     save_student_init,
     teacher_info,
 )
-from betakd.eval import easyvqa
-from betakd.eval.runner import generate
-from betakd.eval.samples import Sample
 
 logger = logging.getLogger(__name__)
-
-SLICES = ("clean", "noisy", "blind")
 
 
 @dataclass(frozen=True)
@@ -124,80 +127,6 @@ def demo_config(quick: bool, overrides=()) -> DemoConfig:
     return config
 
 
-# ----------------------------------------------------------------------------- evaluation
-
-
-def test_samples(test_file: Path, limit: int, seed: int = 0) -> list[dict]:
-    """A fixed random subset of the test split (the same for every run)."""
-    records = read_jsonl(test_file)
-    random.Random(seed).shuffle(records)
-    return records[:limit]
-
-
-def _as_sample(record: dict, image_folder: Path) -> Sample:
-    # The prompt is exactly the training prompt (image, then the question): tiny models
-    # have seen no other phrasing.
-    question = record["conversations"][0]["value"].replace("<image>", "").strip()
-    return Sample(record["id"], question, str(image_folder / record["image"]))
-
-
-def evaluate(model_dir: Path, records: list[dict], image_folder: Path, batch_size: int) -> dict:
-    """Generation-based exact match (%): overall, per question type, blind slice vs rest."""
-    return accuracy_by_slice(predict(model_dir, records, image_folder, batch_size), records)
-
-
-def predict(
-    model_dir: Path,
-    records: list[dict],
-    image_folder: Path,
-    batch_size: int,
-    max_new_tokens: int = 4,
-) -> dict[str, str]:
-    """Each test record's generated answer, by record id (greedy, ``betakd eval``'s harness)."""
-    from betakd.models import load_model, load_processor
-
-    model = load_model(model_dir, dtype="float32", frozen=True)
-    processor = load_processor(model_dir)
-    samples = [_as_sample(r, image_folder) for r in records]
-    predictions = generate(
-        model,
-        processor,
-        samples,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        progress=False,
-    )
-    return {p["question_id"]: p["text"] for p in predictions}
-
-
-def percent_correct(predictions: dict[str, str], rows: list[dict]) -> float | None:
-    """Exact match (%) of the predictions on ``rows``; None for no rows."""
-    if not rows:
-        return None
-    hits = sum(
-        easyvqa.is_correct(predictions[r["id"]], r["conversations"][1]["value"]) for r in rows
-    )
-    return round(100.0 * hits / len(rows), 2)
-
-
-def accuracy_by_slice(predictions: dict[str, str], records: list[dict]) -> dict:
-    def pct(rows: list[dict]) -> float | None:
-        return percent_correct(predictions, rows)
-
-    outside = [r for r in records if not r["meta"]["blind"]]
-    inside = [r for r in records if r["meta"]["blind"]]
-    result = {"all": pct(records), "outside_blind": pct(outside), "blind": pct(inside)}
-    for qtype in sorted({r["meta"]["qtype"] for r in records}):
-        result[qtype] = pct([r for r in records if r["meta"]["qtype"] == qtype])
-    return result
-
-
-def slice_of(record: dict) -> str:
-    """The teacher's blind slice first, then noisy labels, then the rest."""
-    meta = record["meta"]
-    return "blind" if meta["blind"] else "noisy" if meta["noisy"] else "clean"
-
-
 # ----------------------------------------------------------------------------- training
 
 
@@ -263,74 +192,6 @@ def training_block(settings: DemoSettings, seed: int, out: Path) -> dict:
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
     }
-
-
-def beta_history(history: list[dict], channels: list[str]) -> dict[str, list[list[float]]]:
-    """Per channel: [step, beta mean, min, max] at every logging step."""
-    result: dict[str, list[list[float]]] = {}
-    for channel in channels:
-        key = f"{channel}/beta_mean"
-        rows = [
-            [h["step"], h[key], h[f"{channel}/beta_min"], h[f"{channel}/beta_max"]]
-            for h in history
-            if key in h
-        ]
-        if rows:
-            result[channel] = rows
-    return result
-
-
-def slice_history(history: list[dict], channels: list[str], slices: Sequence[str] = SLICES) -> dict:
-    """Per channel and slice: [step, mean beta, mean energy] at every logging step."""
-    result: dict = {}
-    for channel in channels:
-        for name in slices:
-            beta_key = f"group/{name}/{channel}/beta_mean"
-            rows = [
-                [h["step"], h[beta_key], h[f"group/{name}/{channel}/energy"]]
-                for h in history
-                if beta_key in h
-            ]
-            if rows:
-                result.setdefault(channel, {})[name] = rows
-    return result
-
-
-def training_betas(trainer, batch_size: int = 256) -> tuple[list[str], torch.Tensor, list[str]]:
-    """Every training sample's betas ``[N, C]`` under the trained student and weighting,
-    with the channel names and the sample ids."""
-    dataset = trainer.train_dataset
-    channels = trainer.distillation_module.head.objective.channels
-    betas = []
-    trainer.model.eval()
-    with torch.no_grad():
-        for start in range(0, len(dataset), batch_size):
-            rows = [dataset[i] for i in range(start, min(len(dataset), start + batch_size))]
-            out = trainer.model(*trainer.loss_inputs(trainer.data_collator(rows)))
-            betas.append(out.betas.float().cpu())
-    return list(channels), torch.cat(betas), [dataset[i].id for i in range(len(dataset))]
-
-
-def final_betas(trainer, records: list[dict], batch_size: int = 256) -> dict:
-    """Each training sample's betas under the trained student and weighting, per channel:
-    ROC AUC of "lower beta" for the blind slice and for noisy labels, and slice means."""
-    channels, betas, ids = training_betas(trainer, batch_size)
-    by_id = {r["id"]: slice_of(r) for r in records}
-    slices = [by_id[i] for i in ids]
-    table = {}
-    for k, channel in enumerate(channels):
-        # The CE's weight varies only when a reliability down-weights likely-wrong labels.
-        if channel == "ce" and bool((betas[:, k] == betas[0, k]).all()):
-            continue
-        values = betas[:, k].tolist()
-        groups = {name: [v for v, s in zip(values, slices) if s == name] for name in SLICES}
-        rest = groups["clean"] + groups["noisy"]
-        table[channel] = {
-            "auc_blind_lower": report.roc_auc(rest, groups["blind"]),
-            "auc_noisy_lower": report.roc_auc(groups["clean"], groups["noisy"]),
-            "mean": {name: sum(v) / len(v) for name, v in groups.items() if v},
-        }
-    return table
 
 
 @dataclass(frozen=True)

@@ -63,7 +63,7 @@ def teacher_dir(config: DemoConfig, root: Path | None = None) -> Path:
 
 def build_demo_model(config: DemoConfig, role: str, seed: int = 0):
     """A freshly initialised tiny LLaVA ``(model, processor)`` for "teacher" or "student"."""
-    from betakd.testing.tiny import build_tiny_model
+    from betakd.testing.tiny_models import build_tiny_model
 
     if role not in ("teacher", "student"):
         raise ValueError(f"role must be 'teacher' or 'student', got {role!r}")

@@ -36,24 +36,26 @@ from betakd.demo import report
 from betakd.demo.audit import audit_demo_data
 from betakd.demo.config import DemoConfig
 from betakd.demo.easyvqa_data import DemoData, read_jsonl
+from betakd.demo.evaluation import (
+    beta_history,
+    percent_correct,
+    predict,
+    slice_history,
+    test_samples,
+    training_betas,
+)
 from betakd.demo.run import (
     DemoSettings,
-    beta_history,
     data_block,
     demo_config,
     ensure_teacher_cache,
     one_thread,
-    percent_correct,
-    predict,
     prepare_worker,
     raise_for_failures,
     run_in_pool,
     scenario_settings,
-    slice_history,
     student_init,
-    test_samples,
     train_logged,
-    training_betas,
     training_block,
 )
 from betakd.demo.strategies import catalogue

@@ -104,7 +104,7 @@ def test_resume_refuses_a_file_written_for_other_prompts(tiny_llava, samples, tm
 
 
 def test_text_only_model_without_pad_token():
-    from betakd.testing.tiny import build_tiny_model
+    from betakd.testing.tiny_models import build_tiny_model
 
     model, tokenizer = build_tiny_model("llama", hidden=32, layers=1)
     tokenizer.pad_token = None
@@ -116,7 +116,7 @@ def test_text_only_model_without_pad_token():
 
 
 def test_missing_chat_template_is_an_error():
-    from betakd.testing.tiny import build_tiny_model
+    from betakd.testing.tiny_models import build_tiny_model
 
     model, tokenizer = build_tiny_model("llama", hidden=32, layers=1)
     tokenizer.chat_template = None
@@ -126,7 +126,7 @@ def test_missing_chat_template_is_an_error():
 
 def test_text_only_prompt_is_a_plain_string():
     from betakd.eval.runner import render_prompt
-    from betakd.testing.tiny import build_tiny_model
+    from betakd.testing.tiny_models import build_tiny_model
 
     _, tokenizer = build_tiny_model("llama", hidden=32, layers=1)
     # A text-only template that only understands string content.

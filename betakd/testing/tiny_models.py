@@ -2,25 +2,20 @@
 
 Tests, benchmarks and the demo need real architectures (LLaVA, LLaVA-NeXT,
 LLaVA-OneVision, Gemma 3, InternVL, Qwen2-VL, Qwen2.5-VL, Idefics3, Llama) without
-downloading weights. Everything here builds from configs, uses one byte-level BPE
-tokenizer trained on the spot, and saves with ``save_pretrained`` so that the Auto
-classes reload it with ``HF_HUB_OFFLINE=1``.
-
-All families share one tokenizer (same vocabulary, same special tokens), so any two
-models built from the same tokenizer can be teacher and student; Gemma 3 and InternVL
-append their own image tokens (``FAMILY_TOKENS``), so they pair within their family.
+downloading weights. This module holds one builder per family (``FAMILIES``), the
+model sizes (:class:`TinyDims`, ``PRESETS``), :func:`build_tiny_model` and
+:func:`save_tiny_model`. Everything builds from configs, uses the shared tokenizer of
+:mod:`betakd.testing.tiny_tokenizer`, and saves with ``save_pretrained`` so that the
+Auto classes reload it with ``HF_HUB_OFFLINE=1``.
 """
 
 from __future__ import annotations
 
-import copy
-import tempfile
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPVisionConfig,
     Gemma3Config,
@@ -70,6 +65,17 @@ from betakd.processors import (
     LlavaOnevisionImageOnlyProcessor,
     Qwen2VLImageOnlyProcessor,
 )
+from betakd.testing.tiny_tokenizer import (
+    GEMMA3_TOKENS,
+    IMAGE_TOKEN,
+    INTERNVL_TOKENS,
+    VIDEO_TOKEN,
+    VISION_END,
+    VISION_START,
+    family_tokenizer,
+    named_tokens_tokenizer,
+    train_tokenizer,
+)
 
 # "idefics3_split": Idefics3 with image splitting on (as SmolVLM's processors default to):
 # an image becomes tiles plus a global view, so image-token counts follow image sizes.
@@ -85,110 +91,6 @@ FAMILIES = (
     "idefics3_split",
     "llama",
 )
-
-IMAGE_TOKEN = "<image>"
-PAD_TOKEN = "<|pad|>"
-TURN_START = "<|im_start|>"
-TURN_END = "<|im_end|>"
-VISION_START = "<|vision_start|>"
-VISION_END = "<|vision_end|>"
-VIDEO_TOKEN = "<|video_pad|>"
-FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
-GLOBAL_IMAGE_TOKEN = "<global-img>"
-END_OF_UTTERANCE = "<end_of_utterance>"
-# Idefics3's processor looks these up even with image splitting off; having them
-# in the vocabulary keeps its `add_special_tokens` call from growing the vocabulary.
-ROW_COL_TOKENS = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))
-
-SPECIAL_TOKENS = (
-    PAD_TOKEN,
-    TURN_START,
-    TURN_END,
-    IMAGE_TOKEN,
-    VISION_START,
-    VISION_END,
-    VIDEO_TOKEN,
-    FAKE_IMAGE_TOKEN,
-    GLOBAL_IMAGE_TOKEN,
-    END_OF_UTTERANCE,
-    *ROW_COL_TOKENS,
-)
-
-DEFAULT_TEXTS = (
-    "What colour is the shape? The shape is red.",
-    "Is there a blue circle in the image? Yes, there is a blue circle.",
-    "What shape is in the picture? A green triangle on a white background.",
-    "Describe the image in one sentence. A small yellow rectangle near the top left corner.",
-    "Answer the question using a single word or phrase. no yes one two three four",
-    "Answer with the option's letter from the given choices directly. A B C D",
-    "The quick brown fox jumps over the lazy dog 0123456789 .,;:!?()[]{}'\"-+*/=<>",
-)
-
-# Markup that stands for one image inside a rendered prompt; each family's
-# processor expands it into that model's image tokens.
-_IMAGE_MARKUP = {
-    "llava": IMAGE_TOKEN,
-    "llava_next": IMAGE_TOKEN,
-    "llava_onevision": IMAGE_TOKEN,
-    "gemma3": "<start_of_image>",
-    "internvl": "<IMG_CONTEXT>",
-    "qwen2_vl": VISION_START + IMAGE_TOKEN + VISION_END,
-    "qwen2_5_vl": VISION_START + IMAGE_TOKEN + VISION_END,
-    "idefics3": IMAGE_TOKEN,
-    "llama": "",
-}
-
-
-def chat_template(image_markup: str = IMAGE_TOKEN) -> str:
-    """ChatML-style template; `content` may be a string or a list of typed parts."""
-    return (
-        "{%- for message in messages -%}"
-        "{{ '" + TURN_START + "' + message['role'] + '\\n' }}"
-        "{%- if message['content'] is string -%}{{ message['content'] }}"
-        "{%- else -%}{%- for part in message['content'] -%}"
-        "{%- if part['type'] == 'image' -%}{{ '" + image_markup + "' }}"
-        "{%- elif part['type'] == 'text' -%}{{ part['text'] }}{%- endif -%}"
-        "{%- endfor -%}{%- endif -%}"
-        "{{ '" + TURN_END + "\\n' }}"
-        "{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{ '" + TURN_START + "assistant\\n' }}{%- endif -%}"
-    )
-
-
-def train_tokenizer(
-    texts: list[str] | tuple[str, ...] = DEFAULT_TEXTS, vocab_size: int = 512
-) -> PreTrainedTokenizerFast:
-    """Byte-level BPE trained on `texts`, with chat and image special tokens.
-
-    Byte-level means any text encodes (no unknown tokens), so a small corpus is
-    enough. `vocab_size` must leave room for the 256 bytes and the specials; a
-    corpus with too few distinct merges yields fewer tokens than asked for (the
-    default corpus fills 512). Deterministic for a given corpus.
-    """
-    minimum = 256 + len(SPECIAL_TOKENS)
-    if vocab_size < minimum:
-        raise ValueError(
-            f"vocab_size={vocab_size} is below the byte alphabet + specials ({minimum})"
-        )
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(list(texts), trainer)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=TURN_END,
-        pad_token=PAD_TOKEN,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        additional_special_tokens=[t for t in SPECIAL_TOKENS if t not in (PAD_TOKEN, TURN_END)],
-    )
-    tokenizer.chat_template = chat_template(IMAGE_TOKEN)
-    return tokenizer
 
 
 @dataclass(frozen=True)
@@ -239,13 +141,6 @@ def _text_config(tokenizer: PreTrainedTokenizerFast, dims: TinyDims, config_cls=
     )
 
 
-def _family_tokenizer(tokenizer: PreTrainedTokenizerFast, family: str) -> PreTrainedTokenizerFast:
-    # A copy, so that the caller's tokenizer keeps its generic template.
-    tok = copy.deepcopy(tokenizer)
-    tok.chat_template = chat_template(_IMAGE_MARKUP[family])
-    return tok
-
-
 def _check_square(image_size: int, patch_size: int, factor: int = 1) -> int:
     if image_size % (patch_size * factor):
         raise ValueError(
@@ -280,7 +175,7 @@ def _build_llava(tokenizer, dims: TinyDims, image_size: int):
         tie_word_embeddings=False,
     )
     model = LlavaForConditionalGeneration(config)
-    tok = _family_tokenizer(tokenizer, "llava")
+    tok = family_tokenizer(tokenizer, "llava")
     image_processor = CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -313,7 +208,7 @@ def _build_llava_next(tokenizer, dims: TinyDims, image_size: int):
         tie_word_embeddings=False,
     )
     model = LlavaNextForConditionalGeneration(config)
-    tok = _family_tokenizer(tokenizer, "llava_next")
+    tok = family_tokenizer(tokenizer, "llava_next")
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -355,7 +250,7 @@ def _build_llava_onevision(tokenizer, dims: TinyDims, image_size: int):
         tie_word_embeddings=False,
     )
     model = LlavaOnevisionForConditionalGeneration(config)
-    tok = _family_tokenizer(tokenizer, "llava_onevision")
+    tok = family_tokenizer(tokenizer, "llava_onevision")
     image_processor = LlavaOnevisionImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints
     )
@@ -369,43 +264,11 @@ def _build_llava_onevision(tokenizer, dims: TinyDims, image_size: int):
     return model, processor
 
 
-# Gemma 3's processor finds its image markers as named special tokens of the tokenizer.
-GEMMA3_TOKENS = {
-    "boi_token": "<start_of_image>",
-    "eoi_token": "<end_of_image>",
-    "image_token": "<image_soft_token>",
-}
-
-
-# InternVL's: "<img>" + "<IMG_CONTEXT>" x n + "</img>" per tile (its video token exists in
-# the shared vocabulary).
-INTERNVL_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-}
-# Image tokens that a family's tokenizer adds to the shared vocabulary.
-FAMILY_TOKENS = {"gemma3": GEMMA3_TOKENS, "internvl": INTERNVL_TOKENS}
-
-
-def _named_tokens_tokenizer(
-    tokenizer: PreTrainedTokenizerFast, family: str, named: dict[str, str]
-) -> PreTrainedTokenizerFast:
-    """The shared tokenizer plus a family's image tokens (ids after the shared ones),
-    named so that e.g. ``tokenizer.boi_token_id`` exists, as in the family's own
-    tokenizer (its processor reads them by name)."""
-    tok = _family_tokenizer(tokenizer, family)
-    tok.add_special_tokens({"additional_special_tokens": list(named.values())})
-    with tempfile.TemporaryDirectory() as folder:
-        tok.save_pretrained(folder)
-        return PreTrainedTokenizerFast.from_pretrained(folder, extra_special_tokens=named)
-
-
 def _build_gemma3(tokenizer, dims: TinyDims, image_size: int):
     """Gemma 3: SigLIP patches average-pooled to a fixed number of tokens per image
     (pan and scan off), between begin/end-of-image tokens."""
     grid = _check_square(image_size, dims.patch_size)
-    tok = _named_tokens_tokenizer(tokenizer, "gemma3", GEMMA3_TOKENS)
+    tok = named_tokens_tokenizer(tokenizer, "gemma3", GEMMA3_TOKENS)
     text = Gemma3TextConfig(
         vocab_size=len(tok),
         hidden_size=dims.hidden,
@@ -450,7 +313,7 @@ def _build_internvl(tokenizer, dims: TinyDims, image_size: int):
     separate image to the vision tower, whose patch grid is pixel-shuffled to a quarter."""
     grid = _check_square(image_size, dims.patch_size, 2)
     named = {**INTERNVL_TOKENS, "video_token": VIDEO_TOKEN}
-    tok = _named_tokens_tokenizer(tokenizer, "internvl", named)
+    tok = named_tokens_tokenizer(tokenizer, "internvl", named)
     vision = InternVLVisionConfig(
         hidden_size=dims.vision_hidden,
         intermediate_size=2 * dims.vision_hidden,
@@ -553,7 +416,7 @@ def _build_qwen_vl(tokenizer, dims: TinyDims, image_size: int, family: str):
         tie_word_embeddings=False,
     )
     model = model_cls(config)
-    tok = _family_tokenizer(tokenizer, family)
+    tok = family_tokenizer(tokenizer, family)
     pixels = image_size * image_size
     # min = max pixels pins every image to one square grid, like a fixed-resolution tower.
     image_processor = Qwen2VLImageProcessorPil(
@@ -588,7 +451,7 @@ def _build_idefics3(tokenizer, dims: TinyDims, image_size: int, splitting: bool 
         tie_word_embeddings=False,
     )
     model = Idefics3ForConditionalGeneration(config)
-    tok = _family_tokenizer(tokenizer, "idefics3")
+    tok = family_tokenizer(tokenizer, "idefics3")
     # With splitting, images up to twice the tile size become up to 2 x 2 tiles (each
     # image_size square) plus the whole image resized to one tile.
     image_processor = Idefics3ImageProcessorPil(
@@ -608,7 +471,7 @@ def _build_idefics3(tokenizer, dims: TinyDims, image_size: int, splitting: bool 
 def _build_llama(tokenizer, dims: TinyDims, image_size: int):
     del image_size  # text-only
     model = LlamaForCausalLM(_text_config(tokenizer, dims))
-    return model, _family_tokenizer(tokenizer, "llama")
+    return model, family_tokenizer(tokenizer, "llama")
 
 
 _BUILDERS = {
