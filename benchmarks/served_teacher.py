@@ -6,14 +6,15 @@ takes), the synthetic data of ``teacher_cache.py``, starts ``vllm serve`` on the
 (``betakd.testing.vllm_server``: its own environment, created on first use) and
 measures, side by side in one run:
 
-* training steps four ways on the same student, head and optimizer and the same
-  batches: the online teacher, a cache, the server asked at the step, and the server
-  asked a batch ahead (``prefetch``: the batch's requests sent while the step before
-  computes, as the data loader's one-batch lookahead does in training). Each round runs
+* training steps five ways on the same student, head and optimizer and the same
+  batches: the online teacher, a cache, the server asked at the step, the server asked a
+  batch ahead (``prefetch``: the batch's requests sent while the step before computes,
+  as the data loader's one-batch lookahead does in training), and asked a batch ahead
+  through vLLM's token-in API (``tokens``, ``server.token_api``). Each round runs
   every variant for a block of consecutive steps (the first untimed: nothing was sent
   ahead for it), in an order that rotates between rounds;
-* ``betakd cache-teacher`` in-process and from the server (same k), alternated:
-  samples per second.
+* ``betakd cache-teacher`` in-process and from the server (chat and token-in
+  requests; same k), alternated: samples per second.
 
 Every variant asks for the same top-k where it has one (cache and server). On a CPU
 machine the server shares the cores with the training process.
@@ -73,7 +74,7 @@ def make_config(root: Path, data: Path, images: Path, args, teacher: dict) -> cf
     )
 
 
-VARIANTS = ("online", "cached", "served", "prefetch")
+VARIANTS = ("online", "cached", "served", "prefetch", "tokens")
 BLOCK = 4  # consecutive steps of one variant per round; the first is untimed
 CACHE_ROUNDS = 2
 
@@ -112,9 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
                         log_file=root / "vllm.log") as server:  # fmt: skip
             remote = {"source": "served", "cache_top_k": args.top_k,
                       "server": {"url": server.url, "model": server.model, "top_k": args.top_k}}  # fmt: skip
-            build_s = cache_builds(root, lambda cache: make_config(
-                root, data, images, args, {**(local if cache.name.startswith("online") else
-                                              remote), "cache_dir": str(cache)}))  # fmt: skip
+            sources = {"online": local, "served": remote,
+                       "tokens": _with_server(remote, token_api=True)}  # fmt: skip
+            build_s = cache_builds(root, lambda name, cache: make_config(
+                root, data, images, args, {**sources[name], "cache_dir": str(cache)}))  # fmt: skip
             cache_teacher(online_config, progress=False)
             times = step_times(root, data, images, args, online_config, local, remote)
     # Means: with requests sent ahead, a long wait and a short one alternate, and the
@@ -136,24 +138,29 @@ def main(argv: list[str] | None = None) -> dict:
         "served_over_online": mean["served"] / mean["online"],
         "prefetch_over_online": mean["prefetch"] / mean["online"],
         "prefetch_over_served": mean["prefetch"] / mean["served"],
+        "tokens_over_online": mean["tokens"] / mean["online"],
+        "tokens_over_served": mean["tokens"] / mean["served"],
         "served_over_cached": mean["served"] / mean["cached"],
         "cache_samples": samples,
         **{
             f"cache_build_{n}_samples_per_s": samples / statistics.median(v)
             for n, v in build_s.items()
         },  # fmt: skip
-        "cache_build_served_over_online": statistics.median(build_s["online"])
-        / statistics.median(build_s["served"]),
+        **{
+            f"cache_build_{n}_over_online": statistics.median(build_s["online"])
+            / statistics.median(build_s[n])
+            for n in ("served", "tokens")
+        },
     }
 
 
 def cache_builds(root: Path, config_for) -> dict[str, list[float]]:
-    """Seconds per full `cache-teacher` run, in-process and from the server, alternated
-    (each into a fresh folder)."""
-    seconds: dict[str, list[float]] = {"online": [], "served": []}
+    """Seconds per full `cache-teacher` run, in-process and from the server (chat and
+    token-in requests), alternated (each into a fresh folder)."""
+    seconds: dict[str, list[float]] = {"online": [], "served": [], "tokens": []}
     for round_ in range(CACHE_ROUNDS):
         for name in seconds:
-            config = config_for(root / f"{name}-cache-{round_}")
+            config = config_for(name, root / f"{name}-cache-{round_}")
             start = time.perf_counter()
             cache_teacher(config, progress=False)
             seconds[name].append(time.perf_counter() - start)
@@ -170,9 +177,13 @@ def step_times(root, data, images, args, online_config, local, remote) -> dict[s
             make_config(root, data, images, args, {**local, "source": "cache"}), student
         ).source,
         "served": build_teacher(
-            make_config(root, data, images, args, _with_prefetch(remote, 0)), student
+            make_config(root, data, images, args, _with_server(remote, prefetch_batches=0)),
+            student,
         ).source,
         "prefetch": build_teacher(make_config(root, data, images, args, remote), student).source,
+        "tokens": build_teacher(
+            make_config(root, data, images, args, _with_server(remote, token_api=True)), student
+        ).source,
     }
     student_collator = KDCollator(trainer.data_collator.student)
     dataset = trainer.train_dataset
@@ -192,11 +203,11 @@ def step_times(root, data, images, args, online_config, local, remote) -> dict[s
                     seconds = step(trainer, optimizer, trainer.data_collator, conversations)
                 else:
                     source = sources[name]
-                    ahead = (
-                        (lambda s=source, f=following: s.prefetch(f))
-                        if name == "prefetch"
-                        else None
-                    )
+                    ahead = None
+                    if name in ("prefetch", "tokens"):  # as the loader's collator announces it
+                        ahead = lambda s=source, f=following: s.prefetch(  # noqa: E731
+                            f, student_collator(f)
+                        )
                     seconds = step(trainer, optimizer, student_collator, conversations, source,
                                    before=ahead)  # fmt: skip
                 if round_ >= args.warmup and i > 0:
@@ -204,8 +215,8 @@ def step_times(root, data, images, args, online_config, local, remote) -> dict[s
     return times
 
 
-def _with_prefetch(remote: dict, batches: int) -> dict:
-    return {**remote, "server": {**remote["server"], "prefetch_batches": batches}}
+def _with_server(remote: dict, **settings) -> dict:
+    return {**remote, "server": {**remote["server"], **settings}}
 
 
 def report(result: dict) -> None:
@@ -223,14 +234,18 @@ def report(result: dict) -> None:
     print(
         f"served / online: {result['served_over_online']:.2f}x, prefetch / online: "
         f"{result['prefetch_over_online']:.2f}x, prefetch / served: "
-        f"{result['prefetch_over_served']:.2f}x, served / cached: "
+        f"{result['prefetch_over_served']:.2f}x, tokens / online: "
+        f"{result['tokens_over_online']:.2f}x, tokens / served: "
+        f"{result['tokens_over_served']:.2f}x, served / cached: "
         f"{result['served_over_cached']:.2f}x"
     )
     print(
         f"cache-teacher, {result['cache_samples']} samples: in-process "
         f"{result['cache_build_online_samples_per_s']:.1f} samples/s, served "
-        f"{result['cache_build_served_samples_per_s']:.1f} samples/s "
-        f"(served / in-process {result['cache_build_served_over_online']:.2f}x)"
+        f"{result['cache_build_served_samples_per_s']:.1f} samples/s (chat; "
+        f"{result['cache_build_served_over_online']:.2f}x), token-in "
+        f"{result['cache_build_tokens_samples_per_s']:.1f} samples/s "
+        f"({result['cache_build_tokens_over_online']:.2f}x)"
     )
     print(json.dumps(result))
 

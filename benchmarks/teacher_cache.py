@@ -143,7 +143,7 @@ def step(trainer, optimizer, collator, conversations, teacher=None, before=None)
     if before is not None:
         before()
     batch = collator(conversations)
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    num_items = trainer.num_items([batch], torch.device("cpu"))
     online = trainer.teacher
     # The same trainer serves both: it asks whichever teacher source it holds.
     trainer.teacher = teacher or online

@@ -85,7 +85,7 @@ def make_trainer(root: Path, data: Path, name: str, batch_size: int):
 
 def timed_step(trainer, batch) -> float:
     start = time.perf_counter()
-    num_items = trainer._get_num_items_in_batch([batch], torch.device("cpu"))
+    num_items = trainer.num_items([batch], torch.device("cpu"))
     trainer.optimizer.zero_grad()
     loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items)
     loss.backward()

@@ -217,7 +217,7 @@ def build_trainer(
             # One sample scored before training: a server of another tokenizer or chat
             # template stops the run here, naming the sample.
             first = KDCollator(student_encoder)(conversations[:1])
-            source(first, BatchMeta.pop_from(first))
+            source.check_template(first, BatchMeta.pop_from(first))
     for plan in config.teacher_plans():
         if plan.settings.cross_tokenizer is not None:
             source = teacher.source if plan.name is None else teacher.source.members[plan.name]

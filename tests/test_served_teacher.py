@@ -31,6 +31,7 @@ from betakd.teachers import (
     TeacherCache,
     TopKLogits,
 )
+from betakd.teachers.served import carry_labels
 from betakd.testing.tiny_models import save_tiny_model
 from betakd.testing.tiny_tokenizer import DEFAULT_TEXTS, train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
@@ -306,7 +307,8 @@ def test_each_steps_requests_are_sent_while_the_step_before_computes(
     served_llava, llava_pair, data, tmp_path, monkeypatch
 ):
     """The data loader collates a batch ahead; the served teacher sends that batch's
-    requests then, and the step finds them sent. The run equals one without prefetch."""
+    requests then (chat or token-in), and the step finds them sent. The run equals one
+    without prefetch."""
     found, real_call = [], ServedTeacher.__call__
 
     def spy(self, batch, meta):
@@ -315,18 +317,23 @@ def test_each_steps_requests_are_sent_while_the_step_before_computes(
 
     monkeypatch.setattr(ServedTeacher, "__call__", spy)
     losses = {}
-    for prefetch in (2, 0):
-        teacher = served(served_llava, prefetch_batches=prefetch)
-        trainer = trainer_for(raw_config(llava_pair[0], teacher, data, tmp_path / f"{prefetch}",
-                                         max_steps=5))  # fmt: skip
+    for name, options in {
+        "ahead": {},
+        "at the step": {"prefetch_batches": 0},
+        "ahead, token API": {"token_api": True},
+    }.items():
+        raw = raw_config(llava_pair[0], served(served_llava, **options), data, tmp_path / name,
+                         max_steps=5)  # fmt: skip
+        trainer = trainer_for(raw)
         found.clear()  # the sample scored when the run was built
         trainer.train()
-        losses[prefetch] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        assert all(found) if prefetch else not any(found)
+        losses[name] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        ahead = name != "at the step"
+        assert all(found) if ahead else not any(found)
         # Step 5 ends the run; the batch collated after it was sent for nothing.
-        assert len(found) == 5 and len(trainer.teacher.pending) == (1 if prefetch else 0)
-        found.clear()
-    assert losses[2] == losses[0]
+        assert len(found) == 5 and len(trainer.teacher.pending) == int(ahead)
+    assert losses["ahead"] == losses["at the step"]
+    assert losses["ahead, token API"] == pytest.approx(losses["ahead"], rel=1e-6)
 
 
 def test_an_unreachable_server_or_another_model_is_refused_before_training(
@@ -459,6 +466,34 @@ def test_a_served_vlm_teacher_scores_the_students_very_tokens_with_the_image(
     bytes_only = [t for t in range(tokenizer.vocab_size) if "\ufffd" in tokenizer.decode([t])]
     answers[1] = torch.tensor(bytes_only[:3])
     assert_served_equals_in_process(online, remote, answers)
+
+
+def test_every_request_through_the_token_api_gives_the_chats_targets(
+    served_llava, llava_pair, llava_teacher, data, tmp_path
+):
+    """``server.token_api``: the data's answers go as the student's tokens, undecoded;
+    the targets are the in-process teacher's as through the chat API, and the chat
+    template is still checked on the sample scored when the run is built."""
+    student = llava_pair[0]
+    online = trainer_for(raw_config(student, {"path": str(llava_teacher)}, data, tmp_path / "a"))
+    raw = raw_config(student, served(served_llava, token_api=True), data, tmp_path / "b")
+    remote = trainer_for(raw)
+    assert remote.teacher.endpoint(student_answers=False) == "tokens"
+    assert_served_equals_in_process(online, remote)
+
+
+def test_labels_are_carried_over_image_runs_of_another_length():
+    image, pad = 3, -100
+    tokens = [1, 5, 3, 3, 6, 7, 8, 2, 9, 3, 3, 10, 11]
+    labels = [pad, pad, pad, pad, pad, 7, 8, pad, pad, pad, pad, 10, 11]
+    server = [1, 5, 3, 3, 3, 3, 6, 7, 8, 2, 9, 3, 3, 3, 3, 10, 11]
+    carried = carry_labels(tokens, labels, server, {image})
+    assert [t for t, lab in zip(server, carried) if lab != pad] == [7, 8, 10, 11]
+    assert carried[7:9] == [7, 8] and carried[15:] == [10, 11]
+    with pytest.raises(ValueError, match="token 5 of 13 differs"):
+        carry_labels(tokens, labels, server[:7] + [99] + server[8:], {image})
+    with pytest.raises(ValueError, match="1 tokens more"):
+        carry_labels(tokens, labels, [*server, 4], {image})
 
 
 def test_on_policy_with_a_vlm_teacher_needs_the_token_api(served_llama, llava_pair, data, tmp_path):

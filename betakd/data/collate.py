@@ -49,10 +49,10 @@ class KDCollator:
     batches by teacher name), and per-sample metadata: `sample_index` (row in the data
     file), `sample_ids` and `image_counts`.
 
-    ``on_collate(conversations)``, when given, hears of every batch the data loader
-    collates (a served teacher sends its requests then: the loader collates a batch
-    ahead of the one the step computes); :meth:`collate` with ``announce=False`` does
-    not call it (a batch no teacher will score with the data's answers).
+    ``on_collate(conversations, batch)``, when given, hears of every batch the data
+    loader collates (a served teacher sends its requests then: the loader collates a
+    batch ahead of the one the step computes); :meth:`collate` with ``announce=False``
+    does not call it (a batch no teacher will score with the data's answers).
     """
 
     def __init__(
@@ -62,7 +62,7 @@ class KDCollator:
         *,
         student_padding_side: str = "right",
         teacher_padding_side: str = "right",
-        on_collate: Callable[[Sequence[Conversation]], None] | None = None,
+        on_collate: Callable[[Sequence[Conversation], dict], None] | None = None,
     ):
         self.student = student
         self.teacher = teacher
@@ -93,8 +93,6 @@ class KDCollator:
         return self.collate(conversations)
 
     def collate(self, conversations: Sequence[Conversation], *, announce: bool = True) -> dict:
-        if announce and self.on_collate is not None:
-            self.on_collate(conversations)
         encoded = self._encode_all(self.student, conversations)
         batch = pad_encoded(encoded, self.student, self.student_padding_side)
         if isinstance(self.teacher, Mapping):
@@ -107,6 +105,8 @@ class KDCollator:
         batch["sample_index"] = torch.tensor([c.index for c in conversations], dtype=torch.long)
         batch["sample_ids"] = [c.id for c in conversations]
         batch["image_counts"] = image_counts(encoded)
+        if announce and self.on_collate is not None:
+            self.on_collate(conversations, batch)
         return batch
 
 

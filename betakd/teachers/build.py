@@ -340,7 +340,7 @@ def served_source(
     )
     server.check()
     on_policy = config.policy.on_policy if on_policy is None else on_policy
-    if on_policy and adapter.multimodal:
+    if settings.token_api or (on_policy and adapter.multimodal):
         server.check_token_api()
     return ServedTeacher(
         server,
@@ -353,6 +353,7 @@ def served_source(
         representation=needs.representation,
         chunk_size=config.channels.chunk_size,
         prefetch_batches=settings.prefetch_batches,
+        token_api=settings.token_api,
     )
 
 

@@ -44,12 +44,12 @@ class TeacherEnsemble:
         self.members = {name: source.prepare(accelerator) for name, source in self.members.items()}
         return self
 
-    def prefetch(self, conversations) -> None:
+    def prefetch(self, conversations, batch: dict) -> None:
         """Announce a coming batch to the members that send requests ahead (served)."""
         for source in self.members.values():
             hook = prefetch_hook(source)
             if hook is not None:
-                hook(conversations)
+                hook(conversations, batch)
 
     def __call__(
         self, student_batch: dict, meta: BatchMeta

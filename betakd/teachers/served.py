@@ -33,7 +33,6 @@ from torch import Tensor
 from betakd.align import AlignedPositions, align_positions, instance_representation
 from betakd.data.records import Conversation, load_records, parse_record
 from betakd.labels import IGNORE_INDEX, supervised
-from betakd.onpolicy import prompt_tokens
 from betakd.teachers.protocol import BatchMeta, TeacherTargets
 from betakd.teachers.targets import LOG_TAIL_FLOOR, TopKLogits
 from betakd.teachers.vllm_client import (
@@ -43,7 +42,6 @@ from betakd.teachers.vllm_client import (
     chat_messages,
     data_url,
     parse_answer,
-    prompt_only,
 )
 
 # --------------------------------------------------------------------------- alignment
@@ -120,55 +118,72 @@ def server_batch(
             "labels": labels.to(device)}  # fmt: skip
 
 
-def student_answer_batch(
+def token_request_batch(
     samples: Sequence[ServedSample],
     student_batch: dict,
     sample_ids: Sequence[str],
     image_token_ids: Collection[int],
 ) -> dict:
-    """The server's tokens as a teacher batch for rows that carry the student's own
-    answers (on-policy), sent as tokens (:meth:`ServedTeacher.student_answer_requests`).
+    """The server's tokens as a teacher batch for rows sent as the student's own token ids
+    (:meth:`ServedTeacher.token_requests`), labels on the student's answer tokens.
 
-    The server returns the tokens it scored, its image tokens expanded by its own
-    processor; the answer starts after the prompt's text that follows its last image,
-    found at its first occurrence past the server's last image token, and must be the
-    student's tokens there (anything else is an error naming the sample).
+    The server returns the tokens it scored: the student's, each image's run of image
+    tokens expanded by the server's own processor to its own length. Walking both rows
+    side by side, run for run, carries each label over; any other difference is an error
+    naming the sample.
     """
     size = len(samples)
     length = max(len(s.token_ids) for s in samples)
     input_ids = torch.zeros(size, length, dtype=torch.long)
     mask = torch.zeros(size, length, dtype=torch.long)
     labels = torch.full((size, length), IGNORE_INDEX, dtype=torch.long)
-    prompts = prompt_tokens(student_batch)
+    real = student_batch["attention_mask"].bool().cpu()
     for row, sample in enumerate(samples):
         server_ids = sample.token_ids
         input_ids[row, : len(server_ids)] = torch.tensor(server_ids, dtype=torch.long)
         mask[row, : len(server_ids)] = 1
-        prompt = prompts[row].tolist()
-        tail = prompt[_after_last(prompt, image_token_ids) :]
-        begin = _after_last(server_ids, image_token_ids)
-        start = next(
-            (
-                i
-                for i in range(begin, len(server_ids) - len(tail) + 1)
-                if server_ids[i : i + len(tail)] == tail
-            ),
-            None,
-        )
-        segments = answer_segments(
-            student_batch["labels"][row].cpu(), student_batch["attention_mask"][row].cpu()
-        )
-        answer = [token for segment in segments for token in segment]
-        first = len(server_ids) if start is None else start + len(tail)
-        if server_ids[first : first + len(answer)] != answer:
+        mine = student_batch["input_ids"][row].cpu()[real[row]].tolist()
+        my_labels = student_batch["labels"][row].cpu()[real[row]].tolist()
+        try:
+            carried = carry_labels(mine, my_labels, server_ids, image_token_ids)
+        except ValueError as err:
             raise ServedTeacherError(
                 f"sample {sample_ids[row]}: the server scored other tokens than the student's "
-                "prompt and answer it was sent"
-            )
-        labels[row, first : first + len(answer)] = torch.tensor(answer, dtype=torch.long)
+                f"it was sent ({err})"
+            ) from err
+        labels[row, : len(carried)] = torch.tensor(carried, dtype=torch.long)
     device = student_batch["input_ids"].device
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
             "labels": labels.to(device)}  # fmt: skip
+
+
+def carry_labels(
+    tokens: Sequence[int],
+    labels: Sequence[int],
+    server_ids: Sequence[int],
+    image_token_ids: Collection[int],
+) -> list[int]:
+    """``labels`` of ``tokens`` moved onto ``server_ids``: the same tokens, except that
+    each run of one image token may have another length there. Raises ValueError at the
+    first other difference."""
+    out = [IGNORE_INDEX] * len(server_ids)
+    i = j = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if j >= len(server_ids) or server_ids[j] != token:
+            raise ValueError(f"token {i} of {len(tokens)} differs")
+        if token in image_token_ids:
+            while i < len(tokens) and tokens[i] == token:
+                i += 1
+            while j < len(server_ids) and server_ids[j] == token:
+                j += 1
+            continue
+        out[j] = labels[i]
+        i += 1
+        j += 1
+    if j != len(server_ids):
+        raise ValueError(f"the server has {len(server_ids) - j} tokens more")
+    return out
 
 
 def collapse_image_runs(tokens: Sequence[int], image_token_ids: Collection[int]) -> list[int]:
@@ -179,11 +194,6 @@ def collapse_image_runs(tokens: Sequence[int], image_token_ids: Collection[int])
         if not (out and token == out[-1] and token in image_token_ids):
             out.append(token)
     return out
-
-
-def _after_last(tokens: Sequence[int], wanted: Collection[int]) -> int:
-    """The position after the last of ``tokens`` in ``wanted`` (0 when none is)."""
-    return next((len(tokens) - i for i, t in enumerate(reversed(tokens)) if t in wanted), 0)
 
 
 def topk_targets(
@@ -249,9 +259,21 @@ class ServedTeacher:
 
     ``conversations(indices)`` gives the samples at these rows of the data file;
     ``images``: send them (the student is a VLM); ``tokenizer`` decodes tokens in error
-    messages; ``image_token_ids``: the tokens that stand for images; ``representation``: None or
-    ``"teacher_confidence"`` (the weighting's h(x) from the top-k, ``chunk_size`` rows at
-    a time).
+    messages; ``image_token_ids``: the tokens that stand for images; ``representation``:
+    None or ``"teacher_confidence"`` (the weighting's h(x) from the top-k,
+    ``chunk_size`` rows at a time).
+
+    Requests: the data's answers go as chat conversations (the server's chat template
+    writes them; its tokens must hold the student's answer tokens), the student's own
+    answers (on-policy) as the very tokens sampled (:meth:`token_requests`);
+    ``token_api``: every request goes as the student's tokens through vLLM's token-in
+    API, undecoded (about half the server's time per request; the chat template is then
+    checked on the sample scored before training only).
+
+    :meth:`prefetch` sends a batch's requests before the step asks for them (the data
+    loader collates a batch ahead); at most ``prefetch_batches`` batches wait, the oldest
+    dropped (cancelled) for a newer one. A step whose batch was not prefetched sends its
+    requests itself.
     """
 
     def __init__(
@@ -267,6 +289,7 @@ class ServedTeacher:
         representation: str | None = None,
         chunk_size: int | None = None,
         prefetch_batches: int = 2,
+        token_api: bool = False,
     ) -> None:
         if representation not in (None, "teacher_confidence"):
             raise ServedTeacherError(
@@ -282,6 +305,7 @@ class ServedTeacher:
         self.representation = representation
         self.chunk_size = chunk_size
         self.prefetch_batches = prefetch_batches
+        self.token_api = token_api
         self.pending: OrderedDict[tuple[int, ...], concurrent.futures.Future] = OrderedDict()
         self.device = torch.device("cpu")
 
@@ -290,17 +314,33 @@ class ServedTeacher:
         self.device = torch.device(accelerator.device)
         return self
 
-    def prefetch(self, conversations: Sequence[Conversation]) -> None:
-        """Send the requests scoring these conversations' answers now, for the step that
-        will ask for them."""
+    def prefetch(self, conversations: Sequence[Conversation], batch: dict) -> None:
+        """Send the requests scoring these conversations' answers (collated as
+        ``batch``) now, for the step that will ask for them."""
         key = tuple(c.index for c in conversations)
         if self.prefetch_batches < 1 or key in self.pending:
             return
         while len(self.pending) >= self.prefetch_batches:
             self.pending.popitem(last=False)[1].cancel()
-        names = [c.id for c in conversations]
-        bodies = [self.request(c) for c in conversations]
-        self.pending[key] = self.server.submit("chat", bodies, names)
+        endpoint, bodies = self.requests(batch, conversations, student_answers=False)
+        self.pending[key] = self.server.submit(endpoint, bodies, [c.id for c in conversations])
+
+    def endpoint(self, student_answers: bool) -> str:
+        """Where a batch's requests go: ``chat`` for the data's answers, unless every
+        request goes as tokens (``token_api``); the student's own answers as tokens, to
+        the token-in API (a VLM, or ``token_api``) or as a completion (a text model)."""
+        if not (student_answers or self.token_api):
+            return "chat"
+        return "tokens" if self.images or self.token_api else "completions"
+
+    def requests(
+        self, student_batch: dict, conversations: Sequence[Conversation], *, student_answers: bool
+    ) -> tuple[str, list[dict]]:
+        """The endpoint and requests scoring the batch's rows."""
+        endpoint = self.endpoint(student_answers)
+        if endpoint == "chat":
+            return endpoint, [self.chat_request(c) for c in conversations]
+        return endpoint, self.token_requests(student_batch, conversations, endpoint)
 
     def _scoring(self, **body) -> dict:
         return {
@@ -312,31 +352,31 @@ class ServedTeacher:
             "temperature": 0.0,
         }
 
-    def request(self, conversation: Conversation) -> dict:
+    def chat_request(self, conversation: Conversation) -> dict:
         """The chat request scoring one conversation (its answer the last message)."""
         messages = chat_messages(conversation, images=self.images)
         return self._scoring(messages=messages, add_generation_prompt=False)
 
-    def student_answer_requests(
-        self, student_batch: dict, conversations: Sequence[Conversation]
-    ) -> tuple[str, list[dict]]:
-        """The endpoint and requests scoring each row's own answer (on-policy) as the
-        very tokens the student sampled (their text could spell them otherwise): a text
-        model's as a completion's prompt; a VLM's through vLLM's token-in API with the
-        prompt's images, each image's tokens cut to the one placeholder its processor
-        expands."""
+    def token_requests(
+        self, student_batch: dict, conversations: Sequence[Conversation], endpoint: str
+    ) -> list[dict]:
+        """Requests scoring each row as the very tokens the student has (sampled answers
+        could be spelt otherwise by their text): to the token-in API (``tokens``), with
+        the row's images, each image's tokens cut to the one placeholder the server's
+        processor expands; or as a completion's prompt (``completions``, text only)."""
         real = student_batch["attention_mask"].bool().cpu()
         ids = student_batch["input_ids"].cpu()
         rows = [ids[r][real[r]].tolist() for r in range(ids.shape[0])]
-        if not self.images:
-            return "completions", [self._scoring(prompt=row) for row in rows]
+        if endpoint == "completions":
+            return [self._scoring(prompt=row) for row in rows]
         bodies = []
         for row, conversation in zip(rows, conversations):
-            images = prompt_only(conversation).image_paths
+            tokens = collapse_image_runs(row, self.image_token_ids)
+            images = conversation.image_paths[: sum(t in self.image_token_ids for t in tokens)]
             bodies.append(
                 {
                     "model": self.server.model,
-                    "token_ids": collapse_image_runs(row, self.image_token_ids),
+                    "token_ids": tokens,
                     "content_parts": [{"type": "image_url", "url": data_url(p)} for p in images],
                     # Token ids are all betakd reads: decoding every prompt position's
                     # top-k into strings took half the server's time (tiny LLaVA, CPU).
@@ -349,7 +389,23 @@ class ServedTeacher:
                     "return_token_ids": True,
                 }
             )
-        return "tokens", bodies
+        return bodies
+
+    def check_template(self, student_batch: dict, meta: BatchMeta) -> None:
+        """Score the batch's conversations through the chat API, whatever ``token_api``
+        says: the server's chat template writes them, and a server of another tokenizer
+        or template stops here, naming the sample (before training)."""
+        names = list(meta.sample_ids)
+        conversations = self.conversations(torch.as_tensor(meta.sample_index).tolist())
+        bodies = [self.chat_request(c) for c in conversations]
+        samples = [
+            parse_answer(a, n) for a, n in zip(self.server.post_all("chat", bodies, names), names)
+        ]
+        teacher_batch = server_batch(samples, student_batch, names, self.tokenizer)
+        try:
+            align_positions(student_batch, teacher_batch, sample_ids=names)
+        except ValueError as err:
+            raise ServedTeacherError(f"served teacher: {err}") from err
 
     def __call__(
         self, student_batch: dict, meta: BatchMeta
@@ -357,22 +413,20 @@ class ServedTeacher:
         indices = torch.as_tensor(meta.sample_index).tolist()
         names = list(meta.sample_ids)
         sent = None if meta.student_answers else self.pending.pop(tuple(indices), None)
+        endpoint = self.endpoint(meta.student_answers)
         if sent is not None:
             answers = sent.result()
         else:
             conversations = self.conversations(indices)
-            if meta.student_answers:
-                endpoint, bodies = self.student_answer_requests(student_batch, conversations)
-            else:
-                endpoint, bodies = "chat", [self.request(c) for c in conversations]
+            _, bodies = self.requests(
+                student_batch, conversations, student_answers=meta.student_answers
+            )
             answers = self.server.post_all(endpoint, bodies, names)
         samples = [parse_answer(a, n) for a, n in zip(answers, names)]
-        if meta.student_answers:
-            teacher_batch = student_answer_batch(
-                samples, student_batch, names, self.image_token_ids
-            )
-        else:
+        if endpoint == "chat":
             teacher_batch = server_batch(samples, student_batch, names, self.tokenizer)
+        else:
+            teacher_batch = token_request_batch(samples, student_batch, names, self.image_token_ids)
         try:
             aligned = align_positions(student_batch, teacher_batch, sample_ids=names)
         except ValueError as err:

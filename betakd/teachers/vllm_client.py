@@ -107,9 +107,9 @@ class TeacherServer:
         if response.status_code in (403, 404):
             raise ServedTeacherError(
                 f"teacher server {self.url} does not serve vLLM's token-in API "
-                f"({self.endpoints['tokens']}: {_error_message(response)}), through which a "
-                "VLM teacher scores the student's own answers: start it with "
-                "--enable-scale-out"
+                f"({self.endpoints['tokens']}: {_error_message(response)}), through which "
+                "betakd sends token ids (teacher.server.token_api, or a VLM teacher scoring "
+                "the student's own answers): start it with --enable-scale-out"
             )
 
     def post_all(self, endpoint: str, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
