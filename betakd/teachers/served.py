@@ -5,16 +5,19 @@ targets come from a vLLM server (:mod:`betakd.teachers.vllm_client`): for each s
 of the data it sends the conversation to the chat API, images included, with the answer
 as the last (assistant) message, and asks for the prompt's top-k log-probabilities
 (``prompt_logprobs``) and the token ids the server used (``return_token_ids``); the
-student's own answers (on-policy) go as the very tokens sampled. The answer's top-k
-becomes the same :class:`~betakd.teachers.targets.TopKLogits` (one tail rule) as the
-offline cache's.
+student's own answers (on-policy), and every row with ``token_api``, go as the
+student's very token ids instead. The requests of a batch go out when the data loader
+collates it, a step ahead (:meth:`ServedTeacher.prefetch`). The answer's top-k becomes
+the same :class:`~betakd.teachers.targets.TopKLogits` (one tail rule) as the offline
+cache's.
 
 Alignment is checked, never assumed: the server's token ids (image tokens expanded by
 its own processor) must contain the student's answer tokens, found from the end of the
-conversation; a sample whose answer the server tokenised differently (another tokenizer
-or chat template) stops the run with one line naming it. The positions then go
-through :func:`betakd.align.align_positions`, as an in-process teacher's do, so
-different image-token counts need nothing else.
+conversation (:func:`server_batch`), or, for token requests, be the student's tokens
+run for run (:func:`carry_labels`); anything else (another tokenizer or chat template)
+stops the run with one line naming the sample. The positions then go through
+:func:`betakd.align.align_positions`, as an in-process teacher's do, so different
+image-token counts need nothing else.
 
 A server returns log-probabilities only, not hidden states: feature channels and an
 ``h(x)`` read from the teacher are refused when the source is built.

@@ -20,7 +20,7 @@ import math
 import mimetypes
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import httpx
 
@@ -210,18 +210,6 @@ def chat_messages(conversation: Conversation, *, images: bool) -> list[dict]:
             content = "".join(part["text"] for part in content)
         messages.append({"role": message["role"], "content": content})
     return messages
-
-
-def prompt_only(conversation: Conversation) -> Conversation:
-    """The conversation up to its first answer, with that part's images: what an
-    on-policy row keeps before the student's answer (:func:`betakd.onpolicy.with_answers`)."""
-    first = next(
-        (i for i, m in enumerate(conversation.messages) if m["role"] == "assistant"),
-        len(conversation.messages),
-    )
-    messages = conversation.messages[:first]
-    images = sum(part["type"] != "text" for m in messages for part in m["content"])
-    return replace(conversation, messages=messages, image_paths=conversation.image_paths[:images])
 
 
 def data_url(path) -> str:
