@@ -175,6 +175,12 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
     and PNG plots to OUTPUT. Every setting of the study comes from
     betakd/demo/defaults.yaml and can be changed with --set.
     """
+    from betakd.eval.easyvqa import import_easy_vqa
+
+    try:
+        import_easy_vqa()
+    except ModuleNotFoundError as err:
+        raise click.ClickException(str(err)) from err
     from betakd.demo.config import DemoConfigError
     from betakd.demo.cross_tokenizer import run_cross_tokenizer
     from betakd.demo.feature_channel import run_feature_channel

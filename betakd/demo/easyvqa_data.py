@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from betakd.eval.easyvqa import import_easy_vqa
 from betakd.files import write_text_atomic
 
 # The easy-VQA generator draws shapes in exactly these RGB values, so an image's colour
@@ -313,7 +314,7 @@ def _pixel_attributes_of(split: str, paths: tuple) -> dict[int, tuple[str, str]]
 
 def load_easyvqa(split: str) -> tuple[list[Sample], dict[int, str]]:
     """All questions of one easy-VQA split as samples, and the image paths by id."""
-    import easy_vqa
+    easy_vqa = import_easy_vqa()
 
     if split == "train":
         questions, answers, image_ids = easy_vqa.get_train_questions()

@@ -14,8 +14,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import easy_vqa
-
 from betakd.eval import custom
 from betakd.eval.questions import read_question_file
 from betakd.eval.records import EvalDataError
@@ -71,8 +69,22 @@ def load(data_dir: str | Path) -> BenchmarkData:
     return BenchmarkData(samples, annotations)
 
 
+def import_easy_vqa():
+    """The `easy_vqa` package (the data set ships inside it), which the ``demo`` extra
+    installs; a one-line error naming the install command when it is missing."""
+    try:
+        import easy_vqa
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(
+            "the easy-VQA data set comes with the easy-vqa package, which is not installed: "
+            "pip install 'betakd[demo]'"
+        ) from err
+    return easy_vqa
+
+
 def from_package(split: str = "test") -> BenchmarkData:
     """The `easy_vqa` package's train or test questions, images from the package."""
+    easy_vqa = import_easy_vqa()
     readers = {
         "train": (easy_vqa.get_train_questions, easy_vqa.get_train_image_paths),
         "test": (easy_vqa.get_test_questions, easy_vqa.get_test_image_paths),

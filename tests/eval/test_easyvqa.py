@@ -1,6 +1,7 @@
 """easy-VQA: normalised exact match per question type."""
 
 import json
+import sys
 
 import pytest
 
@@ -51,3 +52,18 @@ def test_from_package():
     first = bench.samples[0]
     assert first.text.endswith("\nAnswer the question using a single word or phrase.")
     assert bench.annotations[first.question_id]["type"] in {"shape", "color", "yes_no"}
+
+
+def test_without_the_demo_extra_the_demo_says_what_to_install(monkeypatch):
+    """easy-vqa is the `demo` extra: without it, `betakd demo` stops with one line naming
+    the install command (and the library imports without it)."""
+    from click.testing import CliRunner
+
+    from betakd.cli import main
+
+    monkeypatch.setitem(sys.modules, "easy_vqa", None)  # as if not installed
+    result = CliRunner().invoke(main, ["demo", "--quick"])
+    assert result.exit_code == 1
+    assert "pip install 'betakd[demo]'" in result.output
+    with pytest.raises(ModuleNotFoundError, match="betakd\\[demo\\]"):
+        from_package("test")
