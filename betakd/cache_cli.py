@@ -59,6 +59,7 @@ def cache_teacher(
     if teacher.source != "served" and not teacher.path:
         raise CacheError(f"{plan.key}.path: writing the cache needs the teacher model")
     contents = cache_contents(config, plan)  # refuses what a cache cannot hold, early
+    device = models.default_device(device)
     if teacher.source == "served":
         source, processor, adapter, identity = _served_cache_source(config, plan, contents)
     else:
@@ -90,7 +91,7 @@ def cache_teacher(
         shard_size=shard_size,
         batch_size=batch_size,
         visual_tokens=visual_tokens,
-        device=models.default_device(device),
+        device=device,
         progress=progress,
     )
 
@@ -104,10 +105,10 @@ def _online_cache_source(config: cfg.TrainConfig, plan: cfg.TeacherPlan, content
     from betakd.teachers.cache_format import teacher_identity
 
     loaded = load_teacher_model(plan)
-    loaded.model.to(models.default_device(device))
+    loaded.model.to(device)
     vocab = models.vocab_rows(loaded.processor, loaded.model)
     # The teacher's logits exist a chunk of answer tokens at a time, as in training.
-    chunk = chunked.default_chunk_size(vocab, models.default_device(device))
+    chunk = chunked.default_chunk_size(vocab, device)
     source = CacheSource(
         online_source(config, plan, loaded, vocab, chunk),
         contents,

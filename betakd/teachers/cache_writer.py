@@ -106,9 +106,8 @@ def write_cache(
     """Run ``teacher`` over ``dataset`` (encoded by ``encoder``) and write the cache.
 
     What is stored follows what the teacher is asked for (``teacher.contents``).
-    ``fingerprint`` identifies the run's
-    inputs (data file, tokenizer, teacher; see :mod:`~betakd.teachers.cache_format`);
-    the settings of this call are added to it. Resumable: shards already on disk
+    ``fingerprint`` identifies the run's inputs (data file, tokenizer, teacher; see
+    :mod:`~betakd.teachers.cache_format`); the settings of this call are added to it. Resumable: shards already on disk
     (complete by construction) are kept, so an interrupted run continues where it
     stopped. ``index.json`` is written last, so a folder without it is an unfinished
     cache that readers refuse.

@@ -94,15 +94,8 @@ def server_batch(
 ) -> dict:
     """The server's tokens as a teacher batch (``input_ids``, ``attention_mask``,
     ``labels`` on the located answers) for :func:`align_positions`."""
-    size = len(samples)
-    length = max(len(s.token_ids) for s in samples)
-    input_ids = torch.zeros(size, length, dtype=torch.long)
-    mask = torch.zeros(size, length, dtype=torch.long)
-    labels = torch.full((size, length), IGNORE_INDEX, dtype=torch.long)
+    rows = []
     for row, sample in enumerate(samples):
-        ids = torch.tensor(sample.token_ids, dtype=torch.long)
-        input_ids[row, : len(ids)] = ids
-        mask[row, : len(ids)] = 1
         student_labels = student_batch["labels"][row].cpu()
         segments = answer_segments(student_labels, student_batch["attention_mask"][row].cpu())
         try:
@@ -114,11 +107,11 @@ def server_batch(
                 f"{err} ({answer!r}): the served teacher tokenises the conversation "
                 "differently (another tokenizer or chat template)"
             ) from err
+        labels = [IGNORE_INDEX] * len(sample.token_ids)
         for start, segment in zip(starts, segments):
-            labels[row, start : start + len(segment)] = torch.tensor(segment)
-    device = student_batch["input_ids"].device
-    return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-            "labels": labels.to(device)}  # fmt: skip
+            labels[start : start + len(segment)] = segment
+        rows.append(labels)
+    return teacher_batch_of(samples, rows, student_batch["input_ids"].device)
 
 
 def token_request_batch(
@@ -135,29 +128,38 @@ def token_request_batch(
     side by side, run for run, carries each label over; any other difference is an error
     naming the sample.
     """
-    size = len(samples)
-    length = max(len(s.token_ids) for s in samples)
-    input_ids = torch.zeros(size, length, dtype=torch.long)
-    mask = torch.zeros(size, length, dtype=torch.long)
-    labels = torch.full((size, length), IGNORE_INDEX, dtype=torch.long)
     real = student_batch["attention_mask"].bool().cpu()
+    rows = []
     for row, sample in enumerate(samples):
-        server_ids = sample.token_ids
-        input_ids[row, : len(server_ids)] = torch.tensor(server_ids, dtype=torch.long)
-        mask[row, : len(server_ids)] = 1
         mine = student_batch["input_ids"][row].cpu()[real[row]].tolist()
         my_labels = student_batch["labels"][row].cpu()[real[row]].tolist()
         try:
-            carried = carry_labels(mine, my_labels, server_ids, image_token_ids)
+            rows.append(carry_labels(mine, my_labels, sample.token_ids, image_token_ids))
         except ValueError as err:
             raise ServedTeacherError(
                 f"sample {sample_ids[row]}: the server scored other tokens than the student's "
                 f"it was sent ({err})"
             ) from err
-        labels[row, : len(carried)] = torch.tensor(carried, dtype=torch.long)
-    device = student_batch["input_ids"].device
+    return teacher_batch_of(samples, rows, student_batch["input_ids"].device)
+
+
+def teacher_batch_of(
+    samples: Sequence[ServedSample], labels: Sequence[Sequence[int]], device
+) -> dict:
+    """Each row's server tokens, right padded, with its ``labels`` (one per token): a
+    teacher batch for :func:`align_positions`, on ``device``."""
+    length = max(len(s.token_ids) for s in samples)
+    shape = (len(samples), length)
+    input_ids = torch.zeros(shape, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    padded = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    for row, (sample, row_labels) in enumerate(zip(samples, labels, strict=True)):
+        n = len(sample.token_ids)
+        input_ids[row, :n] = torch.tensor(sample.token_ids, dtype=torch.long)
+        mask[row, :n] = 1
+        padded[row, :n] = torch.tensor(row_labels, dtype=torch.long)
     return {"input_ids": input_ids.to(device), "attention_mask": mask.to(device),
-            "labels": labels.to(device)}  # fmt: skip
+            "labels": padded.to(device)}  # fmt: skip
 
 
 def carry_labels(
@@ -401,12 +403,20 @@ class ServedTeacher:
         names = list(meta.sample_ids)
         conversations = self.conversations(torch.as_tensor(meta.sample_index).tolist())
         bodies = [self.chat_request(c) for c in conversations]
-        samples = [
-            parse_answer(a, n) for a, n in zip(self.server.post_all("chat", bodies, names), names)
-        ]
-        teacher_batch = server_batch(samples, student_batch, names, self.tokenizer)
+        self.aligned("chat", self.server.post_all("chat", bodies, names), student_batch, names)
+
+    def aligned(
+        self, endpoint: str, answers: Sequence[dict], student_batch: dict, names: Sequence[str]
+    ) -> tuple[list[ServedSample], AlignedPositions]:
+        """The server's answers to requests sent to ``endpoint``, parsed, and the student's
+        answer positions aligned with them; a mismatch is an error naming the sample."""
+        samples = [parse_answer(a, n) for a, n in zip(answers, names)]
+        if endpoint == "chat":
+            teacher_batch = server_batch(samples, student_batch, names, self.tokenizer)
+        else:
+            teacher_batch = token_request_batch(samples, student_batch, names, self.image_token_ids)
         try:
-            align_positions(student_batch, teacher_batch, sample_ids=names)
+            return samples, align_positions(student_batch, teacher_batch, sample_ids=names)
         except ValueError as err:
             raise ServedTeacherError(f"served teacher: {err}") from err
 
@@ -425,15 +435,7 @@ class ServedTeacher:
                 student_batch, conversations, student_answers=meta.student_answers
             )
             answers = self.server.post_all(endpoint, bodies, names)
-        samples = [parse_answer(a, n) for a, n in zip(answers, names)]
-        if endpoint == "chat":
-            teacher_batch = server_batch(samples, student_batch, names, self.tokenizer)
-        else:
-            teacher_batch = token_request_batch(samples, student_batch, names, self.image_token_ids)
-        try:
-            aligned = align_positions(student_batch, teacher_batch, sample_ids=names)
-        except ValueError as err:
-            raise ServedTeacherError(f"served teacher: {err}") from err
+        samples, aligned = self.aligned(endpoint, answers, student_batch, names)
         tokens, actual = topk_targets(samples, aligned, self.top_k, self.vocab_rows, names)
         tokens = TopKLogits(
             tokens.log_probs.to(self.device),

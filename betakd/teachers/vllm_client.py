@@ -47,9 +47,9 @@ class TeacherServer:
     (a text model's token ids as they are) and ``tokens`` (vLLM's token-in API, token ids
     with images: served with ``--enable-scale-out``).
 
-    Requests run on an event loop in a thread of their own, with one HTTP client (its
-    connections kept), so that :meth:`submit` returns at once and the requests proceed
-    while the caller computes; :meth:`close` stops the thread.
+    Requests run on an event loop in a thread of their own (a daemon, started with the
+    first request), with one HTTP client (its connections kept), so that :meth:`submit`
+    returns at once and the requests proceed while the caller computes.
     """
 
     def __init__(
@@ -129,16 +129,6 @@ class TeacherServer:
         return asyncio.run_coroutine_threadsafe(
             self._post_all(self.endpoints[endpoint], bodies, names), self._loop
         )
-
-    def close(self) -> None:
-        """Close the client and stop the requests' thread (a later request starts both
-        again)."""
-        if self._loop is None:
-            return
-        if self._client is not None:
-            asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._loop = self._client = self._limit = None
 
     async def _post_all(self, url: str, bodies: Sequence[dict], names: Sequence[str]) -> list[dict]:
         if self._client is None:  # made on the loop that uses them
