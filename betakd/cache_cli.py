@@ -47,7 +47,7 @@ def cache_teacher(
     # Here, not at the top: the command line imports this module for its options only.
     from betakd import models
     from betakd.data import SampleEncoder, build_dataset
-    from betakd.teachers import CacheError, write_cache
+    from betakd.teachers import CacheError, ServedTeacher, write_cache
     from betakd.teachers.build import cache_contents, config_data_fingerprint, select_teacher
 
     plan = select_teacher(config, teacher_name)
@@ -73,6 +73,9 @@ def cache_teacher(
         limit=config.data.limit,
         cache=data_cache,
     )
+    if isinstance(source.source, ServedTeacher):
+        # As before training: another tokenizer or chat template stops here.
+        source.source.check_template(dataset.conversations[:1], encoder)
     fingerprint = {
         **config_data_fingerprint(config, processor),
         **identity,

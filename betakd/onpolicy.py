@@ -283,7 +283,10 @@ class StudentAnswers:
         teachers = _named(collator.teacher)
         encoders = [collator.student, *teachers.values()]
         self.image_token_ids = set().union(*(e.adapter.image_token_ids for e in encoders))
-        self.translators = _answer_translators(collator.student, teachers, self.stop_ids)
+        translators = _answer_translators(collator.student, teachers, self.stop_ids)
+        sides = {name: _side(e, translators.get(name)) for name, e in teachers.items()}
+        # In answered_batch's form: by name with several teachers, else the one or none.
+        self.teacher_sides = sides if isinstance(collator.teacher, Mapping) else sides.get(None)
 
     def answer(self, inputs: dict, step: int, student, adapter, prepare) -> tuple | None:
         """``(rows, batch)``: the rows of ``inputs`` the policy gives the student at
@@ -308,10 +311,8 @@ class StudentAnswers:
             seed=self.policy.generation_seed(step, batch["sample_index"].cpu()),
             suppress_tokens=self.image_token_ids,
         )
-        teacher = self.collator.teacher
-        sides = {name: _side(e, self.translators.get(name)) for name, e in _named(teacher).items()}
-        teachers = sides if isinstance(teacher, Mapping) else sides.get(None)
-        answered = answered_batch(batch, answers, _side(self.collator.student), teachers)
+        student_side = _side(self.collator.student)
+        answered = answered_batch(batch, answers, student_side, self.teacher_sides)
         return rows, answered
 
 

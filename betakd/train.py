@@ -31,7 +31,7 @@ from betakd.objective import DistillationObjective
 from betakd.onpolicy import GenerationSettings, PolicyMix
 from betakd.teachers import CachedTeacher, ServedTeacher
 from betakd.teachers.build import build_teacher, sources_of, weighting_representation
-from betakd.teachers.protocol import BatchMeta, TeacherSource, prefetch_hook
+from betakd.teachers.protocol import TeacherSource, prefetch_hook
 from betakd.trainer import BetaKDTrainer, is_complete
 
 logger = logging.getLogger(__name__)
@@ -216,8 +216,7 @@ def build_trainer(
         elif isinstance(source, ServedTeacher):
             # One sample scored before training: a server of another tokenizer or chat
             # template stops the run here, naming the sample.
-            first = KDCollator(student_encoder)(conversations[:1])
-            source.check_template(first, BatchMeta.pop_from(first))
+            source.check_template(conversations[:1], student_encoder)
     for plan in config.teacher_plans():
         if plan.settings.cross_tokenizer is not None:
             source = teacher.source if plan.name is None else teacher.source.members[plan.name]

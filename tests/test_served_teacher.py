@@ -267,7 +267,8 @@ def test_an_interrupted_cache_from_the_server_resumes_without_duplicates(
     path = tmp_path / "cache.yaml"
     path.write_text(cfg.yaml.safe_dump(raw))
     command = ["cache-teacher", str(path), "--shard-size", "4", "--no-progress"]
-    post, asked, server = httpx.AsyncClient.post, [], {"lost_after": 4}
+    # The first request checks the chat template on one sample, then 4 per shard.
+    post, asked, server = httpx.AsyncClient.post, [], {"lost_after": 1 + 4}
 
     async def lossy_post(client, url, json=None, **kwargs):
         if len(asked) == server["lost_after"]:  # after the first shard's requests
@@ -284,7 +285,7 @@ def test_an_interrupted_cache_from_the_server_resumes_without_duplicates(
     asked.clear()
     done = CliRunner().invoke(main, command)
     assert done.exit_code == 0, done.output
-    assert len(asked) == 8  # the two missing shards only
+    assert len(asked) == 1 + 8  # the template check and the two missing shards only
     index = json.loads((cache / "index.json").read_text())
     cached = [i for shard in index["shards"] for i in shard["sample_indices"]]
     assert cached == list(range(12))  # every sample once, in order

@@ -98,8 +98,8 @@ class TeacherSource(Protocol):
 
 
 def prefetch_hook(source: TeacherSource):
-    """The source's ``prefetch(conversations, batch)``, when it has one: a source that can start
-    on a batch before the step asks for it (a served teacher sends its requests) hears of
-    each batch as the data loader collates it (:class:`~betakd.data.KDCollator`'s
+    """The source's ``prefetch(conversations, batch)``, when it has one: a source that can
+    start on a batch before the step asks for it (a served teacher sends its requests)
+    hears of each batch as the data loader collates it (:class:`~betakd.data.KDCollator`'s
     ``on_collate``). None for the others."""
     return getattr(source, "prefetch", None)

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from betakd.align import AlignedPositions, align_positions, instance_representation
+from betakd.data import KDCollator
 from betakd.data.records import Conversation, load_records, parse_record
 from betakd.labels import IGNORE_INDEX, supervised
 from betakd.teachers.protocol import BatchMeta, TeacherTargets
@@ -327,7 +328,8 @@ class ServedTeacher:
             return
         while len(self.pending) >= self.prefetch_batches:
             self.pending.popitem(last=False)[1].cancel()
-        endpoint, bodies = self.requests(batch, conversations, student_answers=False)
+        endpoint = self.endpoint(student_answers=False)
+        bodies = self.requests(endpoint, batch, conversations)
         self.pending[key] = self.server.submit(endpoint, bodies, [c.id for c in conversations])
 
     def endpoint(self, student_answers: bool) -> str:
@@ -339,13 +341,12 @@ class ServedTeacher:
         return "tokens" if self.images or self.token_api else "completions"
 
     def requests(
-        self, student_batch: dict, conversations: Sequence[Conversation], *, student_answers: bool
-    ) -> tuple[str, list[dict]]:
-        """The endpoint and requests scoring the batch's rows."""
-        endpoint = self.endpoint(student_answers)
+        self, endpoint: str, student_batch: dict, conversations: Sequence[Conversation]
+    ) -> list[dict]:
+        """The requests to ``endpoint`` scoring the batch's rows."""
         if endpoint == "chat":
-            return endpoint, [self.chat_request(c) for c in conversations]
-        return endpoint, self.token_requests(student_batch, conversations, endpoint)
+            return [self.chat_request(c) for c in conversations]
+        return self.token_requests(student_batch, conversations, endpoint)
 
     def _scoring(self, **body) -> dict:
         return {
@@ -396,14 +397,15 @@ class ServedTeacher:
             )
         return bodies
 
-    def check_template(self, student_batch: dict, meta: BatchMeta) -> None:
-        """Score the batch's conversations through the chat API, whatever ``token_api``
-        says: the server's chat template writes them, and a server of another tokenizer
-        or template stops here, naming the sample (before training)."""
-        names = list(meta.sample_ids)
-        conversations = self.conversations(torch.as_tensor(meta.sample_index).tolist())
-        bodies = [self.chat_request(c) for c in conversations]
-        self.aligned("chat", self.server.post_all("chat", bodies, names), student_batch, names)
+    def check_template(self, conversations: Sequence[Conversation], encoder) -> None:
+        """Score ``conversations`` (encoded for the student by ``encoder``) through the
+        chat API, whatever ``token_api`` says: the server's chat template writes them, and
+        a server of another tokenizer or template stops here, naming the sample (before
+        training or caching)."""
+        batch = KDCollator(encoder)(conversations)
+        names = [c.id for c in conversations]
+        bodies = self.requests("chat", batch, conversations)
+        self.aligned("chat", self.server.post_all("chat", bodies, names), batch, names)
 
     def aligned(
         self, endpoint: str, answers: Sequence[dict], student_batch: dict, names: Sequence[str]
@@ -430,10 +432,7 @@ class ServedTeacher:
         if sent is not None:
             answers = sent.result()
         else:
-            conversations = self.conversations(indices)
-            _, bodies = self.requests(
-                student_batch, conversations, student_answers=meta.student_answers
-            )
+            bodies = self.requests(endpoint, student_batch, self.conversations(indices))
             answers = self.server.post_all(endpoint, bodies, names)
         samples, aligned = self.aligned(endpoint, answers, student_batch, names)
         tokens, actual = topk_targets(samples, aligned, self.top_k, self.vocab_rows, names)
