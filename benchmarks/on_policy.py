@@ -36,10 +36,10 @@ from common import fmt, ratio
 from teacher_cache import STUDENT, TEACHER, step, write_data
 
 from betakd import config as cfg
+from betakd.build import build_trainer, training_arguments
 from betakd.onpolicy import GenerationSettings, sample_answers
 from betakd.testing.tiny_models import save_tiny_model
 from betakd.testing.tiny_tokenizer import train_tokenizer
-from betakd.train import build_trainer, training_arguments
 
 VARIANTS = {
     "off_policy": {},

@@ -39,13 +39,13 @@ from teacher_cache import STUDENT, TEACHER, parameters, parser, step, write_data
 
 from betakd import config as cfg
 from betakd import models
+from betakd.build import build_trainer, training_arguments
 from betakd.cache_cli import cache_teacher
 from betakd.data import KDCollator
 from betakd.teachers.build import build_teacher
 from betakd.testing.tiny_models import TinyDims, save_tiny_model
 from betakd.testing.tiny_tokenizer import train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
-from betakd.train import build_trainer, training_arguments
 
 # A student whose step outlasts the server's answer to a batch (on this CPU): the regime
 # where requests sent ahead can hide the server's time.

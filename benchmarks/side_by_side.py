@@ -21,8 +21,8 @@ import torch
 from common import fmt, mib, ratio, run_worker
 from teacher_cache import step
 
+from betakd.build import build_trainer, training_arguments
 from betakd.profiling import peak_rss_bytes, peak_tensor_bytes
-from betakd.train import build_trainer, training_arguments
 
 
 def batches(trainer, batch_size: int, count: int) -> list[list]:

@@ -42,6 +42,7 @@ from safetensors.torch import save_file
 
 from betakd import config as cfg
 from betakd import energies, models
+from betakd.build import build_trainer, training_arguments
 from betakd.cache_cli import cache_teacher
 from betakd.data import KDCollator
 from betakd.teachers import BatchMeta
@@ -49,7 +50,6 @@ from betakd.teachers import cache_format as fmt
 from betakd.teachers.build import build_teacher
 from betakd.testing.tiny_models import TinyDims, save_tiny_model
 from betakd.testing.tiny_tokenizer import train_tokenizer
-from betakd.train import build_trainer, training_arguments
 
 STUDENT = TinyDims(hidden=64, layers=2, heads=2, vision_hidden=32, vision_layers=1, patch_size=8)
 TEACHER = TinyDims(hidden=128, layers=3, heads=4, vision_hidden=64, vision_layers=2, patch_size=4)

@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from betakd import config as cfg
+from betakd.build import build_trainer, training_arguments
 from betakd.testing.tiny_models import TinyDims, save_tiny_model
 from betakd.testing.tiny_tokenizer import train_tokenizer
-from betakd.train import build_trainer, training_arguments
 
 WEIGHTINGS = {
     "equal": {},

@@ -1,7 +1,7 @@
 """``betakd cache-teacher CONFIG``: write the offline teacher cache for a training config.
 
 :func:`cache_teacher` is the recipe (config -> teacher, data, cache writer), the
-counterpart of :func:`betakd.train.run_training`; the command is registered on the
+counterpart of :func:`betakd.runs.run_training`; the command is registered on the
 ``betakd`` group in ``betakd.cli``, with the same ``--set`` overrides as ``betakd train``.
 """
 

@@ -52,7 +52,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
     """
     cfg = load_config(config, overrides)
     if check:
-        from betakd.train import path_problems
+        from betakd.build import path_problems
 
         problems = path_problems(cfg)
         if problems:
@@ -63,14 +63,14 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
         return
     from betakd.data import DataError
     from betakd.models import ModelError
-    from betakd.teachers import CacheError, ServedTeacherError
-    from betakd.train import (
+    from betakd.runs import (
         SKIPPED_FILE,
         OutputDirError,
         exit_process,
         release_processes,
         run_training,
     )
+    from betakd.teachers import CacheError, ServedTeacherError
     from betakd.trainer import EngineError
 
     try:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from betakd.config import load_config
-from betakd.train import exit_process, release_processes, run_training
+from betakd.runs import exit_process, release_processes, run_training
 
 
 def main(paths: list[str]) -> None:

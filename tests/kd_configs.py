@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from betakd import config as cfg
+from betakd.build import build_trainer, training_arguments
 from betakd.distill import HEAD_FILE
-from betakd.train import build_trainer, training_arguments
 
 # The `training` block of every test config (plus its output_dir).
 TRAINING = {

@@ -15,9 +15,9 @@ from kd_configs import kd_raw
 from betakd import config as cfg
 from betakd.audit import scores as audit_scores
 from betakd.audit.run import AuditOptions, audit_config, audit_trainer
+from betakd.build import build_trainer, training_arguments
 from betakd.cli import main
 from betakd.teachers import DenseLogits, TeacherTargets
-from betakd.train import build_trainer, training_arguments
 
 COLOURS = ("red", "green", "blue")
 PER_COLOUR = 16

@@ -397,7 +397,7 @@ def forbid_teacher_loading(monkeypatch, teacher_path):
 
 
 def test_build_trainer_trains_from_the_cache(written, llava_pair, tmp_path, monkeypatch):
-    from betakd.train import build_trainer, training_arguments
+    from betakd.build import build_trainer, training_arguments
 
     raw = written[1].model_dump()
     raw["teacher"]["source"] = "cache"
@@ -471,7 +471,7 @@ def test_uncached_training_samples_are_named(written):
 
 
 def cached_trainer(config_raw, tmp_path, source="cache", **channels):
-    from betakd.train import build_trainer, training_arguments
+    from betakd.build import build_trainer, training_arguments
 
     raw = json.loads(json.dumps(config_raw))
     raw["teacher"]["source"] = source

@@ -10,12 +10,13 @@ from kd_configs import TRAINING, StopAfter, assert_same_final_state, final_state
 from transformers import AutoTokenizer
 
 from betakd import config as cfg
+from betakd.build import build_trainer, training_arguments
 from betakd.cache_cli import cache_teacher
 from betakd.models import ModelError
+from betakd.runs import OutputDirError, run_training
 from betakd.teachers import BatchMeta
 from betakd.testing.tiny_models import save_tiny_model
 from betakd.testing.tiny_tokenizer import DEFAULT_TEXTS, train_tokenizer
-from betakd.train import OutputDirError, build_trainer, run_training, training_arguments
 
 ANSWERS = (
     "The shape is reddish.",

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from betakd import config as cfg
 from betakd.distill import HEAD_FILE
-from betakd.train import run_training
+from betakd.runs import run_training
 
 pytestmark = pytest.mark.distributed
 

@@ -7,7 +7,8 @@ import torch
 from kd_configs import kd_config
 
 from betakd import config as cfg
-from betakd.train import build_trainer, run_training, training_arguments
+from betakd.build import build_trainer, training_arguments
+from betakd.runs import run_training
 from betakd.trainer import NonFiniteLossError
 
 

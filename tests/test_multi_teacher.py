@@ -13,15 +13,16 @@ from safetensors.torch import load_file
 from betakd import config as cfg
 from betakd import models
 from betakd.align import AlignedPositions
+from betakd.build import build_trainer, training_arguments
 from betakd.cache_cli import cache_teacher
 from betakd.cli import main
 from betakd.distill import HEAD_FILE
 from betakd.models import forward_inputs
+from betakd.runs import run_training
 from betakd.teachers import BatchMeta, TeacherEnsemble, TeacherTargets
 from betakd.teachers.cache_format import CacheError
 from betakd.testing.tiny_models import save_tiny_model
 from betakd.testing.tiny_tokenizer import train_tokenizer
-from betakd.train import build_trainer, run_training, training_arguments
 
 TRAINING = {**SHARED_TRAINING, "max_steps": 3}
 

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from kd_configs import StopAfter, assert_same_final_state, kd_raw, losses_on_repeated_batch
 
 from betakd import config as cfg
+from betakd.build import build_trainer, training_arguments
 from betakd.labels import supervised
 from betakd.models import forward_inputs
 from betakd.onpolicy import GeneratedRows, PolicyMix, answered_batch, prompt_tokens, prompts
+from betakd.runs import run_training
 from betakd.testing.tiny_models import FAMILIES
-from betakd.train import build_trainer, run_training, training_arguments
 
 
 def policy_config(pair, data, images, out, policy, weighting="task", options=None, **training):

@@ -12,8 +12,9 @@ import torch
 from kd_configs import StopAfter, assert_same_final_state, kd_config
 from transformers import TrainerCallback
 
+from betakd.build import build_trainer, training_arguments
 from betakd.reliability import TeacherReliability
-from betakd.train import build_trainer, run_training, training_arguments
+from betakd.runs import run_training
 
 OPTIONS = {"hidden": 4, "prior_shape": 3.0, "prior_rate_scale": 0.5,
            "reliability": {}}  # fmt: skip

@@ -20,10 +20,12 @@ from kd_configs import TRAINING, assert_same_final_state
 from transformers import TrainerCallback
 
 from betakd import config as cfg
+from betakd.build import build_trainer, training_arguments
 from betakd.cache_cli import cache_teacher
 from betakd.cli import main
 from betakd.labels import supervised
 from betakd.onpolicy import answered_batch
+from betakd.runs import run_training
 from betakd.teachers import (
     CacheError,
     ServedTeacher,
@@ -35,7 +37,6 @@ from betakd.teachers.served import carry_labels
 from betakd.testing.tiny_models import save_tiny_model
 from betakd.testing.tiny_tokenizer import DEFAULT_TEXTS, train_tokenizer
 from betakd.testing.vllm_server import VLLMServer, ensure_environment, servable_copy
-from betakd.train import build_trainer, run_training, training_arguments
 
 TOP_K = 8
 STEPS = 20

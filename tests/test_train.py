@@ -16,18 +16,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, TrainerCallback
 
 from betakd import config as cfg
+from betakd.build import build_trainer, training_arguments
 from betakd.cli import main
 from betakd.distill import HEAD_FILE
+from betakd.runs import RESOLVED_CONFIG, OutputDirError, check_output_dir, run_training
 from betakd.teachers import DenseLogits, TeacherTargets
 from betakd.testing.tiny_models import FAMILIES
-from betakd.train import (
-    RESOLVED_CONFIG,
-    OutputDirError,
-    build_trainer,
-    check_output_dir,
-    run_training,
-    training_arguments,
-)
 
 WEIGHTINGS = {
     "equal": {},
@@ -186,7 +180,7 @@ def test_a_resumed_run_can_train_longer(llava_pair, vqa_data, tmp_path, caplog, 
     longer["training"]["max_steps"] = 8
     if restart:
         longer["schedule"] = {"restart_at": 4}
-    caplog.set_level(logging.INFO, logger="betakd.train")
+    caplog.set_level(logging.INFO, logger="betakd.runs")
     seen = []
     result = run_training(cfg.validate(longer), resume=True, callbacks=[RateAtEachStep(seen)])
     assert result.trainer.state.global_step == 8

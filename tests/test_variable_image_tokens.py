@@ -10,10 +10,10 @@ import torch
 from kd_configs import kd_raw
 
 from betakd import config as cfg
+from betakd.build import build_trainer, training_arguments
 from betakd.eval.runner import generate
 from betakd.eval.samples import Sample
 from betakd.models import load_model, load_processor
-from betakd.train import build_trainer, training_arguments
 
 SIZES = [(32, 32), (64, 32), (64, 64), (40, 24)]
 

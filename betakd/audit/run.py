@@ -76,7 +76,7 @@ def run_audit(
 ) -> dict[str, Any]:
     """Audit ``config``'s training data with its teachers; writes ``output``/report.md,
     audit.json, samples.jsonl and a plot, and returns what audit.json holds."""
-    from betakd.train import build_trainer, training_arguments
+    from betakd.build import build_trainer, training_arguments
 
     started = time.perf_counter()
     derived = audit_config(config, output)

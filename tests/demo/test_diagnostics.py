@@ -5,7 +5,7 @@ from __future__ import annotations
 from kd_configs import kd_config
 
 from betakd.demo.diagnostics import SliceGradients
-from betakd.train import run_training
+from betakd.runs import run_training
 
 
 def test_slice_gradients_measure_from_the_first_step_of_a_calibrated_weighting(
