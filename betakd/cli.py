@@ -62,6 +62,7 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
         click.echo(f"{config}: valid")
         return
     from betakd.data import DataError
+    from betakd.engines import EngineError
     from betakd.models import ModelError
     from betakd.runs import (
         SKIPPED_FILE,
@@ -71,7 +72,6 @@ def train(config: str, overrides: tuple[str, ...], resume: bool, check: bool) ->
         run_training,
     )
     from betakd.teachers import CacheError, ServedTeacherError
-    from betakd.trainer import EngineError
 
     try:
         result = run_training(cfg, resume=resume)

@@ -88,6 +88,21 @@ class DistillationHead(nn.Module):
         """The teachers the channels read, each once, in channel order."""
         return list(dict.fromkeys(self.channel_teachers.values()))
 
+    def param_groups(
+        self, learning_rate: float, weighting_decay: float, adapter_decay: float
+    ) -> list[dict]:
+        """Optimizer groups of the trainable head: the weighting's parameters (betas or
+        the instance network) and the feature adapters, each with its weight decay."""
+        groups = []
+        for params, decay in (
+            (self.objective.parameters(), weighting_decay),
+            (self.features.parameters(), adapter_decay),
+        ):
+            params = [p for p in params if p.requires_grad]
+            if params:
+                groups.append({"params": params, "lr": learning_rate, "weight_decay": decay})
+        return groups
+
     def save(self, directory: str | Path) -> Path:
         path = Path(directory) / HEAD_FILE
         state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
@@ -183,6 +198,18 @@ class DistillationModule(nn.Module):
                 batch, aligned, teacher, image_counts, generated, num_items
             )
         return self.loss(values, num_items)
+
+    @property
+    def student_rows_need_data(self) -> bool:
+        """Whether rows the student answered read the data's answers: their CE, a data
+        trust or reliability (the teacher's likelihood of the data's answers), or a
+        weight per answer token."""
+        objective = self.head.objective
+        return (
+            self.generated_ce != "none"
+            or objective.weighting.needs_teacher_nll
+            or objective.reduction != "sample"
+        )
 
     def loss(self, values: ChannelValues, num_items: Tensor | int | None) -> ObjectiveOutput:
         return self.head.objective(

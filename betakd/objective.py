@@ -17,12 +17,13 @@ itself (on-policy) into those of the data's answers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
 
+from betakd.labels import supervised
 from betakd.weighting import CE, Weighting, WeightingOutput, at_least_float32
 
 REDUCTIONS = ("sample", "token")
@@ -41,6 +42,17 @@ def per_sample_mean(values: Tensor, sample_index: Tensor, num_samples: int) -> T
 def token_counts(sample_index: Tensor, num_samples: int) -> Tensor:
     """Number of supervised tokens per sample."""
     return torch.bincount(sample_index, minlength=num_samples)
+
+
+def items_in_batch(labels: Sequence[Tensor], reduction: str) -> Tensor:
+    """What one optimizer step's loss is normalised by, over its micro-batches'
+    ``labels``: the samples with an answer token, or (``reduction`` token) the answer
+    tokens (the first position predicts nothing)."""
+    total = torch.zeros((), dtype=torch.long)
+    for batch_labels in labels:
+        per_row = supervised(batch_labels[..., 1:]).sum(dim=-1)
+        total += per_row.sum() if reduction == "token" else (per_row > 0).sum()
+    return total
 
 
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:

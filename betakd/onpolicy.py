@@ -28,6 +28,7 @@ from torch import Tensor
 
 from betakd.align import AlignedPositions
 from betakd.cross_tokenizer.groups import AnswerTranslator
+from betakd.data import KDCollator
 from betakd.labels import IGNORE_INDEX, supervised
 from betakd.models import FamilyAdapter, forward_inputs, stop_token_ids, tokenizer_of
 from betakd.teachers.protocol import TeacherTargets
@@ -271,9 +272,20 @@ class StudentAnswers:
     """
 
     def __init__(
-        self, policy: PolicyMix, generation: GenerationSettings, collator, dataset, student
+        self,
+        policy: PolicyMix,
+        generation: GenerationSettings,
+        collator,
+        dataset,
+        student,
+        data_optional: bool = False,
     ) -> None:
+        """``data_optional``: the loss reads nothing of the data's answers in rows the
+        student answered (:attr:`betakd.distill.DistillationModule.student_rows_need_data`)."""
+        if not isinstance(collator, KDCollator):
+            raise TypeError("on-policy training needs betakd's KDCollator (it re-encodes answers)")
         self.policy = policy
+        self.data_optional = data_optional
         self.generation = generation
         self.collator = collator
         self.dataset = dataset
@@ -314,6 +326,15 @@ class StudentAnswers:
         student_side = _side(self.collator.student)
         answered = answered_batch(batch, answers, student_side, self.teacher_sides)
         return rows, answered
+
+    def needs_data(self, generated: GeneratedRows | None, rows: int) -> bool:
+        """Whether a step with ``rows`` rows, ``generated`` of them answered by the
+        student, reads the data's answers: not when the student answered every row and
+        the data is optional (GKD's setting: one student pass and one teacher pass
+        instead of two)."""
+        if generated is None:
+            return True
+        return not (self.data_optional and generated.rows.numel() == rows)
 
 
 def _named(teacher) -> dict:

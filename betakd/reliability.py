@@ -71,7 +71,7 @@ their final posteriors are kept: ``r`` of any later input, in training or in an 
 their local mean around it.
 
 Everything here is tensors in, tensors out; ``betakd train`` collects the NLLs and
-representations (``BetaKDTrainer.fit_reliability``).
+representations (``HeadCalibration.fit_reliability``).
 """
 
 from __future__ import annotations

@@ -18,9 +18,10 @@ from transformers import TrainerCallback
 
 from betakd import config as cfg
 from betakd.build import build_trainer, training_arguments
+from betakd.checkpoints import last_complete_checkpoint
 from betakd.data import DataCache, SkipReport
 from betakd.files import write_json_atomic
-from betakd.trainer import BetaKDTrainer, is_complete
+from betakd.trainer import BetaKDTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -124,10 +125,10 @@ def run_training(
     if trainer.is_world_process_zero():
         cfg.dump(config, output_dir / RESOLVED_CONFIG)
         write_json_atomic(output_dir / SKIPPED_FILE, trainer.train_dataset.report.as_dict())
-    resume_from = _last_complete_checkpoint(output_dir) if resume else None
+    resume_from = last_complete_checkpoint(output_dir) if resume else None
     if resume_from is not None:
-        _explain_an_extension(Path(resume_from), trainer, config.schedule.restart_at)
-    trainer.train(resume_from_checkpoint=resume_from)
+        _explain_an_extension(resume_from, trainer, config.schedule.restart_at)
+    trainer.train(resume_from_checkpoint=None if resume_from is None else str(resume_from))
     save_final(trainer, output_dir)
     # Every process returns once the saved student exists: one that reached its exit
     # while another was still saving could abort in the distributed teardown.
@@ -166,19 +167,6 @@ def save_final(trainer: BetaKDTrainer, output_dir: Path) -> None:
         student.save_pretrained(output_dir)
         trainer.processing_class.save_pretrained(output_dir)
         trainer.head.save(output_dir)
-
-
-def _last_complete_checkpoint(output_dir: Path) -> str | None:
-    """Newest checkpoint that finished saving (its completion marker is written last)."""
-    candidates = sorted(
-        (p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-        key=lambda p: int(p.name.split("-")[-1]),
-    )
-    for path in reversed(candidates):
-        if is_complete(path):
-            return str(path)
-        logger.warning("ignoring incomplete checkpoint %s", path)
-    return None
 
 
 def release_processes() -> bool:

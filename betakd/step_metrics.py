@@ -8,10 +8,12 @@ step; `means()` shows the running averages without resetting them.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import torch
 from torch import Tensor
+
+from betakd.labels import supervised
 
 
 class StepMetrics:
@@ -60,6 +62,23 @@ class StepMetrics:
         self._policy["on_policy"] += float(on_policy.sum())
         self._policy["generated_tokens"] += float(lengths.float().sum())
         self._policy["ended"] += float(torch.as_tensor(ended).float().sum())
+
+    def add_policy_rows(self, out, generated, stop_ids: Collection[int]) -> None:
+        """One micro-batch's student-answered rows (``generated``: an on-policy
+        ``GeneratedRows``, or None), their answers' length and whether they ended at one
+        of ``stop_ids``, and every channel's metrics on and off policy (``out``: the
+        model's output)."""
+        on = torch.zeros(out.valid.shape[0], dtype=torch.bool)
+        lengths = ended = torch.zeros(0)
+        if generated is not None:
+            on[generated.rows.cpu()] = True
+            labels = supervised(generated.batch["labels"])
+            lengths = labels.sum(dim=1)
+            last = generated.batch["input_ids"].gather(1, (labels.cumsum(1).argmax(1))[:, None])
+            ended = torch.tensor([int(t) in stop_ids for t in last.squeeze(1).tolist()])
+        self.add_policy(on, lengths, ended)
+        groups = ["on_policy" if flag else "off_policy" for flag in on.tolist()]
+        self.add_groups(out.energies, out.betas, out.valid, groups, prefix="policy")
 
     def means(self) -> dict[str, float]:
         """The averages ``drain`` would log now."""

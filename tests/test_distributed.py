@@ -147,7 +147,7 @@ def test_ddp_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(
     import signal
     import time
 
-    from betakd.trainer import COMPLETE_MARKER
+    from betakd.checkpoints import COMPLETE_MARKER
 
     data, images = sixteen_samples
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}

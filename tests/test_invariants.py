@@ -8,8 +8,8 @@ from kd_configs import kd_config
 
 from betakd import config as cfg
 from betakd.build import build_trainer, training_arguments
+from betakd.non_finite import NonFiniteLossError
 from betakd.runs import run_training
-from betakd.trainer import NonFiniteLossError
 
 
 def config_for(pair, data, out, weighting, batch, accumulation, options=None, **extra):
@@ -132,7 +132,7 @@ def test_non_finite_steps_can_be_skipped_and_counted(llava_pair, sixteen_samples
     trainer = poisoned_trainer(llava_pair, sixteen_samples, tmp_path, "skip")
     before = {k: v.clone() for k, v in trainer.model.student.state_dict().items()}
     trainer.train()
-    assert trainer.skipped_steps == 2
+    assert trainer.non_finite.skipped == 2
     assert any("skipped_non_finite_steps" in h for h in trainer.state.log_history)
     after = trainer.model.student.state_dict()
     for key, value in before.items():

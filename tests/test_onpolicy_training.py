@@ -177,7 +177,7 @@ def test_the_trainer_generates_as_generate_does_with_the_step_seed(llava_pair, v
     student = trainer.model.student
     pad = trainer.data_collator.student.pad_token_id
     inputs = prompts(batch, trainer.model.adapter, pad)
-    torch.manual_seed(trainer.policy.generation_seed(3, batch["sample_index"]))
+    torch.manual_seed(trainer.student_answers.policy.generation_seed(3, batch["sample_index"]))
     student.eval()
     with torch.no_grad():
         out = student.generate(
@@ -291,7 +291,7 @@ def test_without_ce_on_student_rows_the_data_pass_is_skipped_and_changes_nothing
     batch = trainer.data_collator(list(trainer.train_dataset)[:4])
     answers = [torch.tensor([11 + row, 12, 13][: 1 + row % 3]) for row in range(4)]
     generated = generated_rows_of(trainer, batch, [0, 1, 2, 3], answers)
-    assert not trainer.needs_data(generated, 4)
+    assert not trainer.student_answers.needs_data(generated, 4)
     num_items = trainer.num_items([batch], torch.device("cpu"))
     results = []
     for data_part in (trainer.loss_inputs(batch), (None,) * 4):
@@ -303,10 +303,15 @@ def test_without_ce_on_student_rows_the_data_pass_is_skipped_and_changes_nothing
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=1e-7)
     for a, b in zip(results[0][1], results[1][1], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # Decided when the run is built, from the module: with the CE on student rows the
+    # data pass is needed.
     trainer.model.generated_ce = "data"
-    assert trainer.needs_data(generated, 4)
+    assert trainer.model.student_rows_need_data
     trainer.model.generated_ce = "none"
-    assert trainer.needs_data(generated_rows_of(trainer, batch, [0, 1], answers[:2]), 4)
+    assert not trainer.model.student_rows_need_data
+    assert trainer.student_answers.needs_data(
+        generated_rows_of(trainer, batch, [0, 1], answers[:2]), 4
+    )
 
 
 def vision_tower(student):

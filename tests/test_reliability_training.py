@@ -34,7 +34,7 @@ def test_the_fit_reads_every_training_sample_whatever_the_batch_size(
             llava_pair, vqa_data, tmp_path / f"b{batch}", per_device_train_batch_size=batch
         )
         trainer = build_trainer(config, training_arguments(config))
-        trainer.fit_reliability()
+        trainer.calibration.fit_reliability()
         fitted.append(trainer.head.objective.weighting.reliability.state_dict())
     for key, value in fitted[0].items():
         torch.testing.assert_close(fitted[1][key], value, rtol=1e-6, atol=1e-8, msg=key)
@@ -90,13 +90,13 @@ class FittedAtStart(TrainerCallback):
 def test_the_start_report_reads_the_fits_measurements(llava_pair, vqa_data, tmp_path, caplog, monkeypatch):  # fmt: skip
     """One teacher pass before the first step: the teacher-weight report reads what the
     reliability was fitted on (the models have not changed in between)."""
-    from betakd.trainer import BetaKDTrainer
+    from betakd.calibration import HeadCalibration
 
     caplog.set_level(logging.INFO, logger="betakd.calibration")
     passes = []
-    real = BetaKDTrainer.measure_teacher
+    real = HeadCalibration.measure_teacher
     monkeypatch.setattr(
-        BetaKDTrainer, "measure_teacher", lambda self, *a: passes.append(a) or real(self, *a)
+        HeadCalibration, "measure_teacher", lambda self, *a: passes.append(a) or real(self, *a)
     )
     run_training(reliable_config(llava_pair, vqa_data, tmp_path / "a", max_steps=1))
     assert len(passes) == 1

@@ -11,7 +11,7 @@ import time
 from kd_configs import write_kd_config
 from transformers import AutoModelForImageTextToText
 
-from betakd.trainer import COMPLETE_MARKER
+from betakd.checkpoints import COMPLETE_MARKER
 
 
 def test_sigkill_then_resume_uses_the_last_complete_checkpoint(llava_pair, vqa_data, tmp_path):

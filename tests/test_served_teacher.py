@@ -391,7 +391,7 @@ def test_feature_channels_and_hidden_representations_are_refused(
     _, aligned, targets, _ = trainer.loss_inputs(first_batch(trainer))
     assert targets.representation.shape == (4, 2)
     assert math.isfinite(float(targets.representation.sum()))
-    nll, _ = trainer.measure_teacher(4, "test")
+    nll, _ = trainer.calibration.measure_teacher(4, "test")
     answer = aligned.is_answer
     by_hand = torch.zeros(4).index_add_(0, aligned.batch_index[answer],
                                         -targets.answer_log_probs[answer])  # fmt: skip

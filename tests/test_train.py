@@ -334,7 +334,7 @@ def test_group_metrics_and_energy_scale_calibration(llava_pair, vqa_data, tmp_pa
         )
         groups = {"s0": "even", "s2": "even", "s4": "even", "s1": "odd", "s3": "odd", "s5": "odd"}
         trainer = build_trainer(config, training_arguments(config), sample_groups=groups)
-        scales.append(trainer.calibrate_energy_scale())
+        scales.append(trainer.calibration.calibrate_energy_scale())
     torch.testing.assert_close(scales[0], scales[1], rtol=1e-5, atol=1e-7)
     # Direct: every sample's channel energies (weights do not matter for the scale).
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
@@ -460,7 +460,7 @@ def test_the_start_reports_teacher_weights_and_warns_when_the_trust_turns_them_o
     assert "raise weighting.options.trust.threshold" in warning
 
     # Direct: the trust's factor of each sample's teacher NLL, from a full batch.
-    report = trainer.report_teacher_weights()
+    report = trainer.calibration.report_teacher_weights()
     rows = [trainer.train_dataset[i] for i in range(len(trainer.train_dataset))]
     with torch.no_grad():
         nll, _ = trainer.distillation_module.reliability_inputs(

@@ -125,7 +125,7 @@ def score_rows(trainer, rows: range, teachers: list[str | None]) -> dict:
     try:
         for start in range(rows.start, rows.stop, size):
             conversations = [trainer.train_dataset[i] for i in range(start, min(rows.stop, start + size))]  # fmt: skip
-            scored = trainer.score_batch(trainer.data_collator(conversations))
+            scored = trainer.calibration.score_batch(trainer.data_collator(conversations))
             nll, representation, has_answer, aligned, targets = scored
             if representation is None:
                 raise AuditError("the audit needs an input representation h(x); none was computed")
