@@ -200,9 +200,9 @@ class TrainConfig(Strict):
         return self.weighting_options(representation_dim=1)
 
     def weighting_options(self, representation_dim: int) -> dict[str, Any]:
-        """``weighting.build``'s options: the config's, the width of h(x), and with
-        several teachers and a reliability, which teacher each channel reads."""
-        options = self.weighting.build_options(representation_dim)
+        """``weighting.build``'s options: the config's (parsed), the width of h(x), and
+        with several teachers and a reliability, which teacher each channel reads."""
+        options = self.weighting.build_options(representation_dim).given()
         if self.teachers is not None and self.weighting.uses_reliability:
             plans = self.teacher_plans()
             options["channel_teachers"] = {c: p.name for p in plans for c in p.channel_names}

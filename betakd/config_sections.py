@@ -11,7 +11,16 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FieldSerializationInfo,
+    ValidationInfo,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 from betakd import energies, features, weighting
 
@@ -325,10 +334,12 @@ class WeightingSettings(Strict):
         description="equal | fixed | task | instance | closed_form | reference "
         "(docs/library.md, docs/weighting.md)",
     )
-    options: dict[str, Any] = Field(
+    options: weighting.WeightingOptions = Field(
         default_factory=dict,
-        description="the weighting's options: its own (hidden, weights, ...), prior_shape, "
-        "prior_rate_scale, trust, reliability (unknown ones are named with the valid list)",
+        validate_default=True,
+        description="the weighting's options, parsed by its name: its own (hidden, weights, "
+        "...), prior_shape, prior_rate_scale, trust, reliability (unknown ones are named "
+        "with the valid list; every weighting's options are listed below)",
     )
     learning_rate: float = Field(0.02, gt=0, description="Adam step on log-betas and adapters")
     weight_decay: float = Field(
@@ -377,34 +388,56 @@ class WeightingSettings(Strict):
             )
         return value
 
+    @field_validator("options", mode="plain")
+    @classmethod
+    def _parsed_options(cls, value: Any, info: ValidationInfo) -> Any:
+        """The options as the model of the weighting ``name`` (errors name the key:
+        ``weighting.options.trust.rho: ...``)."""
+        name = info.data.get("name")
+        if name is None:  # an unknown name, reported on its own
+            return value
+        model = weighting.options_model(name)
+        if isinstance(value, weighting.KindOptions) and not isinstance(value, model):
+            value = value.model_dump(exclude_unset=True)
+        return model.model_validate(value)
+
+    @field_serializer("options")
+    def _given_options(self, value: Any, info: FieldSerializationInfo) -> Any:
+        """Only the options given (as in the YAML), so a dumped config reads as written
+        and stays valid for another weighting name."""
+        if isinstance(value, BaseModel):
+            return value.model_dump(mode=info.mode, exclude_unset=True)
+        return value
+
     @property
     def network_input(self) -> bool:
         """Whether the weighting itself reads h(x) (an instance network)."""
         return self.name == "instance" or (
-            self.name == "reference" and self.options.get("level") == "instance"
+            isinstance(self.options, weighting.ReferenceOptions)
+            and self.options.level == "instance"
         )
 
     @property
+    def reliability(self) -> weighting.ReliabilityOptions | None:
+        """The teacher reliability's options, when the weighting has one."""
+        return getattr(self.options, "reliability", None)
+
+    @property
     def uses_reliability(self) -> bool:
-        return self.options.get("reliability") is not None
+        return self.reliability is not None
 
     @property
     def needs_representation(self) -> bool:
         return self.network_input or self.uses_reliability
 
-    def build_options(self, representation_dim: int) -> dict[str, Any]:
-        """The options of ``weighting.build`` with the width of h(x) filled in."""
-        options = dict(self.options)
-        if self.network_input:
-            options.setdefault("input_dim", representation_dim)
-        if self.uses_reliability:
-            if not isinstance(options["reliability"], dict):
-                raise ValueError(
-                    f"weighting.options.reliability must be a mapping of options, got "
-                    f"{options['reliability']!r}"
-                )
-            options["reliability"] = {"input_dim": representation_dim, **options["reliability"]}
-        return options
+    def build_options(self, representation_dim: int) -> weighting.KindOptions:
+        """The parsed options with the width of h(x) filled in where not given."""
+        fills: dict[str, Any] = {}
+        if self.network_input and self.options.input_dim is None:
+            fills["input_dim"] = representation_dim
+        if self.reliability is not None and self.reliability.input_dim is None:
+            fills["reliability"] = self.reliability.replace(input_dim=representation_dim)
+        return self.options.replace(**fills) if fills else self.options
 
 
 class GenerationOptions(Strict):

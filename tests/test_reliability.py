@@ -397,6 +397,28 @@ def test_reliability_options_are_validated():
         built(torch.rand(2, 2), None, torch.rand(2))
 
 
+def test_reliability_options_keep_the_models_defaults_and_count_the_teachers():
+    import inspect
+
+    signature = inspect.signature(TeacherReliability.__init__).parameters
+    fields = weighting.ReliabilityOptions.model_fields
+    for key in ("neighbours", "anchor_share"):
+        assert fields[key].default == signature[key].default, key
+    options = weighting.ReliabilityOptions(input_dim=5)
+    assert options.build().teachers == 1 and options.build().neighbours == 32
+    channels = ["ce", "a/kd", "b/kd", "b/visual"]
+    teachers = {"a/kd": "a", "b/kd": "b", "b/visual": "b"}
+    two = weighting.build("task", channels, reliability={"input_dim": 5}, channel_teachers=teachers)
+    assert two.reliability.teachers == 2 and two.reliability_teacher == [0, 1, 1]
+    typed = weighting.build("task", channels, reliability=options, channel_teachers=teachers)
+    assert typed.reliability.teachers == 2
+    given = weighting.build("task", channels, reliability={"input_dim": 5, "teachers": 3},
+                            channel_teachers=teachers)  # fmt: skip
+    assert given.reliability.teachers == 3
+    with pytest.raises(ValueError, match=r"reliability.neighbours: Input should be greater"):
+        weighting.build("task", ["ce", "kd"], reliability={"input_dim": 2, "neighbours": 0})
+
+
 def test_fewer_fit_samples_than_projected_directions():
     """h(x) wider than the projection with fewer fit samples than its directions (two
     teachers' visual tokens on a small data set): the missing directions are zero columns,

@@ -210,3 +210,119 @@ def test_unknown_weighting_and_option():
         W.build("task", CHANNELS, init_bta=1.0)
     with pytest.raises(ValueError, match="unknown channel"):
         W.build("task", CHANNELS, d={"kl": 2.0})
+
+
+# ----------------------------------------------------------------------------- options models
+
+
+# The constructors' keyword arguments and defaults before the options became typed models
+# (kinds.py), written out: the models must accept the same keys with the same defaults.
+REQUIRED = object()
+BETA_KD = {
+    "weight_ce": False,
+    "d": 1.0,
+    "prior_shape": 1.0,
+    "prior_rate": 0.0,
+    "prior_rate_scale": None,
+    "trust": None,
+    "reliability": None,
+    "channel_teachers": None,
+    "scale_momentum": None,
+}
+LEARNED = {"parameterization": "exp", "bounds": None, "init_beta": 1.0}
+OLD_DEFAULTS = {
+    "equal": {},
+    "fixed": {"weights": REQUIRED, "scale_relative": False, "trust": None, "reliability": None,
+              "channel_teachers": None, "scale_momentum": None},
+    "task": {**BETA_KD, **LEARNED},
+    "instance": {**BETA_KD, **LEARNED, "input_dim": None, "hidden": 128,
+                 "detach_representation": True, "normalize_input": False},
+    "closed_form": {**BETA_KD, "per": "sample", "min_energy": 1e-6},
+    "reference": {"level": "task", "input_dim": None, "hidden": 128},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(OLD_DEFAULTS))
+def test_typed_defaults_equal_the_old_defaults(name):
+    fields = W.options_model(name).model_fields
+    assert set(fields) == set(OLD_DEFAULTS[name]) == set(W.options_of(name))
+    for key, old in OLD_DEFAULTS[name].items():
+        if old is REQUIRED:
+            assert fields[key].is_required(), (name, key)
+            continue
+        assert fields[key].default == old and type(fields[key].default) is type(old), (name, key)
+
+
+def test_trust_defaults_are_the_shared_trusts():
+    import dataclasses
+
+    fields = W.TrustOptions.model_fields
+    for f in dataclasses.fields(W.SharedTrust):
+        assert fields[f.name].default == f.default, f.name
+    assert W.TrustOptions(reference="data").build() == W.SharedTrust(reference="data")
+
+
+def test_prior_and_trust_are_declared_once_and_shared():
+    """The Beta-KD kinds inherit the prior's keys; every kind with a trust shares one model."""
+    for name in ("task", "instance", "closed_form"):
+        assert issubclass(W.options_model(name), W.PriorOptions)
+    for name in ("fixed", "task", "instance", "closed_form"):
+        model = W.options_model(name)
+        assert issubclass(model, W.RobustOptions)
+        assert model.model_fields["trust"].annotation == (W.TrustOptions | None)
+    assert not issubclass(W.options_model("fixed"), W.PriorOptions)
+    assert W.options_of("equal") == [] and W.options_of("reference")[0] == "level"
+
+
+def test_plain_and_typed_options_build_the_same_weighting():
+    plain = {"prior_rate_scale": 0.5, "trust": {"channels": "fkl", "kind": "gamma", "rho": 2}}
+    typed = {
+        "prior_rate_scale": 0.5,
+        "trust": W.TrustOptions(channels=["fkl"], kind="gamma", rho=2.0),
+    }
+    a, b = W.build("task", CHANNELS, **plain), W.build("task", CHANNELS, **typed)
+    assert a.trust == b.trust == W.SharedTrust(("fkl",), kind="gamma", rho=2.0)
+    assert a.prior == b.prior == W.GammaPrior(1.0, 0.0, 0.5)
+    c = W.build("task", CHANNELS, **W.parse_options("task", plain).given())
+    for wt in (a, b, c):
+        wt.set_energy_scale(torch.tensor([0.5, 0.2]))
+    x = losses(dtype=torch.float32)
+    for wt in (b, c):
+        assert a.state_dict().keys() == wt.state_dict().keys()
+        torch.testing.assert_close(wt(x).per_sample_loss, a(x).per_sample_loss, rtol=0, atol=0)
+
+
+def test_a_shared_trust_object_is_still_accepted():
+    trust = W.SharedTrust(("fkl",), kind="superloss", lam=0.5)
+    assert W.build("task", CHANNELS, trust=trust).trust == trust
+
+
+def test_option_errors_name_the_key_and_the_valid_ones():
+    with pytest.raises(ValueError) as err:
+        W.build("task", CHANNELS, trust={"channels": ["fkl"], "rho": -1.0})
+    assert str(err.value).startswith("weighting 'task': trust.rho: ")
+    with pytest.raises(ValueError) as err:
+        W.build("closed_form", CHANNELS, trust={"reference": "data", "kernel": 1})
+    assert str(err.value) == (
+        "weighting 'closed_form': trust: unknown keys ['kernel']; expected some of "
+        "['channels', 'kind', 'lam', 'reference', 'rho', 'threshold']"
+    )
+    with pytest.raises(TypeError) as err:
+        W.build("reference", CHANNELS, levle="task")
+    assert str(err.value) == (
+        "weighting 'reference': unknown option(s) ['levle']; its options: level, input_dim, hidden"
+    )
+    with pytest.raises(TypeError, match="weighting 'fixed': weights: missing"):
+        W.build("fixed", CHANNELS)
+    with pytest.raises(TypeError, match="needs input_dim"):
+        W.build("instance", CHANNELS)
+    with pytest.raises(ValueError, match="per: Input should be 'sample' or 'channel'"):
+        W.build("closed_form", CHANNELS, per="batch")
+
+
+def test_options_read_back_as_given():
+    options = W.parse_options("task", {"prior_shape": 2, "trust": {"reference": "data"}})
+    assert options.trust.reference == "data" and options.prior_rate == 0.0
+    assert options.prior_shape == 2.0 and isinstance(options.trust, W.TrustOptions)
+    assert set(options.given()) == {"prior_shape", "trust"}
+    assert options.replace(init_beta=2.0).given().keys() == {"prior_shape", "trust", "init_beta"}

@@ -245,8 +245,8 @@ def summarise(
 def _trust_kind(config: cfg.TrainConfig) -> str:
     if config.weighting.uses_reliability:
         return "reliability"
-    trust = config.weighting.options.get("trust")
-    if isinstance(trust, dict) and trust.get("reference") == "data":
+    trust = getattr(config.weighting.options, "trust", None)
+    if trust is not None and trust.reference == "data":
         return "data trust"
     return "none"
 

@@ -30,9 +30,12 @@ Two additions bound the per-sample forms (analysis and measurements: docs/weight
   (feature channels, whose energy is no higher where the teacher is wrong).
 
 The **energy scale** of a channel (a buffer) is its mean energy over the first
-training samples, measured before training (``calibrate_energy_scale``), optionally
+training samples, measured before training (``HeadCalibration.calibrate_energy_scale``), optionally
 followed by a running mean over earlier optimizer steps (``scale_momentum``). It never
 comes from the current micro-batch, so the weights do not depend on how a batch is split.
+
+Every weighting's options are a typed model (:mod:`betakd.weighting.options`); ``build``
+parses plain keyword values through it, and the weighting takes the parsed object.
 """
 
 from betakd.weighting.base import (
@@ -41,7 +44,6 @@ from betakd.weighting.base import (
     Weighting,
     WeightingOutput,
     at_least_float32,
-    prior_from_options,
 )
 from betakd.weighting.kinds import (
     ClosedFormWeighting,
@@ -51,45 +53,83 @@ from betakd.weighting.kinds import (
     ReferenceWeighting,
     TaskWeighting,
 )
-from betakd.weighting.registry import WEIGHTINGS, build, names, options_of
+from betakd.weighting.options import (
+    BetaOptions,
+    ClosedFormOptions,
+    EqualOptions,
+    FixedOptions,
+    InstanceOptions,
+    KindOptions,
+    LearnedBetaOptions,
+    PriorOptions,
+    ReferenceOptions,
+    ReliabilityOptions,
+    RobustOptions,
+    TaskOptions,
+    TrustOptions,
+)
+from betakd.weighting.registry import (
+    WEIGHTINGS,
+    build,
+    names,
+    options_model,
+    options_of,
+    parse_options,
+)
 from betakd.weighting.robust import (
-    RELIABILITY_KEYS,
-    TRUST_KEYS,
     TRUST_KINDS,
     TRUST_REFERENCES,
     GammaPrior,
     SharedTrust,
-    build_reliability,
-    build_trust,
     lambert_w,
-    option_group,
+)
+
+# The options of any weighting kind (a config's ``weighting.options`` is one of them,
+# chosen by the weighting's name).
+WeightingOptions = (
+    EqualOptions
+    | FixedOptions
+    | TaskOptions
+    | InstanceOptions
+    | ClosedFormOptions
+    | ReferenceOptions
 )
 
 __all__ = [
     "CE",
-    "RELIABILITY_KEYS",
-    "TRUST_KEYS",
     "TRUST_KINDS",
     "TRUST_REFERENCES",
     "WEIGHTINGS",
+    "BetaOptions",
+    "ClosedFormOptions",
     "ClosedFormWeighting",
+    "EqualOptions",
     "EqualWeighting",
+    "FixedOptions",
     "FixedWeighting",
     "GammaPrior",
+    "InstanceOptions",
     "InstanceWeighting",
+    "KindOptions",
+    "LearnedBetaOptions",
     "PositiveMap",
+    "PriorOptions",
+    "ReferenceOptions",
     "ReferenceWeighting",
+    "ReliabilityOptions",
+    "RobustOptions",
     "SharedTrust",
+    "TaskOptions",
     "TaskWeighting",
+    "TrustOptions",
     "Weighting",
+    "WeightingOptions",
     "WeightingOutput",
     "at_least_float32",
     "build",
-    "build_reliability",
-    "build_trust",
     "lambert_w",
     "names",
-    "option_group",
+    "options_model",
     "options_of",
-    "prior_from_options",
+    "parse_options",
 ]

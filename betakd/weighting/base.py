@@ -5,17 +5,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from betakd.reliability import TeacherReliability
-from betakd.weighting.robust import (
-    GammaPrior,
-    SharedTrust,
-    build_reliability,
-    build_trust,
+from betakd.weighting.options import (
+    TRUST_AND_RELIABILITY,
+    KindOptions,
+    ReliabilityOptions,
+    TrustOptions,
 )
+from betakd.weighting.robust import GammaPrior, SharedTrust
 
 CE = "ce"
 
@@ -109,6 +111,9 @@ class Weighting(nn.Module):
 
     # True where a weighting's betas already depend on each sample's own energy or input.
     per_sample = False
+    # The model its options are parsed into (``betakd.weighting.build``, a config's
+    # ``weighting.options``); the constructor takes the parsed object.
+    options_model: ClassVar[type[KindOptions]] = KindOptions
 
     def __init__(
         self,
@@ -117,14 +122,15 @@ class Weighting(nn.Module):
         weight_ce: bool = False,
         d: float | Mapping[str, float] = 1.0,
         prior: GammaPrior | None = None,
-        trust: Mapping | SharedTrust | None = None,
-        reliability: Mapping | TeacherReliability | None = None,
+        trust: TrustOptions | SharedTrust | None = None,
+        reliability: ReliabilityOptions | TeacherReliability | None = None,
         channel_teachers: Mapping[str, str | None] | None = None,
         scale_momentum: float | None = None,
         uses_energy_scale: bool = False,
     ) -> None:
-        """``reliability``: the teacher-reliability model (``betakd.reliability``) whose
-        posteriors multiply the teacher channels' betas and the CE; ``channel_teachers``:
+        """``trust``: the shared trust, or its parsed options; ``reliability``: the
+        teacher-reliability model (``betakd.reliability``) whose posteriors multiply the
+        teacher channels' betas and the CE, or its parsed options; ``channel_teachers``:
         which teacher each teacher channel reads, when there are several (default: one)."""
         super().__init__()
         self._uses_energy_scale = uses_energy_scale
@@ -154,7 +160,7 @@ class Weighting(nn.Module):
         )
         self.prior = prior or GammaPrior()
         self.register_buffer("concentration", self.prior.concentration(self.d), persistent=False)
-        self.trust = build_trust(trust)
+        self.trust = trust.build() if isinstance(trust, TrustOptions) else trust
         if self.trust is not None:
             unknown = sorted(set(self.trust.channels) - set(self.weighted_channels))
             if unknown:
@@ -162,14 +168,11 @@ class Weighting(nn.Module):
                     f"trust channels {unknown} are not weighted channels {self.weighted_channels}"
                 )
         self.reliability_teacher = self._reliability_teachers(channel_teachers)
-        if reliability is not None and not isinstance(reliability, TeacherReliability):
-            reliability = {"teachers": max(self.reliability_teacher) + 1, **reliability}
-        self.reliability = build_reliability(reliability)
+        if isinstance(reliability, ReliabilityOptions):
+            reliability = reliability.build(teachers=max(self.reliability_teacher) + 1)
+        self.reliability = reliability
         if self.reliability is not None and self.trust is not None:
-            raise ValueError(
-                "give trust or reliability, not both: both set a per-sample factor on the "
-                "teacher channels"
-            )
+            raise ValueError(TRUST_AND_RELIABILITY)
         if scale_momentum is not None and not 0 <= scale_momentum < 1:
             raise ValueError(f"scale_momentum must be in [0, 1), got {scale_momentum}")
         self.scale_momentum = scale_momentum
@@ -442,12 +445,6 @@ def _per_channel(
             raise ValueError(f"{what} names unknown channel(s) {unknown}; channels: {channels}")
         return {c: float(value.get(c, default)) for c in channels}
     return {c: float(value) for c in channels}
-
-
-def prior_from_options(
-    prior_shape: float = 1.0, prior_rate: float = 0.0, prior_rate_scale: float | None = None
-) -> GammaPrior:
-    return GammaPrior(prior_shape, prior_rate, prior_rate_scale)
 
 
 def at_least_float32(x: Tensor) -> Tensor:

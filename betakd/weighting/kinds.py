@@ -8,7 +8,6 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from betakd.reliability import TeacherReliability
 from betakd.weighting.base import (
     CE,
     PositiveMap,
@@ -17,9 +16,15 @@ from betakd.weighting.base import (
     _per_channel,
     _require_representation,
     at_least_float32,
-    prior_from_options,
 )
-from betakd.weighting.robust import SharedTrust
+from betakd.weighting.options import (
+    ClosedFormOptions,
+    EqualOptions,
+    FixedOptions,
+    InstanceOptions,
+    ReferenceOptions,
+    TaskOptions,
+)
 
 # --------------------------------------------------------------------------- fixed weightings
 
@@ -27,7 +32,9 @@ from betakd.weighting.robust import SharedTrust
 class EqualWeighting(Weighting):
     """Every channel, CE included, with weight 1: the plain sum."""
 
-    def __init__(self, channels: Sequence[str]) -> None:
+    options_model = EqualOptions
+
+    def __init__(self, channels: Sequence[str], options: EqualOptions | None = None) -> None:
         super().__init__(channels, weight_ce=True)
 
     def precisions(self, losses: Tensor, representation: Tensor | None):
@@ -46,25 +53,12 @@ class FixedWeighting(Weighting):
     alone, without learned precisions).
     """
 
-    def __init__(
-        self,
-        channels: Sequence[str],
-        weights: Mapping[str, float],
-        *,
-        scale_relative: bool = False,
-        trust: Mapping | SharedTrust | None = None,
-        reliability: Mapping | TeacherReliability | None = None,
-        channel_teachers: Mapping[str, str | None] | None = None,
-        scale_momentum: float | None = None,
-    ) -> None:
+    options_model = FixedOptions
+
+    def __init__(self, channels: Sequence[str], options: FixedOptions) -> None:
+        scale_relative, weights = options.scale_relative, options.weights
         super().__init__(
-            channels,
-            weight_ce=True,
-            trust=trust,
-            reliability=reliability,
-            channel_teachers=channel_teachers,
-            scale_momentum=scale_momentum,
-            uses_energy_scale=scale_relative,
+            channels, weight_ce=True, uses_energy_scale=scale_relative, **options.arguments()
         )
         if scale_relative and CE not in channels:
             raise ValueError(f"scale_relative weights are relative to the {CE!r} channel")
@@ -95,36 +89,14 @@ class TaskWeighting(Weighting):
     With a Gamma hyperprior the learned beta tends to ``(d/2 + a - 1) / (mean l + b)``.
     """
 
-    def __init__(
-        self,
-        channels: Sequence[str],
-        *,
-        weight_ce: bool = False,
-        d: float | Mapping[str, float] = 1.0,
-        parameterization: str = "exp",
-        bounds: tuple[float, float] | None = None,
-        init_beta: float = 1.0,
-        prior_shape: float = 1.0,
-        prior_rate: float = 0.0,
-        prior_rate_scale: float | None = None,
-        trust: Mapping | SharedTrust | None = None,
-        reliability: Mapping | TeacherReliability | None = None,
-        channel_teachers: Mapping[str, str | None] | None = None,
-        scale_momentum: float | None = None,
-    ) -> None:
-        super().__init__(
-            channels,
-            weight_ce=weight_ce,
-            d=d,
-            prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
-            trust=trust,
-            reliability=reliability,
-            channel_teachers=channel_teachers,
-            scale_momentum=scale_momentum,
-        )
-        self.positive = PositiveMap(parameterization, bounds)
+    options_model = TaskOptions
+
+    def __init__(self, channels: Sequence[str], options: TaskOptions | None = None) -> None:
+        options = TaskOptions() if options is None else options
+        super().__init__(channels, **options.arguments())
+        self.positive = PositiveMap(options.parameterization, options.bounds)
         k = len(self.weighted_channels)
-        self.raw = nn.Parameter(torch.full((k,), self.positive.inverse(init_beta)))
+        self.raw = nn.Parameter(torch.full((k,), self.positive.inverse(options.init_beta)))
 
     def precisions(self, losses: Tensor, representation: Tensor | None):
         log_beta = self.positive.log_beta(self.raw).expand(losses.shape[0], -1)
@@ -147,52 +119,30 @@ class InstanceWeighting(Weighting):
 
     per_sample = True
 
-    def __init__(
-        self,
-        channels: Sequence[str],
-        input_dim: int,
-        *,
-        hidden: int = 128,
-        weight_ce: bool = False,
-        d: float | Mapping[str, float] = 1.0,
-        parameterization: str = "exp",
-        bounds: tuple[float, float] | None = None,
-        init_beta: float = 1.0,
-        detach_representation: bool = True,
-        normalize_input: bool = False,
-        prior_shape: float = 1.0,
-        prior_rate: float = 0.0,
-        prior_rate_scale: float | None = None,
-        trust: Mapping | SharedTrust | None = None,
-        reliability: Mapping | TeacherReliability | None = None,
-        channel_teachers: Mapping[str, str | None] | None = None,
-        scale_momentum: float | None = None,
-    ) -> None:
-        super().__init__(
-            channels,
-            weight_ce=weight_ce,
-            d=d,
-            prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
-            trust=trust,
-            reliability=reliability,
-            channel_teachers=channel_teachers,
-            scale_momentum=scale_momentum,
-        )
+    options_model = InstanceOptions
+
+    def __init__(self, channels: Sequence[str], options: InstanceOptions) -> None:
+        super().__init__(channels, **options.arguments())
+        input_dim = options.input_dim
+        if input_dim is None:
+            raise TypeError("instance weighting needs input_dim, the width of h(x)")
         if input_dim < 1:
             raise ValueError(f"input_dim must be >= 1, got {input_dim}")
-        self.positive = PositiveMap(parameterization, bounds)
-        self.detach_representation = detach_representation
+        self.positive = PositiveMap(options.parameterization, options.bounds)
+        self.detach_representation = options.detach_representation
         self.input_dim = input_dim
         k = len(self.weighted_channels)
         self.net = nn.Sequential(
-            nn.LayerNorm(input_dim, elementwise_affine=False) if normalize_input else nn.Identity(),
-            nn.Linear(input_dim, hidden),
+            nn.LayerNorm(input_dim, elementwise_affine=False)
+            if options.normalize_input
+            else nn.Identity(),
+            nn.Linear(input_dim, options.hidden),
             nn.ReLU(),
-            nn.Linear(hidden, k),
+            nn.Linear(options.hidden, k),
         )
         with torch.no_grad():
             self.net[-1].weight.zero_()
-            self.net[-1].bias.fill_(self.positive.inverse(init_beta))
+            self.net[-1].bias.fill_(self.positive.inverse(options.init_beta))
 
     def log_betas(self, representation: Tensor) -> Tensor:
         """The network's log-betas ``[B, K]`` for representations ``[B, D]`` (no trust)."""
@@ -218,32 +168,12 @@ class ClosedFormWeighting(Weighting):
     energy reaches zero and no hyperprior rate bounds it.
     """
 
-    def __init__(
-        self,
-        channels: Sequence[str],
-        *,
-        per: str = "sample",
-        weight_ce: bool = False,
-        d: float | Mapping[str, float] = 1.0,
-        min_energy: float = 1e-6,
-        prior_shape: float = 1.0,
-        prior_rate: float = 0.0,
-        prior_rate_scale: float | None = None,
-        trust: Mapping | SharedTrust | None = None,
-        reliability: Mapping | TeacherReliability | None = None,
-        channel_teachers: Mapping[str, str | None] | None = None,
-        scale_momentum: float | None = None,
-    ) -> None:
-        super().__init__(
-            channels,
-            weight_ce=weight_ce,
-            d=d,
-            prior=prior_from_options(prior_shape, prior_rate, prior_rate_scale),
-            trust=trust,
-            reliability=reliability,
-            channel_teachers=channel_teachers,
-            scale_momentum=scale_momentum,
-        )
+    options_model = ClosedFormOptions
+
+    def __init__(self, channels: Sequence[str], options: ClosedFormOptions | None = None) -> None:
+        options = ClosedFormOptions() if options is None else options
+        super().__init__(channels, **options.arguments())
+        per, min_energy = options.per, options.min_energy
         if per not in ("sample", "channel"):
             raise ValueError(f"per must be 'sample' or 'channel', got {per!r}")
         if not min_energy > 0:
@@ -279,14 +209,11 @@ class ReferenceWeighting(Weighting):
     and the result depends on the micro-batch (no accumulation invariance).
     """
 
-    def __init__(
-        self,
-        channels: Sequence[str],
-        *,
-        level: str = "task",
-        input_dim: int | None = None,
-        hidden: int = 128,
-    ) -> None:
+    options_model = ReferenceOptions
+
+    def __init__(self, channels: Sequence[str], options: ReferenceOptions | None = None) -> None:
+        options = ReferenceOptions() if options is None else options
+        level, input_dim, hidden = options.level, options.input_dim, options.hidden
         super().__init__(channels, weight_ce=True)
         if level not in ("task", "instance"):
             raise ValueError(f"reference level must be 'task' or 'instance', got {level!r}")

@@ -1,16 +1,16 @@
-"""The robust pieces every weighting can take: a Gamma hyperprior on the betas, a shared
-per-sample trust, and the options that build them and the teacher reliability."""
+"""The robust pieces every weighting can take: a Gamma hyperprior on the betas and a
+shared per-sample trust (their options, and the teacher reliability's, are the typed
+models of :mod:`betakd.weighting.options`)."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import typing
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
-
-from betakd.reliability import TeacherReliability
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,10 @@ class GammaPrior:
         return self.rate_scale * energy_scale
 
 
-TRUST_KINDS = ("mixture", "gamma", "superloss")
-TRUST_REFERENCES = ("student", "data")
+TrustKind = Literal["mixture", "gamma", "superloss"]
+TrustReference = Literal["student", "data"]
+TRUST_KINDS: tuple[str, ...] = typing.get_args(TrustKind)
+TRUST_REFERENCES: tuple[str, ...] = typing.get_args(TrustReference)
 
 
 @dataclass(frozen=True)
@@ -136,42 +138,3 @@ def lambert_w(x: Tensor, iterations: int = 12) -> Tensor:
         step = torch.where(denom.abs() > 1e-300, f / denom, torch.zeros_like(f))
         w = w - step
     return w.to(x.dtype)
-
-
-def option_group(value: object, name: str, keys: set[str]) -> dict:
-    """A nested option group (``trust``, ``reliability``) as a dict, its keys checked."""
-    if not isinstance(value, Mapping):
-        raise ValueError(f"{name} must be a mapping of options {sorted(keys)}, got {value!r}")
-    unknown = sorted(set(value) - keys)
-    if unknown:
-        raise ValueError(f"{name}: unknown keys {unknown}; expected some of {sorted(keys)}")
-    return dict(value)
-
-
-TRUST_KEYS = {"channels", "reference", "kind", "rho", "lam", "threshold"}
-
-
-def build_trust(trust: Mapping | SharedTrust | None) -> SharedTrust | None:
-    if trust is None or isinstance(trust, SharedTrust):
-        return trust
-    options = option_group(trust, "trust", TRUST_KEYS)
-    channels = options.pop("channels", None)
-    if isinstance(channels, str):
-        channels = [channels]
-    return SharedTrust(tuple(channels or ()), **options)
-
-
-RELIABILITY_KEYS = {"input_dim", "teachers", "neighbours", "anchor_share"}
-
-
-def build_reliability(
-    reliability: Mapping | TeacherReliability | None,
-) -> TeacherReliability | None:
-    """A :class:`TeacherReliability` from its options (``input_dim``: the width of the
-    representation h(x), which ``betakd train`` fills in)."""
-    if reliability is None or isinstance(reliability, TeacherReliability):
-        return reliability
-    options = option_group(reliability, "reliability", RELIABILITY_KEYS)
-    if "input_dim" not in options:
-        raise ValueError("reliability needs input_dim, the width of the representation h(x)")
-    return TeacherReliability(int(options.pop("input_dim")), **options)
