@@ -1,7 +1,11 @@
 """The `betakd demo`: Beta-KD on easy-VQA with controlled uncertainty, on a CPU in minutes.
 
+* :mod:`betakd.demo.scenario`: the interface every scenario implements
+  (:class:`~betakd.demo.scenario.Scenario`) and the driver they all run through
+  (settings, data, teachers, worker pool, results.json, report, failures);
 * :mod:`betakd.demo.run`: the default scenario (several weightings, seeds, a report)
-  and the jobs, worker pool and results every scenario shares;
+  and what one run of any scenario is made of (its ``betakd train`` config, its
+  training in a worker, the teacher's offline cache);
 * scenarios: :mod:`~betakd.demo.two_teachers`, :mod:`~betakd.demo.on_policy`,
   :mod:`~betakd.demo.cross_tokenizer`, :mod:`~betakd.demo.feature_channel`;
 * :mod:`betakd.demo.config`: the demo's design (``defaults.yaml``) with ``--set``
@@ -13,5 +17,5 @@
 * :mod:`betakd.demo.evaluation` (accuracy and betas by slice),
   :mod:`betakd.demo.diagnostics` (per-slice training diagnostics),
   :mod:`betakd.demo.audit` (the data audited before the runs) and
-  :mod:`betakd.demo.report` (tables, plots, what won).
+  :mod:`betakd.demo.report` (the default report and the helpers every report shares).
 """

@@ -13,33 +13,25 @@ that teacher b keeps, per seed.
 
 from __future__ import annotations
 
-import json
 import statistics
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from betakd.demo import report
 from betakd.demo.config import DemoConfig
-from betakd.demo.evaluation import predict, test_samples
+from betakd.demo.evaluation import predict
 from betakd.demo.on_policy import (
     ACCURACY_KEYS,
+    SENTENCE_COLUMNS,
     PolicyJob,
     PolicyRun,
     accuracy,
     job_name,
     run_job,
 )
-from betakd.demo.run import (
-    demo_config,
-    one_thread,
-    raise_for_failures,
-    run_in_pool,
-    scenario_settings,
-    student_init,
-)
+from betakd.demo.scenario import Context, Prepared, Scenario, run_scenario
 from betakd.demo.strategies import catalogue
-from betakd.demo.teacher import ensure_teacher, prepare_data, teacher_info
+from betakd.demo.teacher import teacher_info
 
 REFERENCE = "same_tokenizer"
 
@@ -91,84 +83,48 @@ def scenario_runs(config: DemoConfig) -> list[PolicyRun]:
     return runs
 
 
-def run_cross_tokenizer(
-    output_dir: str | Path = "betakd-demo-cross-tokenizer",
-    *,
-    quick: bool = False,
-    seeds=None,
-    overrides=(),
-    jobs: int | None = None,
-) -> dict:
-    """Run the scenario for every seed; write results.json, report.md and a plot."""
-    with one_thread():
-        started = time.time()
-        config = scenario_config(demo_config(quick, overrides))
-        settings = scenario_settings(
-            config, config.cross_tokenizer.seeds, quick=quick, seeds=seeds, jobs=jobs
-        )
-        runs = scenario_runs(config)
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+def teacher_designs(config: DemoConfig) -> dict[str, DemoConfig]:
+    """Teacher name -> its design: a has the student's tokenizer, b another one."""
+    return {"a": config, "b": other_tokenizer_config(config)}
 
-        data = prepare_data(config)
-        teachers = {
-            "a": ensure_teacher(config, progress=True),
-            "b": ensure_teacher(other_tokenizer_config(config), progress=True),
-        }
-        tests = test_samples(data.test, settings.test_questions)
-        max_new = config.on_policy.max_new_tokens
-        teacher_accuracy = {
-            name: accuracy(
-                predict(
-                    path, tests, data.image_folder, settings.eval_batch_size, max_new_tokens=max_new
-                ),
-                tests,
-            )
+
+def prepare(context: Context) -> Prepared:
+    """The teachers' scores on the test questions and a job per run and seed."""
+    config, settings, data, tests = context.config, context.settings, context.data, context.tests
+    teachers = dict(context.teachers)
+    max_new = config.on_policy.max_new_tokens
+    teacher_accuracy = {
+        name: accuracy(
+            predict(
+                path, tests, data.image_folder, settings.eval_batch_size, max_new_tokens=max_new
+            ),
+            tests,
+        )
+        for name, path in teachers.items()
+    }
+    jobs = [
+        PolicyJob(run, seed, config, settings, context.inits[seed], teachers, data, context.out,
+                  tests)
+        for seed in settings.seeds
+        for run in context.runs
+    ]  # fmt: skip
+    entries = {
+        "design": asdict(config.cross_tokenizer),
+        "runs_catalogue": [
+            {"name": r.name, "label": r.label, "teacher": r.teacher, "strategy": r.strategy.name}
+            for r in context.runs
+        ],
+        "teachers": {
+            name: {
+                "path": str(path),
+                "vocab_size": context.designs[name].vocab_size,
+                "accuracy": teacher_accuracy[name],
+                "info": teacher_info(path),
+            }
             for name, path in teachers.items()
-        }
-        inits = {seed: student_init(config, out, seed) for seed in settings.seeds}
-        job_list = [
-            PolicyJob(run, seed, config, settings, inits[seed], teachers, data, out, tests)
-            for seed in settings.seeds
-            for run in runs
-        ]
-        records, failures = run_in_pool(run_job, job_list, settings.jobs, job_name, out)
-        results = {
-            "scenario": "cross-tokenizer",
-            "settings": asdict(settings),
-            "quick": quick,
-            "overrides": list(overrides),
-            "design": asdict(config.cross_tokenizer),
-            "runs_catalogue": [
-                {
-                    "name": r.name,
-                    "label": r.label,
-                    "teacher": r.teacher,
-                    "strategy": r.strategy.name,
-                }
-                for r in runs
-            ],
-            "teachers": {
-                name: {
-                    "path": str(path),
-                    "vocab_size": (
-                        config if name == "a" else other_tokenizer_config(config)
-                    ).vocab_size,
-                    "accuracy": teacher_accuracy[name],
-                    "info": teacher_info(path),
-                }
-                for name, path in teachers.items()
-            },
-            "data": data.manifest,
-            "runs": [asdict(r) for r in records],
-            "failed": [asdict(f) for f in failures],
-            "wall_seconds": round(time.time() - started, 1),
-            "machine": report.machine_description(),
-        }
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        write_report(results, out)
-        raise_for_failures(failures, len(job_list), out)
-        return results
+        },
+    }
+    return Prepared(jobs, entries)
 
 
 # ----------------------------------------------------------------------------- the report
@@ -197,29 +153,12 @@ def kept_gain(results: dict, run: str, key: str = "all") -> dict | None:
 
 
 def accuracy_table(results: dict, stats: dict) -> str:
-    rows = [
-        "| student | sentence | size | colour | side | well formed | worst seed (sentence) "
-        "| train s / run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for name, teacher in results["teachers"].items():
-        acc = teacher["accuracy"]
-        rows.append(
-            f"| teacher {name} (vocabulary {teacher['vocab_size']}) | "
-            + " | ".join(f"{acc[k]:.1f}" for k in ACCURACY_KEYS)
-            + " | - | - |"
-        )
-    for run in results["runs_catalogue"]:
-        name = run["name"]
-        if name not in stats["all"]:
-            continue
-        seconds = [r["train_seconds"] for r in results["runs"] if r["run"] == name]
-        cells = [report.cell(stats[k].get(name)) for k in ACCURACY_KEYS]
-        rows.append(
-            f"| {run['label']} | " + " | ".join(cells) + f" | {stats['all'][name]['min']:.1f} "
-            f"| {statistics.fmean(seconds):.0f} |"
-        )
-    return "\n".join(rows)
+    columns = [*SENTENCE_COLUMNS, "worst seed (sentence)", "train s / run"]
+    teachers = {
+        f"teacher {name} (vocabulary {teacher['vocab_size']})": teacher["accuracy"]
+        for name, teacher in results["teachers"].items()
+    }
+    return report.runs_table(results, stats, ACCURACY_KEYS, columns, teachers, seconds=True)
 
 
 def gain_lines(results: dict) -> list[str]:
@@ -255,7 +194,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"{settings['batch_size']}, {settings['test_questions']} test questions answered "
         f"greedily. {results['wall_seconds']:.0f} s on {results['machine']}.",
         "",
-        *(["**Quick smoke run**: the numbers mean nothing.", ""] if results["quick"] else []),
+        *report.quick_note(results),
         *report.failed_runs(results),
         "## Accuracy (test exact match %, mean ± std over seeds)",
         "",
@@ -276,6 +215,34 @@ def write_report(results: dict, out: Path) -> Path:
         title="cross-tokenizer demo",
         tick="name",
     )
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return report.save_report(out, lines)
+
+
+# ----------------------------------------------------------------------------- the scenario
+
+SCENARIO = Scenario(
+    name="cross-tokenizer",
+    output_dir="betakd-demo-cross-tokenizer",
+    seeds=lambda config: config.cross_tokenizer.seeds,
+    runs=scenario_runs,
+    configure=scenario_config,
+    teachers=teacher_designs,
+    prepare=prepare,
+    run_job=run_job,
+    job_name=job_name,
+    write_report=write_report,
+)
+
+
+def run_cross_tokenizer(
+    output_dir: str | Path = SCENARIO.output_dir,
+    *,
+    quick: bool = False,
+    seeds=None,
+    overrides=(),
+    jobs: int | None = None,
+) -> dict:
+    """Run the scenario for every seed; write results.json, report.md and a plot."""
+    return run_scenario(
+        SCENARIO, output_dir, quick=quick, seeds=seeds, overrides=overrides, jobs=jobs
+    )

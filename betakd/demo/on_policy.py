@@ -17,31 +17,19 @@ the right form, each over seeds (mean, spread, worst seed), and what training co
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
-import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from betakd.demo import report
 from betakd.demo.config import DemoConfig
 from betakd.demo.easyvqa_data import DemoData
-from betakd.demo.evaluation import predict, test_samples
-from betakd.demo.run import (
-    DemoSettings,
-    demo_config,
-    one_thread,
-    prepare_worker,
-    raise_for_failures,
-    run_in_pool,
-    scenario_settings,
-    student_init,
-    train_config,
-    train_logged,
-)
+from betakd.demo.evaluation import predict
+from betakd.demo.run import prepare_worker, train_config, train_logged
+from betakd.demo.scenario import Context, DemoSettings, Prepared, Scenario, run_scenario
 from betakd.demo.strategies import Strategy, catalogue
-from betakd.demo.teacher import ensure_teacher, prepare_data, teacher_info
+from betakd.demo.teacher import teacher_info
 from betakd.eval.normalize import normalize_answer
 
 ACCURACY_KEYS = ("all", "size", "colour", "side", "well_formed")
@@ -217,73 +205,40 @@ def job_name(job: PolicyJob) -> str:
 # ----------------------------------------------------------------------------- the scenario
 
 
-def run_on_policy(
-    output_dir: str | Path = "betakd-demo-on-policy",
-    *,
-    quick: bool = False,
-    seeds=None,
-    overrides=(),
-    jobs: int | None = None,
-) -> dict:
-    """Run the scenario for every seed; write results.json, report.md and a plot."""
-    with one_thread():
-        started = time.time()
-        config = scenario_config(demo_config(quick, overrides))
-        settings = scenario_settings(
-            config, config.on_policy.seeds, quick=quick, seeds=seeds, jobs=jobs
-        )
-        runs = scenario_runs(config)
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-
-        data = prepare_data(config)
-        teacher = ensure_teacher(config, progress=True)
-        tests = test_samples(data.test, settings.test_questions)
-        max_new = config.on_policy.max_new_tokens
-        teacher_predictions = predict(
-            teacher, tests, data.image_folder, settings.eval_batch_size, max_new_tokens=max_new
-        )
-        inits = {seed: student_init(config, out, seed) for seed in settings.seeds}
-        job_list = [
-            PolicyJob(
-                run, seed, config, settings, inits[seed], {"teacher": teacher}, data, out, tests
-            )
-            for seed in settings.seeds
-            for run in runs
-        ]
-        records, failures = run_in_pool(run_job, job_list, settings.jobs, job_name, out)
-        results = {
-            "scenario": "on-policy",
-            "settings": asdict(settings),
-            "quick": quick,
-            "overrides": list(overrides),
-            "design": asdict(config.on_policy),
-            "runs_catalogue": [
-                {
-                    "name": r.name,
-                    "label": r.label,
-                    "mode": r.mode,
-                    "strategy": r.strategy.name,
-                    "start_step": r.start_step,
-                }
-                for r in runs
-            ],
-            "teacher": {
-                "path": str(teacher),
-                "accuracy": accuracy(teacher_predictions, tests),
-                "info": teacher_info(teacher),
-            },
-            "data": data.manifest,
-            "examples": _examples(tests, teacher_predictions),
-            "runs": [asdict(r) for r in records],
-            "failed": [asdict(f) for f in failures],
-            "wall_seconds": round(time.time() - started, 1),
-            "machine": report.machine_description(),
-        }
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        write_report(results, out)
-        raise_for_failures(failures, len(job_list), out)
-        return results
+def prepare(context: Context) -> Prepared:
+    """The teacher's answers to the test questions (scored, and a few as examples) and a
+    job per run and seed."""
+    config, settings, data, tests = context.config, context.settings, context.data, context.tests
+    teacher = context.teachers["teacher"]
+    teacher_predictions = predict(
+        teacher, tests, data.image_folder, settings.eval_batch_size,
+        max_new_tokens=config.on_policy.max_new_tokens,
+    )  # fmt: skip
+    jobs = [
+        PolicyJob(run, seed, config, settings, context.inits[seed], dict(context.teachers), data,
+                  context.out, tests)
+        for seed in settings.seeds
+        for run in context.runs
+    ]  # fmt: skip
+    entries = {
+        "design": asdict(config.on_policy),
+        "runs_catalogue": [
+            {
+                "name": r.name,
+                "label": r.label,
+                "mode": r.mode,
+                "strategy": r.strategy.name,
+                "start_step": r.start_step,
+            }
+            for r in context.runs
+        ],
+        "teacher": {
+            "path": str(teacher),
+            "accuracy": accuracy(teacher_predictions, tests),
+            "info": teacher_info(teacher),
+        },
+    }
+    return Prepared(jobs, entries, {"examples": _examples(tests, teacher_predictions)})
 
 
 def _examples(tests: list[dict], predictions: dict[str, str], n: int = 3) -> list[dict]:
@@ -305,25 +260,13 @@ def summaries(results: dict) -> dict[str, dict[str, dict]]:
     return report.scenario_summaries(results, ACCURACY_KEYS)
 
 
+SENTENCE_COLUMNS = ("sentence", "size", "colour", "side", "well formed")
+
+
 def accuracy_table(results: dict, stats: dict) -> str:
-    rows = [
-        "| student | sentence | size | colour | side | well formed | worst seed (sentence) "
-        "| train s / run |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    acc = results["teacher"]["accuracy"]
-    rows.append("| teacher | " + " | ".join(f"{acc[k]:.1f}" for k in ACCURACY_KEYS) + " | - | - |")
-    for run in results["runs_catalogue"]:
-        name = run["name"]
-        if name not in stats["all"]:
-            continue
-        seconds = [r["train_seconds"] for r in results["runs"] if r["run"] == name]
-        cells = [report.cell(stats[k].get(name)) for k in ACCURACY_KEYS]
-        rows.append(
-            f"| {run['label']} | " + " | ".join(cells) + f" | {stats['all'][name]['min']:.1f} "
-            f"| {statistics.fmean(seconds):.0f} |"
-        )
-    return "\n".join(rows)
+    columns = [*SENTENCE_COLUMNS, "worst seed (sentence)", "train s / run"]
+    teachers = {"teacher": results["teacher"]["accuracy"]}
+    return report.runs_table(results, stats, ACCURACY_KEYS, columns, teachers, seconds=True)
 
 
 def training_table(results: dict) -> str:
@@ -397,15 +340,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"temperature {design['temperature']:g}; CE of student-answered samples: "
         f"{design['ce']}. {results['wall_seconds']:.0f} s on {results['machine']}.",
         "",
-        *(
-            [
-                "**Quick smoke run**: a 40-step teacher, a few student steps; the numbers mean "
-                "nothing.",
-                "",
-            ]
-            if results["quick"]
-            else []
-        ),  # fmt: skip
+        *report.quick_note(results, "a 40-step teacher, a few student steps; "),
         *report.failed_runs(results),
         "## Accuracy (test exact match %, mean ± std over seeds)",
         "",
@@ -426,6 +361,31 @@ def write_report(results: dict, out: Path) -> Path:
         "",
     ]
     plot_accuracy(results, stats, out / "accuracy.png")
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return report.save_report(out, lines)
+
+
+SCENARIO = Scenario(
+    name="on-policy",
+    output_dir="betakd-demo-on-policy",
+    seeds=lambda config: config.on_policy.seeds,
+    runs=scenario_runs,
+    configure=scenario_config,
+    prepare=prepare,
+    run_job=run_job,
+    job_name=job_name,
+    write_report=write_report,
+)
+
+
+def run_on_policy(
+    output_dir: str | Path = SCENARIO.output_dir,
+    *,
+    quick: bool = False,
+    seeds=None,
+    overrides=(),
+    jobs: int | None = None,
+) -> dict:
+    """Run the scenario for every seed; write results.json, report.md and a plot."""
+    return run_scenario(
+        SCENARIO, output_dir, quick=quick, seeds=seeds, overrides=overrides, jobs=jobs
+    )

@@ -1,5 +1,10 @@
 """`betakd demo`: distill an easy-VQA student with several weightings and report what won.
 
+The default scenario (:func:`run_demo`, through :func:`betakd.demo.scenario.run_scenario`
+like every scenario), and what one run of any scenario is made of: its ``betakd train``
+config (:func:`train_config`), its training in a worker (:func:`train_logged`) and the
+teacher's offline cache the runs read (:func:`ensure_teacher_cache`).
+
 Every run goes through the public path (a ``betakd train`` config -> ``run_training``)
 and every accuracy through the evaluation harness (``betakd.eval.generate`` + the
 easy-VQA scorer, see :mod:`betakd.demo.evaluation`), so the demo exercises what a user's
@@ -12,11 +17,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import multiprocessing
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,7 +27,7 @@ import torch
 from betakd import config as cfg
 from betakd.demo import report
 from betakd.demo.audit import audit_demo_data
-from betakd.demo.config import DemoConfig, load_demo_config
+from betakd.demo.config import DemoConfig
 from betakd.demo.easyvqa_data import DemoData, read_jsonl
 from betakd.demo.evaluation import (
     SLICES,
@@ -33,69 +36,24 @@ from betakd.demo.evaluation import (
     final_betas,
     slice_history,
     slice_of,
-    test_samples,
 )
+from betakd.demo.scenario import (
+    Context,
+    DemoSettings,
+    Prepared,
+    Scenario,
+    run_scenario,
+)
+
+# Re-exported: the names this module had before the scenario driver moved out of it.
+from betakd.demo.scenario import DemoRunError as DemoRunError
+from betakd.demo.scenario import demo_config as demo_config
+from betakd.demo.scenario import settings_from as settings_from
+from betakd.demo.scenario import student_init as student_init
 from betakd.demo.strategies import Strategy, catalogue, recommended, select
-from betakd.demo.teacher import (
-    answer_nll,
-    cache_root,
-    encode_file,
-    ensure_teacher,
-    prepare_data,
-    save_student_init,
-    teacher_info,
-)
+from betakd.demo.teacher import answer_nll, cache_root, encode_file, teacher_info
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    """How one `betakd demo` invocation runs (the design itself is the DemoConfig)."""
-
-    seeds: tuple[int, ...] = (0, 1)
-    steps: int = 250
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    weighting_learning_rate: float = 0.02
-    test_questions: int = 1000
-    eval_batch_size: int = 128
-    logging_steps: int = 10
-    train_limit: int | None = None  # first N student training questions (None: all)
-    jobs: int = 2
-    diagnose: bool = False
-
-
-def settings_from(config: DemoConfig, **changes) -> DemoSettings:
-    """The student runs as ``defaults.yaml`` (``student_training``) describes them."""
-    student = config.student_training
-    settings = DemoSettings(
-        seeds=tuple(student.seeds),
-        steps=student.steps,
-        batch_size=student.batch_size,
-        learning_rate=student.learning_rate,
-        weighting_learning_rate=student.weighting_learning_rate,
-    )
-    return replace(settings, **changes)
-
-
-QUICK = dict(seeds=(0,), steps=12, test_questions=64, logging_steps=4, train_limit=384)
-
-
-def scenario_settings(
-    config: DemoConfig, scenario_seeds, *, quick: bool, seeds=None, jobs: int | None = None
-) -> DemoSettings:
-    """A scenario's settings: its own seeds (``scenario_seeds``), or the quick ones, or
-    those given, and ``jobs`` when given."""
-    changes = dict(QUICK) if quick else {"seeds": tuple(scenario_seeds)}
-    if seeds:
-        changes["seeds"] = tuple(seeds)
-    if jobs:
-        changes["jobs"] = jobs
-    return settings_from(config, **changes)
-
-
-QUICK_TEACHER_STEPS = 40
 
 
 @dataclass
@@ -112,19 +70,6 @@ class RunRecord:
     separation: dict = field(default_factory=dict)  # channel -> AUCs and per-slice mean betas
     diagnostics: list = field(default_factory=list)  # per-slice gradient norms over training
     weighting: dict = field(default_factory=dict)
-
-
-def demo_config(quick: bool, overrides=()) -> DemoConfig:
-    config = load_demo_config(overrides=overrides)
-    if quick:
-        # A smoke run: the same models and data, a teacher trained for a few steps only
-        # (cached under its own key), so the pipeline runs end to end in about a minute.
-        config = replace(
-            config,
-            data=replace(config.data, teacher_max_train=512, max_test=200),
-            teacher_training=replace(config.teacher_training, steps=QUICK_TEACHER_STEPS),
-        )
-    return config
 
 
 # ----------------------------------------------------------------------------- training
@@ -213,7 +158,7 @@ class Job:
 def train_logged(config: cfg.TrainConfig, run_dir: Path, groups: dict, callbacks=()) -> tuple:
     """``run_training`` in a worker, its log in ``<run_dir>.log`` (the demo's console
     shows progress); returns the result and the training seconds."""
-    from betakd.train import run_training
+    from betakd.runs import run_training
 
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
@@ -231,56 +176,6 @@ def prepare_worker(run_dir: Path) -> None:
     torch.set_num_threads(1)
     _quiet_workers()
     shutil.rmtree(run_dir, ignore_errors=True)
-
-
-class DemoRunError(RuntimeError):
-    """Some runs of a demo failed; the other runs' results and report were written."""
-
-
-@dataclass
-class FailedRun:
-    run: str  # <strategy>-seed<k>, the name of its folder and log under runs/
-    error: str
-    log: str
-
-
-def run_in_pool(function, jobs: list, workers: int, name, out: Path) -> tuple[list, list]:
-    """``function(job)`` for every job in ``workers`` spawned processes, with a progress
-    bar. Returns the results of the runs that finished, in the order of ``jobs``, and a
-    :class:`FailedRun` for each that raised: one run's failure does not lose the others.
-    ``name(job)``: the run's name (its log is ``out/runs/<name>.log``)."""
-    from tqdm.auto import tqdm
-
-    results: dict[int, object] = {}
-    failures: list[FailedRun] = []
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
-        futures = {pool.submit(function, job): i for i, job in enumerate(jobs)}
-        progress = tqdm(as_completed(futures), total=len(futures), desc="betakd demo", unit="run")
-        for future in progress:
-            index = futures[future]
-            run = name(jobs[index])
-            try:
-                results[index] = future.result()
-            # Any run error: recorded, and raised after the others (raise_for_failures).
-            except Exception as err:  # noqa: BLE001
-                log = out / "runs" / f"{run}.log"
-                error = " ".join(line.strip() for line in str(err).splitlines())
-                failures.append(FailedRun(run, f"{type(err).__name__}: {error}", str(log)))
-                logger.error("run %s failed: %s (log: %s)", run, err, log)
-            progress.set_postfix(last=run)
-    return [results[i] for i in sorted(results)], failures
-
-
-def raise_for_failures(failures: list, total: int, out: Path) -> None:
-    """After the report of the finished runs is written: one error naming the others."""
-    if failures:
-        first = failures[0]
-        raise DemoRunError(
-            f"{len(failures)} of {total} runs failed ({', '.join(f.run for f in failures)}); "
-            f"first: {first.error} (log: {first.log}). {out}/results.json "
-            "and report.md hold the other runs"
-        )
 
 
 def run_job(job: Job) -> RunRecord:
@@ -329,6 +224,10 @@ def run_job(job: Job) -> RunRecord:
     if strategy.uses_teacher:
         record.separation = final_betas(result.trainer, records)
     return record
+
+
+def job_name(job: Job) -> str:
+    return f"{job.strategy.name}-seed{job.seed}"
 
 
 def teacher_answer_nll(config: DemoConfig, teacher: Path, data: DemoData) -> dict:
@@ -410,97 +309,41 @@ def ensure_teacher_cache(
     return cache_teacher(cfg.validate(writer), batch_size=64, progress=True)
 
 
-# ----------------------------------------------------------------------------- the demo
+# ----------------------------------------------------------------------------- the scenario
 
 
-def run_demo(
-    output_dir: str | Path = "betakd-demo",
-    *,
-    quick: bool = False,
-    seeds=None,
-    strategies=None,
-    overrides=(),
-    jobs: int | None = None,
-    diagnose: bool = False,
-) -> dict:
-    """Run the selected strategies for every seed, then write results.json, report.md
-    and plots."""
-    with one_thread():
-        return _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose)
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Tiny models: one thread each (runs go to ``jobs`` processes); the caller's thread
-    count comes back afterwards."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _run_demo(output_dir, quick, seeds, strategies, overrides, jobs, diagnose) -> dict:
-    started = time.time()
-    config = demo_config(quick, overrides)
-    changes = dict(QUICK) if quick else {}
-    if seeds:
-        changes["seeds"] = tuple(seeds)
-    if jobs:
-        changes["jobs"] = jobs
-    settings = settings_from(config, diagnose=diagnose, **changes)
-    chosen = select(config, strategies)
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-
-    data = prepare_data(config)
-    teacher_start = time.time()
-    teacher = ensure_teacher(config, progress=True)
-    teacher_seconds = time.time() - teacher_start
-    tests = test_samples(data.test, settings.test_questions)
+def prepare(context: Context) -> Prepared:
+    """The teacher's scores, its offline caches (one per instance representation the
+    strategies read), the audit of the data, and a job per strategy and seed."""
+    config, settings, data, out = context.config, context.settings, context.data, context.out
+    chosen, tests, inits = context.runs, context.tests, context.inits
+    teacher = context.teachers["teacher"]
     teacher_accuracy = evaluate(teacher, tests, data.image_folder, settings.eval_batch_size)
     nll_by_slice = teacher_answer_nll(config, teacher, data)
-    inits = {seed: student_init(config, out, seed) for seed in settings.seeds}
+    first = inits[settings.seeds[0]]
     caches = {
-        kind: ensure_teacher_cache(config, teacher, inits[settings.seeds[0]], data, settings, kind)
+        kind: ensure_teacher_cache(config, teacher, first, data, settings, kind)
         for kind in sorted({representation_of(s) for s in chosen})
     }
-    audit = audit_data(config, settings, inits[settings.seeds[0]], teacher, data, out)
-    jobs_list = [
+    audit = audit_data(config, settings, first, teacher, data, out)
+    jobs = [
         Job(s, seed, config, settings, inits[seed], teacher, data, caches[representation_of(s)],
             out, tests)
         for seed in settings.seeds
         for s in chosen
     ]  # fmt: skip
-    runs, failures = run_in_pool(run_job, jobs_list, settings.jobs, job_name, out)
-    for record in runs:
-        logger.info("%s seed %d: %s", record.strategy, record.seed, record.accuracy)
-
-    results = {
-        "settings": asdict(settings),
-        "quick": quick,
-        "overrides": list(overrides),
+    entries = {
         "strategies": [asdict(s) for s in chosen],
         "channels": asdict(config.channels),
         "teacher": {
             "path": str(teacher),
             "accuracy": teacher_accuracy,
             "info": teacher_info(teacher),
-            "seconds_this_run": round(teacher_seconds, 1),
+            "seconds_this_run": round(context.teacher_seconds, 1),
             "answer_nll": nll_by_slice,
         },
-        "data": data.manifest,
-        "audit": audit,
-        "runs": [asdict(r) for r in runs],
-        "failed": [asdict(f) for f in failures],
-        "wall_seconds": round(time.time() - started, 1),
-        "machine": report.machine_description(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    report.write_report(results, out)
-    raise_for_failures(failures, len(jobs_list), out)
-    return results
+    return Prepared(jobs, entries, {"audit": audit})
 
 
 def audit_data(config, settings, student, teacher, data, out: Path) -> dict | None:
@@ -519,13 +362,38 @@ def audit_data(config, settings, student, teacher, data, out: Path) -> dict | No
     return audit_demo_data(run_config, out, planted)
 
 
-def job_name(job: Job) -> str:
-    return f"{job.strategy.name}-seed{job.seed}"
+DEFAULT_OUTPUT = "betakd-demo"
 
 
-def student_init(config: DemoConfig, out: Path, seed: int) -> Path:
-    """The untrained student of a seed (every strategy starts from the same weights)."""
-    path = out / "init" / f"student-seed{seed}"
-    if not (path / "config.json").exists():
-        save_student_init(config, seed, path)
-    return path
+def default_scenario(strategies=None, *, diagnose: bool = False) -> Scenario:
+    """The default scenario with the strategies named (None: ``defaults.yaml``'s ``run``
+    list; "all": the catalogue), recording per-slice gradient norms when ``diagnose``."""
+    return Scenario(
+        name=None,
+        output_dir=DEFAULT_OUTPUT,
+        seeds=lambda config: config.student_training.seeds,
+        runs=lambda config: select(config, strategies),
+        prepare=prepare,
+        run_job=run_job,
+        job_name=job_name,
+        write_report=report.write_report,
+        settings={"diagnose": diagnose},
+    )
+
+
+def run_demo(
+    output_dir: str | Path = DEFAULT_OUTPUT,
+    *,
+    quick: bool = False,
+    seeds=None,
+    strategies=None,
+    overrides=(),
+    jobs: int | None = None,
+    diagnose: bool = False,
+) -> dict:
+    """Run the selected strategies for every seed, then write results.json, report.md
+    and plots."""
+    scenario = default_scenario(strategies, diagnose=diagnose)
+    return run_scenario(
+        scenario, output_dir, quick=quick, seeds=seeds, overrides=overrides, jobs=jobs
+    )

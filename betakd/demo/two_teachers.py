@@ -16,16 +16,16 @@ scales); both with the ``task`` and ``instance`` strategies' weightings (``insta
 sees both teachers' representations, ``representation_from``). Every run reads the
 teachers from their offline caches (one per teacher, on the student's training data).
 
-The report checks the design first (do the fixed and task students lose accuracy on a
-teacher's blind slice, against what the other teacher's student reaches there?) and
-then the targets of issue 11 for the instance student.
+The report compares, plainly: the fixed and task students on each teacher's blind slice
+against what the other teacher's student reaches there (the design check), then the
+instance student against the best single-teacher student, the best fixed weight and, on
+each blind slice, the other teacher's student, with how well its betas pick out each
+teacher's blind slice.
 """
 
 from __future__ import annotations
 
-import json
 import statistics
-import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -41,33 +41,23 @@ from betakd.demo.evaluation import (
     percent_correct,
     predict,
     slice_history,
-    test_samples,
     training_betas,
 )
 from betakd.demo.run import (
-    DemoSettings,
     data_block,
-    demo_config,
     ensure_teacher_cache,
-    one_thread,
     prepare_worker,
-    raise_for_failures,
-    run_in_pool,
-    scenario_settings,
-    student_init,
     train_logged,
     training_block,
 )
+from betakd.demo.scenario import Context, DemoSettings, Prepared, Scenario, run_scenario
 from betakd.demo.strategies import catalogue
-from betakd.demo.teacher import ensure_teacher, prepare_data, teacher_info
+from betakd.demo.teacher import teacher_info
 
 TEACHERS = ("a", "b")
 # Training-sample slices: each teacher's blind slice, then noisy labels, then the rest.
 SLICES = ("blind_a", "blind_b", "noisy", "clean")
 ACCURACY_KEYS = ("all", "blind_a", "blind_b", "rest")
-# Issue 11's targets for the instance student.
-WITHIN_POINTS = 5.0
-MIN_AUC = 0.9
 
 
 @dataclass(frozen=True)
@@ -274,76 +264,46 @@ def second_teacher_config(config: DemoConfig) -> DemoConfig:
     return replace(config, data=replace(config.data, blind_value=blind))
 
 
-def run_two_teachers(
-    output_dir: str | Path = "betakd-demo-two-teachers",
-    *,
-    quick: bool = False,
-    seeds=None,
-    overrides=(),
-    jobs: int | None = None,
-) -> dict:
-    """Run the scenario for every seed; write results.json, report.md and a plot."""
-    with one_thread():
-        started = time.time()
-        config = demo_config(quick, overrides)
-        settings = scenario_settings(
-            config, config.two_teachers.seeds, quick=quick, seeds=seeds, jobs=jobs
-        )
-        runs = scenario_runs(config)
-        designs = {"a": config, "b": second_teacher_config(config)}
-        blind = {t: designs[t].data.blind_value for t in TEACHERS}
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
+def teacher_designs(config: DemoConfig) -> dict[str, DemoConfig]:
+    """Teacher name -> its design: a is the demo's teacher, b is blind elsewhere."""
+    return {"a": config, "b": second_teacher_config(config)}
 
-        data = prepare_data(config)  # the student's data: the same for both teachers
-        teachers = {t: ensure_teacher(designs[t], progress=True) for t in TEACHERS}
-        tests = test_samples(data.test, settings.test_questions)
-        teacher_accuracy = {
-            t: accuracy(
-                predict(path, tests, data.image_folder, settings.eval_batch_size), tests, blind
-            )
-            for t, path in teachers.items()
-        }
-        inits = {seed: student_init(config, out, seed) for seed in settings.seeds}
-        kind = _representation(runs)
-        caches = {
-            t: ensure_teacher_cache(
-                config, teachers[t], inits[settings.seeds[0]], data, settings, kind,
-                teacher_key=designs[t].teacher_key(),
-            )
-            for t in TEACHERS
-        }  # fmt: skip
-        audit = _audit(runs, config, settings, inits, teachers, caches, blind, data, out)
-        job_list = [
-            ScenarioJob(run, seed, config, settings, inits[seed], teachers, caches, blind, data,
-                        out, tests)
-            for seed in settings.seeds
-            for run in runs
-        ]  # fmt: skip
-        records, failures = run_in_pool(run_job, job_list, settings.jobs, job_name, out)
-        results = {
-            "scenario": "two-teachers",
-            "settings": asdict(settings),
-            "quick": quick,
-            "overrides": list(overrides),
-            "design": asdict(config.two_teachers),
-            "blind": blind,
-            "runs_catalogue": [asdict(r) for r in runs],
-            "teachers": {
-                t: {"path": str(p), "accuracy": teacher_accuracy[t], "info": teacher_info(p)}
-                for t, p in teachers.items()
-            },
-            "data": data.manifest,
-            "audit": audit,
-            "runs": [asdict(r) for r in records],
-            "failed": [asdict(f) for f in failures],
-            "wall_seconds": round(time.time() - started, 1),
-            "machine": report.machine_description(),
-        }
-        (out / "results.json").write_text(json.dumps(results, indent=2))
-        write_report(results, out)
-        raise_for_failures(failures, len(job_list), out)
-        return results
+
+def prepare(context: Context) -> Prepared:
+    """The teachers' scores per slice, each teacher's offline cache on the student's
+    data, the two-teacher audit of that data, and a job per run and seed."""
+    config, settings, data, out = context.config, context.settings, context.data, context.out
+    runs, teachers, tests, inits = context.runs, context.teachers, context.tests, context.inits
+    blind = {t: context.designs[t].data.blind_value for t in TEACHERS}
+    teacher_accuracy = {
+        t: accuracy(predict(path, tests, data.image_folder, settings.eval_batch_size), tests, blind)
+        for t, path in teachers.items()
+    }
+    kind = _representation(runs)
+    caches = {
+        t: ensure_teacher_cache(
+            config, teachers[t], inits[settings.seeds[0]], data, settings, kind,
+            teacher_key=context.designs[t].teacher_key(),
+        )
+        for t in TEACHERS
+    }  # fmt: skip
+    audit = _audit(runs, config, settings, inits, teachers, caches, blind, data, out)
+    jobs = [
+        ScenarioJob(run, seed, config, settings, inits[seed], teachers, caches, blind, data,
+                    out, tests)
+        for seed in settings.seeds
+        for run in runs
+    ]  # fmt: skip
+    entries = {
+        "design": asdict(config.two_teachers),
+        "blind": blind,
+        "runs_catalogue": [asdict(r) for r in runs],
+        "teachers": {
+            t: {"path": str(p), "accuracy": teacher_accuracy[t], "info": teacher_info(p)}
+            for t, p in teachers.items()
+        },
+    }
+    return Prepared(jobs, entries, {"audit": audit})
 
 
 def _audit(runs, config, settings, inits, teachers, caches, blind, data, out: Path) -> dict:
@@ -380,52 +340,59 @@ def summaries(results: dict) -> dict[str, dict[str, dict]]:
     return report.scenario_summaries(results, ACCURACY_KEYS)
 
 
+# The other teacher: its student alone shows what a student can reach on a teacher's
+# blind slice (run ``<other>_only``).
+OTHER = {"a": "b", "b": "a"}
+
+
 def design_check(results: dict, stats: dict) -> list[str]:
-    """Do the fixed and task students lose a blind slice? A student "loses" teacher t's
-    blind slice when it is more than WITHIN_POINTS below what the other teacher's
-    student alone reaches there (the accuracy a student can have on that slice)."""
+    """Each constant weight per teacher (the fixed weights and the task-level betas) on
+    each teacher's blind slice, against the other teacher's single-teacher student
+    there."""
     lines = []
-    reference = {"a": "b_only", "b": "a_only"}
     for run in results["runs_catalogue"]:
         if run["family"] not in ("fixed", "beta_kd") or run["name"] == "instance":
             continue
-        losses = []
+        parts = []
         for t in TEACHERS:
             mine = stats[f"blind_{t}"].get(run["name"])
-            other = stats[f"blind_{t}"].get(reference[t])
-            if mine and other and mine["mean"] < other["mean"] - WITHIN_POINTS:
-                losses.append(
-                    f"blind slice of {t} ({results['blind'][t]}): {mine['mean']:.1f} vs "
-                    f"{other['mean']:.1f} for {reference[t]}"
+            other = stats[f"blind_{t}"].get(f"{OTHER[t]}_only")
+            if mine and other:
+                parts.append(
+                    f"blind slice of {t} ({results['blind'][t]}) vs teacher {OTHER[t]} "
+                    f"alone: {report.versus(mine, other)}"
                 )
-        verdict = "loses " + "; ".join(losses) if losses else "**loses no blind slice**"
-        lines.append(f"- {run['label']}: {verdict}")
+        if parts:
+            lines.append(f"- {run['label']}: " + "; ".join(parts) + ".")
     return lines
 
 
-def targets(results: dict, stats: dict) -> list[tuple[str, bool | None, str]]:
-    """Issue 11's targets for the instance student: (name, met, the numbers)."""
-    rows: list[tuple[str, bool | None, str]] = []
+def instance_comparisons(results: dict, stats: dict) -> list[str]:
+    """The instance student against the best single-teacher student and the best fixed
+    weight (whole test set), against the other teacher's student on each teacher's
+    blind slice, and how well its betas of each teacher pick out that teacher's blind
+    slice (ROC AUC per seed)."""
     mine = stats["all"].get("instance")
     if mine is None:
-        return rows
-    for family, what in (("single", "best single-teacher student"), ("fixed", "best fixed")):
-        names = [r["name"] for r in results["runs_catalogue"] if r["family"] == family]
-        best = max((n for n in names if n in stats["all"]), key=lambda n: stats["all"][n]["mean"])
-        theirs = stats["all"][best]["mean"]
-        rows.append(
-            (f"instance >= {what} overall", mine["mean"] >= theirs,
-             f"{mine['mean']:.1f} vs {theirs:.1f} ({best})")
-        )  # fmt: skip
-    for t, other in (("a", "b_only"), ("b", "a_only")):
+        return []
+    catalogue = results["runs_catalogue"]
+    labels = {r["name"]: r["label"] for r in catalogue}
+    lines = []
+    for family, what in (("single", "the best single-teacher student"), ("fixed", "the best fixed weight")):  # fmt: skip
+        best = report.best_of([r["name"] for r in catalogue if r["family"] == family], stats["all"])
+        if best is not None:
+            lines.append(
+                f"- vs {what} ({labels[best]}), whole test set: "
+                f"{report.versus(mine, stats['all'][best])}."
+            )
+    for t in TEACHERS:
         ours = stats[f"blind_{t}"].get("instance")
-        theirs = stats[f"blind_{t}"].get(other)
+        theirs = stats[f"blind_{t}"].get(f"{OTHER[t]}_only")
         if ours and theirs:
-            rows.append(
-                (f"instance within {WITHIN_POINTS:g} points of {other} on {t}'s blind slice",
-                 ours["mean"] >= theirs["mean"] - WITHIN_POINTS,
-                 f"{ours['mean']:.1f} vs {theirs['mean']:.1f}")
-            )  # fmt: skip
+            lines.append(
+                f"- On the blind slice of {t} ({results['blind'][t]}), vs teacher {OTHER[t]} "
+                f"alone: {report.versus(ours, theirs)}."
+            )
     for t in TEACHERS:
         aucs = [
             r["separation"][channel][f"auc_blind_{t}_lower"]
@@ -436,35 +403,21 @@ def targets(results: dict, stats: dict) -> list[tuple[str, bool | None, str]]:
         ]
         aucs = [a for a in aucs if a is not None]
         if aucs:
-            rows.append(
-                (f"instance betas of {t} pick out {t}'s blind slice (AUC >= {MIN_AUC:g})",
-                 min(aucs) >= MIN_AUC,
-                 "per seed " + ", ".join(f"{a:.3f}" for a in aucs))
-            )  # fmt: skip
-    return rows
+            lines.append(
+                f"- Its betas of teacher {t} against {t}'s blind slice: ROC AUC of 'lower "
+                "beta' per seed " + ", ".join(f"{a:.3f}" for a in aucs) + " (0.5: no "
+                "separation, 1.0: perfect)."
+            )
+    return lines
 
 
 def accuracy_table(results: dict, stats: dict) -> str:
-    rows = [
-        "| student | all | blind slice of a ({a}) | blind slice of b ({b}) | rest | worst seed "
-        "(all) |".format(**results["blind"]),
-        "|---|---|---|---|---|---|",
-    ]
-    for t, teacher in results["teachers"].items():
-        acc = teacher["accuracy"]
-        rows.append(
-            f"| teacher {t} | " + " | ".join(f"{acc[k]:.1f}" for k in ACCURACY_KEYS) + " | - |"
-        )
-    for run in results["runs_catalogue"]:
-        if run["name"] not in stats["all"]:
-            continue
-        cells = [report.cell(stats[k].get(run["name"])) for k in ACCURACY_KEYS]
-        rows.append(
-            f"| {run['label']} | "
-            + " | ".join(cells)
-            + f" | {stats['all'][run['name']]['min']:.1f} |"
-        )
-    return "\n".join(rows)
+    blind = results["blind"]
+    columns = ["all", f"blind slice of a ({blind['a']})", f"blind slice of b ({blind['b']})"]
+    teachers = {f"teacher {t}": teacher["accuracy"] for t, teacher in results["teachers"].items()}
+    return report.runs_table(
+        results, stats, ACCURACY_KEYS, [*columns, "rest", "worst seed (all)"], teachers
+    )
 
 
 def betas_table(results: dict) -> str:
@@ -478,14 +431,9 @@ def betas_table(results: dict) -> str:
     for run in results["runs"]:
         for channel, table in run["separation"].items():
             tables.setdefault((run["run"], channel), []).append(table)
-
-    def mean_of(values) -> str:
-        values = [v for v in values if v is not None]
-        return f"{statistics.fmean(values):.3g}" if values else "-"
-
     for (name, channel), group in tables.items():
-        cells = [mean_of([t["mean"].get(s) for t in group]) for s in SLICES]
-        cells += [mean_of([t[f"auc_blind_{x}_lower"] for t in group]) for x in TEACHERS]
+        cells = [report.mean_of([t["mean"].get(s) for t in group]) for s in SLICES]
+        cells += [report.mean_of([t[f"auc_blind_{x}_lower"] for t in group]) for x in TEACHERS]
         rows.append(f"| {labels[name]} | {channel} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -498,7 +446,6 @@ def plot_accuracy(results: dict, stats: dict, path: Path) -> None:
 
 def write_report(results: dict, out: Path) -> Path:
     stats = summaries(results)
-    met = targets(results, stats)
     lines = [
         "# betakd demo: two teachers",
         "",
@@ -507,15 +454,7 @@ def write_report(results: dict, out: Path) -> Path:
         f"{results['settings']['steps']} steps, {results['settings']['test_questions']} test "
         f"questions; {results['wall_seconds']:.0f} s on {results['machine']}.",
         "",
-        *(
-            [
-                "**Quick smoke run**: 40-step teachers, a few student steps; the numbers mean "
-                "nothing.",
-                "",
-            ]
-            if results["quick"]
-            else []
-        ),
+        *report.quick_note(results, "40-step teachers, a few student steps; "),
         *report.failed_runs(results),
         "## Accuracy (test exact match %, mean ± std over seeds)",
         "",
@@ -523,18 +462,19 @@ def write_report(results: dict, out: Path) -> Path:
         "",
         "![accuracy](accuracy.png)",
         "",
-        "## Design check: does a constant weight per teacher lose a blind slice?",
+        "## Design check: a constant weight per teacher on each teacher's blind slice",
         "",
-        f"A student loses teacher t's blind slice when it is more than {WITHIN_POINTS:g} "
-        "points below the other teacher's single-teacher student there (the accuracy a "
-        "student can reach on that slice). If the fixed weights and the task-level betas "
-        "all lose one, no constant weight per teacher is right on both slices.",
+        "Each student with a constant weight per teacher (fixed weights, the task-level "
+        "betas) on each teacher's blind slice, against the other teacher's single-teacher "
+        "student there (the accuracy a student can reach on that slice). A constant weight "
+        "that lets a teacher teach its blind slice pulls the student towards its mistakes "
+        "there.",
         "",
         *design_check(results, stats),
         "",
-        "## Targets (instance student)",
+        "## The instance student",
         "",
-        *[f"- {'met' if ok else '**not met**'}: {name} ({numbers})" for name, ok, numbers in met],
+        *instance_comparisons(results, stats),
         "",
         *report.audit_lines(results.get("audit")),
         "",
@@ -544,6 +484,33 @@ def write_report(results: dict, out: Path) -> Path:
         "",
     ]
     plot_accuracy(results, stats, out / "accuracy.png")
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return report.save_report(out, lines)
+
+
+# ----------------------------------------------------------------------------- the scenario
+
+SCENARIO = Scenario(
+    name="two-teachers",
+    output_dir="betakd-demo-two-teachers",
+    seeds=lambda config: config.two_teachers.seeds,
+    runs=scenario_runs,
+    teachers=teacher_designs,
+    prepare=prepare,
+    run_job=run_job,
+    job_name=job_name,
+    write_report=write_report,
+)
+
+
+def run_two_teachers(
+    output_dir: str | Path = SCENARIO.output_dir,
+    *,
+    quick: bool = False,
+    seeds=None,
+    overrides=(),
+    jobs: int | None = None,
+) -> dict:
+    """Run the scenario for every seed; write results.json, report.md and a plot."""
+    return run_scenario(
+        SCENARIO, output_dir, quick=quick, seeds=seeds, overrides=overrides, jobs=jobs
+    )

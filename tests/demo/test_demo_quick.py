@@ -33,7 +33,11 @@ def test_quick_demo_writes_report_results_and_plots(tmp_path, monkeypatch, demo_
         assert separation["mean"]["blind"] < 0.6 * separation["mean"]["clean"], separation
     assert task["separation"]["cosine_probs"]["auc_blind_lower"] == 0.5
     report = (out / "report.md").read_text()
-    assert "## Verdict" in report and "Quick smoke run" in report and "## Targets" in report
+    assert "## Best mean accuracy" in report and "Quick smoke run" in report
+    # The recommended strategy against the best fixed weight: numbers, no pass/fail.
+    assert "## The recommended strategy against the best fixed weight" in report
+    assert "- On the blind slice, vs " in report and "points (mean " in report
+    assert "**met**" not in report and "**missed**" not in report
     # The audit ran on the training data, without the ground-truth fields; it is linked.
     audit = results["audit"]
     assert audit["samples"] == 384 and (out / "audit" / "report.md").is_file()
@@ -92,5 +96,6 @@ def test_a_demo_without_a_blind_slice_reports_every_run(tmp_path, monkeypatch, d
     assert {r["strategy"] for r in results["runs"]} == {"ce_only", "fixed", "reliable_instance"}
     assert all(r["accuracy"]["blind"] is None for r in results["runs"])
     report = (out / "report.md").read_text()
-    assert "without a blind slice" in report and "| teacher |" in report
+    assert "The data has no blind slice" in report and "| teacher |" in report
+    assert "On the blind slice" not in report
     assert (out / "accuracy.png").stat().st_size > 1000

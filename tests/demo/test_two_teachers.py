@@ -94,7 +94,10 @@ def test_quick_two_teacher_scenario_writes_its_report(tmp_path, monkeypatch, dem
     means = instance["separation"][f"b/{logit}"]["mean"]
     assert means["blind_b"] < means["blind_a"], means
     report = (out / "report.md").read_text()
-    assert "## Design check" in report and "## Targets" in report and "Quick smoke run" in report
+    assert "## Design check" in report and "Quick smoke run" in report
+    assert "- both, fixed x1: blind slice of a (blue) vs teacher b alone: " in report
+    instance = report.split("## The instance student")[1].split("##")[0]
+    assert "vs the best single-teacher student" in instance and "ROC AUC" in instance
     assert (out / "accuracy.png").stat().st_size > 1000
     # The two-teacher audit of the student's data: each teacher scored, linked.
     audit = results["audit"]
