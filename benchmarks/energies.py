@@ -147,7 +147,7 @@ def chunked_step(inputs: dict, fn, with_ce: bool, chunk_size: int, mode: str) ->
     out = chunked.chunked_channels(
         inputs["hidden"],
         inputs["weight"],
-        HiddenStateLogits(inputs["t_hidden"], inputs["t_weight"]),
+        {None: HiddenStateLogits(inputs["t_hidden"], inputs["t_weight"])},
         energies={"kd": fn},
         labels=inputs["labels"] if with_ce else None,
         chunk_size=chunk_size or None,

@@ -146,7 +146,7 @@ def betakd_step(
     out = chunked.chunked_channels(
         x["hidden"],
         x["weight"],
-        HiddenStateLogits(x["t_hidden"], x["t_weight"]),
+        {None: HiddenStateLogits(x["t_hidden"], x["t_weight"])},
         energies={"kd": energy_fn(name, options)},
         labels=x["labels"] if with_ce else None,
         chunk_size=chunk_size or None,

@@ -24,7 +24,7 @@ from betakd.features import FeatureChannel
 from betakd.objective import DistillationObjective
 from betakd.onpolicy import GenerationSettings, PolicyMix
 from betakd.teachers import CachedTeacher, ServedTeacher
-from betakd.teachers.build import build_teacher, sources_of, weighting_representation
+from betakd.teachers.build import build_teacher, weighting_representation
 from betakd.teachers.protocol import TeacherSource, prefetch_hook
 from betakd.trainer import BetaKDTrainer
 
@@ -39,7 +39,6 @@ def training_arguments(config: cfg.TrainConfig) -> TrainingArguments:
     # Our data set yields raw conversations; the collator needs every field.
     args["remove_unused_columns"] = False
     return TrainingArguments(**args)
-
 
 
 def path_problems(config: cfg.TrainConfig) -> list[str]:
@@ -101,17 +100,15 @@ def build_trainer(
         student.processor, student.adapter, config.data.max_length, data_cache
     )
     teacher = build_teacher(config, student, data_cache)
-    encoders = {"student": student_encoder}
-    if isinstance(teacher.encoder, SampleEncoder):
-        encoders["teacher"] = teacher.encoder
-    elif teacher.encoder is not None:
-        encoders.update({f"teacher {name}": e for name, e in teacher.encoder.items()})
+    encoders = {"student": student_encoder} | {
+        teacher_label(name): e for name, e in teacher.encoders.items()
+    }
     # Several teachers supervise the same student tokens: no answer may be cut for one
     # (a teacher of another tokenizer has other answer tokens; its alignment is surveyed).
     same_answers = []
     if config.teachers is not None:
         plans = config.teacher_plans()
-        other = {f"teacher {p.name}" for p in plans if p.settings.cross_tokenizer is not None}
+        other = {teacher_label(p.name) for p in plans if p.settings.cross_tokenizer is not None}
         same_answers = [name for name in encoders if name not in other]
     dataset = build_dataset(
         config.data.train_file,
@@ -125,7 +122,7 @@ def build_trainer(
     # The skips themselves were logged once by build_dataset (and go to SKIPPED_FILE).
     logger.info("training samples: %d of %d records", len(dataset), dataset.report.total)
     conversations = dataset.conversations
-    for source in sources_of(teacher.source):
+    for source in teacher.members.values():
         if isinstance(source, CachedTeacher):
             source.cache.check_covers(
                 [c.index for c in conversations], [c.id for c in conversations]
@@ -136,10 +133,8 @@ def build_trainer(
             source.check_template(conversations[:1], student_encoder)
     for plan in config.teacher_plans():
         if plan.settings.cross_tokenizer is not None:
-            source = teacher.source if plan.name is None else teacher.source.members[plan.name]
-            encoder = teacher.encoder
-            if isinstance(encoder, dict):
-                encoder = encoder.get(plan.name)
+            source = teacher.members[plan.name]
+            encoder = teacher.encoders.get(plan.name)
             survey = source.survey(conversations, student_encoder, encoder)
             logger.info("%s: %s", plan.key, survey.summary())
             survey.enforce(
@@ -177,7 +172,7 @@ def build_trainer(
         args=args,
         train_dataset=dataset,
         data_collator=KDCollator(
-            student_encoder, teacher.encoder, on_collate=_prefetch(config, args, teacher.source)
+            student_encoder, teacher.encoders, on_collate=_prefetch(config, args, teacher.source)
         ),
         processing_class=student.processor,
         teacher=teacher.source,
@@ -193,6 +188,11 @@ def build_trainer(
         policy=policy_mix(config, args.seed),
         generation=GenerationSettings(**config.policy.generation.model_dump()),
     )
+
+
+def teacher_label(name: str | None) -> str:
+    """A teacher's name in data-validation messages (skips name the encoder)."""
+    return "teacher" if name is None else f"teacher {name}"
 
 
 def _prefetch(config: cfg.TrainConfig, args, source: TeacherSource):
@@ -276,5 +276,3 @@ def _with_lora(student, lora: LoraSettings):
         target_modules=lora.target_modules,
     )
     return get_peft_model(student, peft_config)
-
-

@@ -52,7 +52,7 @@ Typical use (see :func:`chunked_channels`)::
     mask, targets = next_token_targets(labels)                 # [B, T] bool, [B, T]
     packed = pack(student_hidden, mask)                        # [N, H], sample_index [N]
     teacher = HiddenStateLogits(pack(teacher_hidden, t_mask).hidden, t_head.weight)
-    out = chunked_channels(packed.hidden, head.weight, teacher,
+    out = chunked_channels(packed.hidden, head.weight, {"t": teacher},
                            energies={"fkl": energies.get("fkl")},
                            labels=targets[mask])
     ce, kd = out.per_sample(packed.sample_index, num_samples=B)   # [B], {"fkl": [B]}
@@ -464,10 +464,10 @@ def default_chunk_size(
 def chunked_channels(
     hidden: Tensor,
     weight: Tensor,
-    teacher: TeacherLogits | Mapping[str, TeacherLogits] | None = None,
+    teachers: Mapping[str | None, TeacherLogits] | None = None,
     *,
     energies: Mapping[str, EnergyFn] | None = None,
-    energy_teachers: Mapping[str, str] | None = None,
+    energy_teachers: Mapping[str, str | None] | None = None,
     labels: Tensor | None = None,
     bias: Tensor | None = None,
     chunk_size: int | None = None,
@@ -479,13 +479,14 @@ def chunked_channels(
     Args:
         hidden: packed student final hidden states ``[N, H]`` (see :func:`pack`).
         weight: the student's ``lm_head`` weight ``[V, H]``; ``bias`` its bias ``[V]``.
-        teacher: the teacher's logits for the same N rows (:class:`TeacherLogits`, e.g.
-            :class:`betakd.teachers.HiddenStateLogits` or
+        teachers: teacher name -> its logits for the same N rows (:class:`TeacherLogits`,
+            e.g. :class:`betakd.teachers.HiddenStateLogits` or
             :class:`betakd.teachers.TopKLogits`); required when ``energies`` is not
-            empty. Several teachers: a mapping of teacher name -> logits.
+            empty.
         energies: name -> energy built with :func:`betakd.energies.get` (options such as
             temperature bound there). All are evaluated on the same chunk logits.
-        energy_teachers: with several teachers, energy name -> the teacher it reads.
+        energy_teachers: energy name -> the teacher it reads (default, with one
+            teacher: that one).
         labels: target ids ``[N]`` for the CE channel (``-100`` rows give 0); None
             skips CE.
         chunk_size: tokens per chunk; default :func:`default_chunk_size` for the device
@@ -504,12 +505,12 @@ def chunked_channels(
     ``bias`` (whichever require grad) and are exact for any upstream weighting.
     """
     energies = dict(energies or {})
-    teachers, energy_teacher = _teachers_of_energies(teacher, energies, energy_teachers)
-    _check_inputs(hidden, weight, teachers, labels)
+    read, energy_teacher = _teachers_of_energies(teachers or {}, energies, energy_teachers)
+    _check_inputs(hidden, weight, read, labels)
     size = chunk_size or default_chunk_size(weight.shape[0], hidden.device, compile)
     if size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    plan = _Plan(teachers, labels, tuple(energies.values()), energy_teacher, size, compile)
+    plan = _Plan(read, labels, tuple(energies.values()), energy_teacher, size, compile)
     needs = (
         hidden.requires_grad,
         weight.requires_grad,
@@ -531,27 +532,27 @@ def chunked_channels(
 
 
 def _teachers_of_energies(
-    teacher: TeacherLogits | Mapping[str, TeacherLogits] | None,
+    teachers: Mapping[str | None, TeacherLogits],
     energies: Mapping[str, EnergyFn],
-    energy_teachers: Mapping[str, str] | None,
+    energy_teachers: Mapping[str, str | None] | None,
 ) -> tuple[tuple[TeacherLogits, ...], tuple[int, ...]]:
     """The teachers the energies read (each once) and, per energy, its teacher's index."""
     if not energies:
         return (), ()
-    if teacher is None:
+    if not teachers:
         raise ValueError("energies need a teacher source")
-    if not isinstance(teacher, Mapping):
-        return (teacher,), (0,) * len(energies)
+    if energy_teachers is None and len(teachers) == 1:
+        energy_teachers = dict.fromkeys(energies, next(iter(teachers)))
     missing = [name for name in energies if name not in (energy_teachers or {})]
     if missing:
         raise ValueError(
             f"with several teachers, energy_teachers must name the teacher of {missing}"
         )
     names = list(dict.fromkeys(energy_teachers[name] for name in energies))
-    unknown = [name for name in names if name not in teacher]
+    unknown = [name for name in names if name not in teachers]
     if unknown:
-        raise ValueError(f"energy_teachers names unknown teachers {unknown}; have {list(teacher)}")
-    return tuple(teacher[n] for n in names), tuple(
+        raise ValueError(f"energy_teachers names unknown teachers {unknown}; have {list(teachers)}")
+    return tuple(teachers[n] for n in names), tuple(
         names.index(energy_teachers[e]) for e in energies
     )
 

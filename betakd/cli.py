@@ -181,19 +181,20 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
         import_easy_vqa()
     except ModuleNotFoundError as err:
         raise click.ClickException(str(err)) from err
+    from functools import partial
+
+    from betakd.demo import cross_tokenizer, on_policy, two_teachers
     from betakd.demo.config import DemoConfigError
-    from betakd.demo.cross_tokenizer import run_cross_tokenizer
     from betakd.demo.feature_channel import run_feature_channel
-    from betakd.demo.on_policy import run_on_policy
     from betakd.demo.run import DemoRunError, run_demo
-    from betakd.demo.two_teachers import run_two_teachers
+    from betakd.demo.scenario import run_scenario
 
     names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
     scenarios = {
-        "two-teachers": run_two_teachers,
-        "on-policy": run_on_policy,
+        "two-teachers": partial(run_scenario, two_teachers.SCENARIO),
+        "on-policy": partial(run_scenario, on_policy.SCENARIO),
         "feature-channel": run_feature_channel,
-        "cross-tokenizer": run_cross_tokenizer,
+        "cross-tokenizer": partial(run_scenario, cross_tokenizer.SCENARIO),
     }
     try:
         if scenario in scenarios:

@@ -499,14 +499,13 @@ class DistillationModule(nn.Module):
         if any(t is None for t in tokens.values()):
             raise ValueError(f"channels {names} need teacher logits")
         head = self.student.get_output_embeddings()
-        single = teacher.members is None
         hidden = aligned.student(out.hidden_states[-1])
         result = chunked.chunked_channels(
             hidden,
             head.weight[: self.vocab_rows],
-            tokens.get(None) if single else tokens,
+            tokens,
             energies={name: self.head.energy_fns[name] for name in names},
-            energy_teachers=None if single else {c.name: c.teacher for c in plain},
+            energy_teachers={c.name: c.teacher for c in plain},
             labels=aligned.token_ids,
             bias=None if head.bias is None else head.bias[: self.vocab_rows],
             chunk_size=self.chunk_size,

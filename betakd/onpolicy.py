@@ -227,21 +227,19 @@ def answered_batch(
     batch: dict,
     answers: Sequence[Tensor],
     student: tuple[FamilyAdapter, int],
-    teachers: tuple | Mapping[str, tuple] | None,
+    teachers: Mapping[str | None, tuple],
 ) -> dict:
-    """A collated KD batch (student rows, the teacher's batch or batches by name, sample
+    """A collated KD batch (student rows, each teacher's batch by name, sample
     metadata) with every row's answer replaced by ``answers``, each side with its own
     image tokens, marked as the student's answers (``student_answers``). ``student`` and
-    each teacher: (adapter, pad token id), and for a teacher of another tokenizer its
-    answer translation (:func:`with_answers`)."""
+    each teacher (by name, None: the single one): (adapter, pad token id), and for a
+    teacher of another tokenizer its answer translation (:func:`with_answers`)."""
     out = with_answers(batch, answers, *student)
-    if isinstance(teachers, Mapping):
+    if teachers:
         out["teacher"] = {
             name: with_answers(batch["teacher"][name], answers, *side)
             for name, side in teachers.items()
         }
-    elif teachers is not None:
-        out["teacher"] = with_answers(batch["teacher"], answers, *teachers)
     out["student_answers"] = True
     return out
 
@@ -292,13 +290,11 @@ class StudentAnswers:
         self.stop_ids = stop_token_ids(student, tokenizer_of(collator.student.processor))
         if not self.stop_ids:
             raise ValueError("the student has no end-of-sequence or pad token to stop answers at")
-        teachers = _named(collator.teacher)
+        teachers = collator.teachers
         encoders = [collator.student, *teachers.values()]
         self.image_token_ids = set().union(*(e.adapter.image_token_ids for e in encoders))
         translators = _answer_translators(collator.student, teachers, self.stop_ids)
-        sides = {name: _side(e, translators.get(name)) for name, e in teachers.items()}
-        # In answered_batch's form: by name with several teachers, else the one or none.
-        self.teacher_sides = sides if isinstance(collator.teacher, Mapping) else sides.get(None)
+        self.teacher_sides = {name: _side(e, translators.get(name)) for name, e in teachers.items()}
 
     def answer(self, inputs: dict, step: int, student, adapter, prepare) -> tuple | None:
         """``(rows, batch)``: the rows of ``inputs`` the policy gives the student at
@@ -335,13 +331,6 @@ class StudentAnswers:
         if generated is None:
             return True
         return not (self.data_optional and generated.rows.numel() == rows)
-
-
-def _named(teacher) -> dict:
-    """The collator's teacher encoders by name (None: the single teacher's)."""
-    if isinstance(teacher, Mapping):
-        return dict(teacher)
-    return {} if teacher is None else {None: teacher}
 
 
 def _side(encoder, translate=None) -> tuple:

@@ -1,19 +1,13 @@
 """BetaKDTrainer: ``transformers.Trainer`` with a frozen teacher and a Beta-KD objective.
 
 Everything around the loss comes from the ecosystem (accelerate, DeepSpeed, FSDP,
-checkpointing, ``report_to``, progress bars). What this subclass adds:
-
-* the loss: the teacher source (asked only for aligned positions and teacher targets,
-  no grad) -> channels -> weighting, normalised by the sample (or token) count of the
-  whole accumulated batch across processes, so accumulation and DDP equal one batch;
-* the weighting and feature adapters in their own optimizer group and learning rate;
-* the units it wires in: :class:`~betakd.calibration.HeadCalibration` (energy scales,
-  reliability fit, start report, before the first step), :class:`~betakd.calibration.
-  RunningEnergyScale` (after every optimizer step), :class:`~betakd.step_metrics.
-  StepMetrics` (averaged into every log line, per sample group too),
-  :class:`~betakd.onpolicy.StudentAnswers` (on-policy and mixed rows) and
-  :mod:`betakd.checkpoints` (a standard student plus the head; resume restores both);
-* a policy for non-finite losses: stop with the step and sample ids, or skip the step.
+checkpointing, ``report_to``, progress bars). This subclass keeps the loss (teacher
+source -> channels -> weighting, normalised by the items of the whole accumulated batch
+across processes, so accumulation and DDP equal one batch), the head's optimizer groups
+and the wiring of its units: :class:`~betakd.calibration.HeadCalibration` and
+``RunningEnergyScale``, :class:`~betakd.step_metrics.StepMetrics`,
+:class:`~betakd.onpolicy.StudentAnswers`, :mod:`betakd.checkpoints` and
+:mod:`betakd.non_finite`.
 """
 
 from __future__ import annotations
@@ -23,16 +17,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from betakd.calibration import HeadCalibration, RunningEnergyScale
+from betakd.callbacks import HeadCallback, TrainerAwareCallback
 from betakd.checkpoints import load_student_and_head, mark_complete, save_student_and_head
 from betakd.distill import DistillationHead, DistillationModule
 from betakd.engines import check_engine
 from betakd.non_finite import NonFiniteLosses
 from betakd.objective import items_in_batch
 from betakd.onpolicy import GeneratedRows, GenerationSettings, PolicyMix, StudentAnswers
-from betakd.schedule import apply_current_lr, restarted_scheduler
+from betakd.schedule import restarted_scheduler
 from betakd.step_metrics import StepMetrics
 from betakd.teachers.protocol import BatchMeta, TeacherSource
 from betakd.teachers.vllm_client import ServedTeacherError
@@ -102,7 +97,7 @@ class BetaKDTrainer(Trainer):
         )
         # First of all callbacks: others (diagnostics, user callbacks) may run the loss in
         # on_train_begin, which needs the fitted reliability and the energy scales.
-        self.callback_handler.callbacks.insert(0, _HeadCallback(self))
+        self.callback_handler.callbacks.insert(0, HeadCallback(self))
         for callback in self.callback_handler.callbacks:
             if isinstance(callback, TrainerAwareCallback):
                 callback.trainer = self
@@ -248,32 +243,3 @@ class BetaKDTrainer(Trainer):
             resume_from_checkpoint, model=module.student
         )
         load_student_and_head(module, Path(resume_from_checkpoint), load_adapter)
-
-
-class TrainerAwareCallback(TrainerCallback):
-    """A callback that needs the trainer itself (set when the trainer is built), e.g.
-    to run extra diagnostic forward passes through :meth:`BetaKDTrainer.loss_inputs`."""
-
-    trainer: BetaKDTrainer | None = None
-
-
-class _HeadCallback(TrainerCallback):
-    """Before the first step: fits the teacher reliability and measures the energy scales
-    (unless a resumed or ``init_from`` head brought them). Before every optimizer step:
-    the scheduled channel gains; after it: the running energy scales."""
-
-    def __init__(self, trainer: BetaKDTrainer) -> None:
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.trainer.calibration.before_training(first_step=state.global_step == 0)
-        # After a checkpoint's optimizer state (and its learning rate) loaded: a run
-        # resumed with another length or a restarted schedule takes the new schedule's
-        # rate from its first step on (unchanged when the schedule is the same).
-        apply_current_lr(self.trainer.lr_scheduler)
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.trainer.head.set_step(state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.running_energy_scale.commit()

@@ -36,7 +36,7 @@ def llava_kd_batch(llava_pair, vqa_data):
     (student_model, student), (teacher_model, teacher) = (setup(p) for p in llava_pair)
     data_file, images = vqa_data
     dataset = build_dataset(data_file, images, [student, teacher])
-    collate = KDCollator(student, teacher, teacher_padding_side="left")
+    collate = KDCollator(student, {None: teacher}, teacher_padding_side="left")
     batch = collate(list(dataset))
     return batch, (student_model, student), (teacher_model, teacher)
 
@@ -47,7 +47,7 @@ def predicted_ids(batch, rows, positions):
 
 def test_answer_positions_line_up_across_image_token_counts(llava_kd_batch):
     batch, (student_model, student), (teacher_model, teacher) = llava_kd_batch
-    teacher_batch = batch["teacher"]
+    teacher_batch = batch["teacher"][None]
     image_id = student.adapter.image_token_id
     s_images = (batch["input_ids"] == image_id).sum(1)
     t_images = (teacher_batch["input_ids"] == image_id).sum(1)
@@ -77,7 +77,7 @@ def test_answer_positions_line_up_across_image_token_counts(llava_kd_batch):
 def test_trained_positions_predict_same_tokens(llava_kd_batch):
     """With teacher and student that copy the target, both argmaxes are the labels."""
     batch, _, _ = llava_kd_batch
-    teacher_batch = batch["teacher"]
+    teacher_batch = batch["teacher"][None]
     aligned = align_positions(batch, teacher_batch)
 
     def oracle_logits(b):
@@ -92,10 +92,10 @@ def test_trained_positions_predict_same_tokens(llava_kd_batch):
 
 def test_include_prompt_adds_text_but_no_image_positions(llava_kd_batch):
     batch, (_, student), (_, teacher) = llava_kd_batch
-    answers_only = align_positions(batch, batch["teacher"])
+    answers_only = align_positions(batch, batch["teacher"][None])
     with_prompt = align_positions(
         batch,
-        batch["teacher"],
+        batch["teacher"][None],
         student_adapter=student.adapter,
         teacher_adapter=teacher.adapter,
         include_prompt=True,
@@ -106,7 +106,7 @@ def test_include_prompt_adds_text_but_no_image_positions(llava_kd_batch):
     rows = with_prompt.batch_index
     assert torch.equal(
         predicted_ids(batch, rows, with_prompt.student_pos),
-        predicted_ids(batch["teacher"], rows, with_prompt.teacher_pos),
+        predicted_ids(batch["teacher"][None], rows, with_prompt.teacher_pos),
     )
 
 
@@ -115,10 +115,10 @@ def test_cross_family_alignment_qwen_student_llava_teacher(tiny_model_dir, vqa_d
     _, teacher = setup(tiny_model_dir("llava", "teacher"))
     data_file, images = vqa_data
     dataset = build_dataset(data_file, images, [student, teacher])
-    batch = KDCollator(student, teacher)(list(dataset))
+    batch = KDCollator(student, {None: teacher})(list(dataset))
     aligned = align_positions(
         batch,
-        batch["teacher"],
+        batch["teacher"][None],
         student_adapter=student.adapter,
         teacher_adapter=teacher.adapter,
         include_prompt=True,
@@ -126,13 +126,13 @@ def test_cross_family_alignment_qwen_student_llava_teacher(tiny_model_dir, vqa_d
     rows = aligned.batch_index
     assert torch.equal(
         predicted_ids(batch, rows, aligned.student_pos),
-        predicted_ids(batch["teacher"], rows, aligned.teacher_pos),
+        predicted_ids(batch["teacher"][None], rows, aligned.teacher_pos),
     )
 
 
 def test_mismatched_tokens_name_the_sample(llava_kd_batch):
     batch, _, _ = llava_kd_batch
-    teacher_batch = dict(batch["teacher"])
+    teacher_batch = dict(batch["teacher"][None])
     labels = teacher_batch["labels"].clone()
     answer = (labels[2] != IGNORE_INDEX).nonzero()[0]
     teacher_batch["input_ids"] = teacher_batch["input_ids"].clone()
@@ -152,10 +152,12 @@ def test_truncated_side_aligns_common_prefix(llava_files, llava_pair, tmp_path):
     teacher = SampleEncoder(
         load_processor(llava_pair[1]), get_adapter(load_model(llava_pair[1]), None), 100
     )
-    batch = KDCollator(student, teacher)(list(build_dataset(data, tmp_path, [student, teacher])))
-    aligned = align_positions(batch, batch["teacher"])
+    batch = KDCollator(student, {None: teacher})(
+        list(build_dataset(data, tmp_path, [student, teacher]))
+    )
+    aligned = align_positions(batch, batch["teacher"][None])
     s_count = int((batch["labels"] != IGNORE_INDEX).sum())
-    t_count = int((batch["teacher"]["labels"] != IGNORE_INDEX).sum())
+    t_count = int((batch["teacher"][None]["labels"] != IGNORE_INDEX).sum())
     assert len(aligned) == min(s_count, t_count) and s_count != t_count
 
 
@@ -205,7 +207,7 @@ def test_visual_tokens_from_models_pool_to_smaller_grid(llava_kd_batch):
     counts = batch["image_counts"].tolist()
     s_out = student_model(**forward_inputs(batch, student.adapter))
     with torch.no_grad():
-        t_out = teacher_model(**forward_inputs(batch["teacher"], teacher.adapter))
+        t_out = teacher_model(**forward_inputs(batch["teacher"][None], teacher.adapter))
     s_vis = student.adapter.visual_tokens(s_out, counts)
     t_vis = teacher.adapter.visual_tokens(t_out, counts)
     assert s_vis[0].shape == (16, 32) and t_vis[0].shape == (64, 64)
@@ -262,14 +264,14 @@ def test_one_kd_step_end_to_end(llava_pair, vqa_data):
     teacher = SampleEncoder(t_proc, get_adapter(teacher_model, t_proc), max_length=128)
     data_file, images = vqa_data
     dataset = build_dataset(data_file, images, {"student": student, "teacher": teacher})
-    batch = KDCollator(student, teacher)(list(dataset)[:4])
+    batch = KDCollator(student, {None: teacher})(list(dataset)[:4])
 
     s_out = student_model(**forward_inputs(batch, student.adapter))
     with torch.no_grad():
         # The model casts float32 pixel values to its own dtype.
-        t_inputs = forward_inputs(batch["teacher"], teacher.adapter)
+        t_inputs = forward_inputs(batch["teacher"][None], teacher.adapter)
         t_out = teacher_model(**t_inputs, output_hidden_states=True)
-    aligned = align_positions(batch, batch["teacher"], sample_ids=batch["sample_ids"])
+    aligned = align_positions(batch, batch["teacher"][None], sample_ids=batch["sample_ids"])
 
     s_logits = aligned.student(s_out.logits).float()
     t_logits = aligned.teacher(t_out.logits).float()
@@ -318,12 +320,12 @@ def test_kd_step_on_cuda_with_bf16_teacher(llava_pair, vqa_data):
     teacher = SampleEncoder(t_proc, get_adapter(teacher_model, t_proc))
     data_file, images = vqa_data
     dataset = build_dataset(data_file, images, [student, teacher])
-    batch = KDCollator(student, teacher, teacher_padding_side="left")(list(dataset))
+    batch = KDCollator(student, {None: teacher}, teacher_padding_side="left")(list(dataset))
 
     def to_device(b):
         return {k: v.to(device) for k, v in b.items() if isinstance(v, torch.Tensor)}
 
-    s_batch, t_batch = to_device(batch), to_device(batch["teacher"])
+    s_batch, t_batch = to_device(batch), to_device(batch["teacher"][None])
     s_out = student_model(**forward_inputs(s_batch, student.adapter))
     with torch.no_grad():
         t_out = teacher_model(**forward_inputs(t_batch, teacher.adapter), output_hidden_states=True)

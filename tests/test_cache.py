@@ -265,7 +265,7 @@ def test_cached_teacher_serves_aligned_dense_targets(written, llava_pair):
     side = cached_side(cfg.validate(raw), llava_pair[0])
     teacher = side.source
     assert side.visual_dims == {None: 64} and side.representation_dim == 64
-    assert side.encoder is None
+    assert side.encoders == {} and side.members == {None: side.source}
     processor, model, adapter = teacher_parts(llava_pair[0])
     encoder = SampleEncoder(processor, adapter, config.data.max_length)
     dataset = build_dataset(config.data.train_file, config.data.image_folder, [encoder])

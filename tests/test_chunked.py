@@ -56,7 +56,7 @@ def chunked_values(case, fn, chunk_size, compile=False, single_pass=False):
     out = chunked.chunked_channels(
         case["hidden"],
         case["weight"],
-        teacher,
+        {None: teacher},
         energies={"kd": fn},
         labels=case["labels"],
         bias=case["bias"],
@@ -193,7 +193,7 @@ def test_several_energies_share_one_pass_and_only_needed_grads_are_built():
     out = chunked.chunked_channels(
         case["hidden"],
         case["weight"],
-        HiddenStateLogits(case["t_hidden"], case["t_weight"]),
+        {None: HiddenStateLogits(case["t_hidden"], case["t_weight"])},
         energies=fns,
         bias=case["bias"],
         chunk_size=9,
@@ -251,7 +251,7 @@ def test_end_to_end_per_sample_from_batched_hidden_states():
     out = chunked.chunked_channels(
         student.hidden,
         weight,
-        HiddenStateLogits(teacher.hidden, t_weight),
+        {None: HiddenStateLogits(teacher.hidden, t_weight)},
         energies={"fkl": energies.get("fkl")},
         labels=targets[mask],
         chunk_size=4,
@@ -302,7 +302,7 @@ def test_topk_with_full_vocabulary_equals_dense_teacher(single_pass):
             out = chunked.chunked_channels(
                 case["hidden"],
                 case["weight"],
-                teacher,
+                {None: teacher},
                 energies={"kd": fn},
                 labels=case["labels"],
                 bias=case["bias"],
@@ -399,10 +399,10 @@ def test_input_errors_are_clear():
         chunked.chunked_channels(case["hidden"], case["weight"])
     short = HiddenStateLogits(case["t_hidden"][:5], case["t_weight"])
     with pytest.raises(ValueError, match="align the answer tokens"):
-        chunked.chunked_channels(case["hidden"], case["weight"], short, energies=fn)
+        chunked.chunked_channels(case["hidden"], case["weight"], {None: short}, energies=fn)
     small = HiddenStateLogits(case["t_hidden"], case["t_weight"][:10])
     with pytest.raises(ValueError, match="fewer than"):
-        chunked.chunked_channels(case["hidden"], case["weight"], small, energies=fn)
+        chunked.chunked_channels(case["hidden"], case["weight"], {None: small}, energies=fn)
     with pytest.raises(ValueError, match="must lie in"):
         dense_from_topk(torch.zeros(1, 2), torch.tensor([[0, V]]), torch.zeros(1), V)
     with pytest.raises(ValueError, match="upstream must have shape"):
@@ -477,7 +477,15 @@ def test_energies_of_two_teachers_read_each_its_own_logits(single_pass):
 
 def test_several_teachers_need_each_energys_teacher():
     case = make_case()
-    teachers = {"big": HiddenStateLogits(case["t_hidden"], case["t_weight"])}
+    big = HiddenStateLogits(case["t_hidden"], case["t_weight"])
+    fkl = {"kd": energies.get("fkl")}
+    # One teacher: every energy reads it, named or not.
+    alone = chunked.chunked_channels(case["hidden"], case["weight"], {"big": big}, energies=fkl)
+    named = chunked.chunked_channels(
+        case["hidden"], case["weight"], {"big": big}, energies=fkl, energy_teachers={"kd": "big"}
+    )
+    torch.testing.assert_close(alone.energies["kd"], named.energies["kd"], rtol=0, atol=0)
+    teachers = {"big": big, "small": HiddenStateLogits(case["t_hidden"] * 0.5, case["t_weight"])}
     with pytest.raises(ValueError, match=r"energy_teachers must name the teacher of \['kd'\]"):
         chunked.chunked_channels(
             case["hidden"], case["weight"], teachers, energies={"kd": energies.get("fkl")}

@@ -219,18 +219,18 @@ def test_teacher_and_student_batches_differ_in_image_tokens(llava_pair, vqa_data
     student, teacher = (encoder_for(p) for p in llava_pair)
     data_file, images = vqa_data
     dataset = build_dataset(data_file, images, {"student": student, "teacher": teacher})
-    collate = KDCollator(student, teacher, teacher_padding_side="left")
+    collate = KDCollator(student, {None: teacher}, teacher_padding_side="left")
     batch = collate([dataset[i] for i in range(4)])
     image_id = student.adapter.image_token_id
     assert (batch["input_ids"][0] == image_id).sum() == 16
-    assert (batch["teacher"]["input_ids"][0] == image_id).sum() == 64
+    assert (batch["teacher"][None]["input_ids"][0] == image_id).sum() == 64
     assert batch["sample_ids"] == ["s0", "s1", "s2", "s3"]
     assert batch["sample_index"].tolist() == [0, 1, 2, 3]
     assert batch["image_counts"].tolist() == [1, 1, 1, 1]
     # Left padding: the last column is real for every teacher row.
-    assert batch["teacher"]["attention_mask"][:, -1].all()
+    assert batch["teacher"][None]["attention_mask"][:, -1].all()
     for row in range(4):
-        assert answer_text(batch, student, row) == answer_text(batch["teacher"], teacher, row)
+        assert answer_text(batch, student, row) == answer_text(batch["teacher"][None], teacher, row)
 
 
 def test_skip_report_enforce_messages():

@@ -397,7 +397,7 @@ def test_two_teachers_score_the_students_own_answers(trio, vqa_data, tmp_path):
     collator = trainer.data_collator
     batch = collator(list(trainer.train_dataset)[:4])
     answers = [batch["input_ids"][r][supervised(batch["labels"][r])] for r in range(4)]
-    sides = {n: (e.adapter, e.pad_token_id) for n, e in collator.teacher.items()}
+    sides = {n: (e.adapter, e.pad_token_id) for n, e in collator.teachers.items()}
     student = (collator.student.adapter, collator.student.pad_token_id)
     answered = answered_batch(batch, answers, student, sides)
     generated = GeneratedRows(torch.arange(4), *trainer.loss_inputs(answered))

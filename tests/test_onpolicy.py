@@ -21,7 +21,7 @@ def kd_batch(llava_pair, vqa_data):
     encoders = [SampleEncoder(m.processor, m.adapter) for m in (student, teacher)]
     data_file, images = vqa_data
     dataset = build_dataset(data_file, images, encoders)
-    batch = KDCollator(*encoders, teacher_padding_side="left")(list(dataset))
+    batch = KDCollator(encoders[0], {None: encoders[1]}, teacher_padding_side="left")(list(dataset))
     return batch, student, teacher, encoders
 
 
@@ -115,8 +115,10 @@ def test_answers_replace_the_data_answers_in_both_batches(kd_batch):
     batch, student, teacher, encoders = kd_batch
     answers = [torch.tensor([300 + row, 301, 302][: 1 + row % 3]) for row in range(6)]
     s_batch = with_answers(batch, answers, student.adapter, encoders[0].pad_token_id)
-    t_batch = with_answers(batch["teacher"], answers, teacher.adapter, encoders[1].pad_token_id)
-    for out, original in ((s_batch, batch), (t_batch, batch["teacher"])):
+    t_batch = with_answers(
+        batch["teacher"][None], answers, teacher.adapter, encoders[1].pad_token_id
+    )
+    for out, original in ((s_batch, batch), (t_batch, batch["teacher"][None])):
         prompts = prompt_tokens(original)
         for row, answer in enumerate(answers):
             n, m = prompts[row].numel(), answer.numel()

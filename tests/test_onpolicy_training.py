@@ -31,7 +31,7 @@ def sides(trainer):
     collator = trainer.data_collator
     return (
         (collator.student.adapter, collator.student.pad_token_id),
-        (collator.teacher.adapter, collator.teacher.pad_token_id),
+        {name: (e.adapter, e.pad_token_id) for name, e in collator.teachers.items()},
     )
 
 
@@ -157,7 +157,9 @@ def test_energies_on_student_answers_match_scoring_them_by_hand(ce, llava_pair, 
     teacher = trainer.teacher.model
     for row, answer in enumerate(answers):
         s = by_hand(module.student, module.adapter, batch, row, answer, module.vocab_rows)
-        t = by_hand(teacher, trainer.teacher.adapter, batch["teacher"], row, answer, s.shape[1])
+        t = by_hand(
+            teacher, trainer.teacher.adapter, batch["teacher"][None], row, answer, s.shape[1]
+        )
         p_s, p_t = s.softmax(-1), t.softmax(-1)
         expected = (1 - F.cosine_similarity(p_s, p_t, dim=-1)).mean()
         torch.testing.assert_close(out.energies[row, 1], expected, rtol=1e-4, atol=1e-6)
@@ -335,7 +337,8 @@ def test_the_answer_pass_reuses_the_data_pass_image_encoding(
     answers = [torch.tensor([11 + row, 12, 13][: 1 + row % 3]) for row in range(4)]
     answered = answered_batch(batch, answers, *sides(trainer))
     # The same pixels in other tensors: each pass encodes them again.
-    teacher = dict(answered["teacher"], pixel_values=answered["teacher"]["pixel_values"].clone())
+    own = answered["teacher"][None]
+    teacher = {None: dict(own, pixel_values=own["pixel_values"].clone())}
     twice = dict(answered, pixel_values=answered["pixel_values"].clone(), teacher=teacher)
     num_items = trainer.num_items([batch], torch.device("cpu"))
     calls, teacher_calls = [], []

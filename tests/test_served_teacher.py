@@ -114,8 +114,8 @@ def batch_of(trainer, answers=None):
     batch = first_batch(trainer)
     if answers is None:
         return batch
-    student, teacher = trainer.data_collator.student, trainer.data_collator.teacher
-    teachers = None if teacher is None else (teacher.adapter, teacher.pad_token_id)
+    student, encoders = trainer.data_collator.student, trainer.data_collator.teachers
+    teachers = {name: (e.adapter, e.pad_token_id) for name, e in encoders.items()}
     return answered_batch(batch, answers, (student.adapter, student.pad_token_id), teachers)
 
 

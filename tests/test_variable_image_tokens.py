@@ -44,7 +44,7 @@ def split_pair(request, tiny_model_dir):
 
 def image_token_counts(trainer, batch, key=None):
     adapter = trainer.distillation_module.adapter
-    ids = batch["input_ids"] if key is None else batch[key]["input_ids"]
+    ids = batch["input_ids"] if key is None else batch[key][None]["input_ids"]
     return (ids == adapter.image_token_id).sum(dim=1).tolist()
 
 

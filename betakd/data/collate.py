@@ -45,8 +45,8 @@ class KDCollator:
     """Collates raw conversations into a student batch and, optionally, a teacher batch.
 
     Output: the student's model inputs and `labels` at the top level (so the
-    Trainer sees them), the teacher's under "teacher" (several teachers: a dict of
-    batches by teacher name), and per-sample metadata: `sample_index` (row in the data
+    Trainer sees them), each teacher's batch under "teacher", by teacher name (None:
+    the single teacher; absent without teacher encoders), and per-sample metadata: `sample_index` (row in the data
     file), `sample_ids` and `image_counts`.
 
     ``on_collate(conversations, batch)``, when given, hears of every batch the data
@@ -58,14 +58,14 @@ class KDCollator:
     def __init__(
         self,
         student: SampleEncoder,
-        teacher: SampleEncoder | Mapping[str, SampleEncoder] | None = None,
+        teachers: Mapping[str | None, SampleEncoder] | None = None,
         *,
         student_padding_side: str = "right",
         teacher_padding_side: str = "right",
         on_collate: Callable[[Sequence[Conversation], dict], None] | None = None,
     ):
         self.student = student
-        self.teacher = teacher
+        self.teachers = dict(teachers or {})
         self.student_padding_side = student_padding_side
         self.teacher_padding_side = teacher_padding_side
         self.on_collate = on_collate
@@ -95,13 +95,11 @@ class KDCollator:
     def collate(self, conversations: Sequence[Conversation], *, announce: bool = True) -> dict:
         encoded = self._encode_all(self.student, conversations)
         batch = pad_encoded(encoded, self.student, self.student_padding_side)
-        if isinstance(self.teacher, Mapping):
+        if self.teachers:
             batch["teacher"] = {
                 name: self._teacher_batch(encoder, conversations)
-                for name, encoder in self.teacher.items()
+                for name, encoder in self.teachers.items()
             }
-        elif self.teacher is not None:
-            batch["teacher"] = self._teacher_batch(self.teacher, conversations)
         batch["sample_index"] = torch.tensor([c.index for c in conversations], dtype=torch.long)
         batch["sample_ids"] = [c.id for c in conversations]
         batch["image_counts"] = image_counts(encoded)

@@ -29,7 +29,7 @@ from betakd.demo.on_policy import (
     job_name,
     run_job,
 )
-from betakd.demo.scenario import Context, Prepared, Scenario, run_scenario
+from betakd.demo.scenario import Context, Prepared, Scenario
 from betakd.demo.strategies import catalogue
 from betakd.demo.teacher import teacher_info
 
@@ -232,17 +232,3 @@ SCENARIO = Scenario(
     job_name=job_name,
     write_report=write_report,
 )
-
-
-def run_cross_tokenizer(
-    output_dir: str | Path = SCENARIO.output_dir,
-    *,
-    quick: bool = False,
-    seeds=None,
-    overrides=(),
-    jobs: int | None = None,
-) -> dict:
-    """Run the scenario for every seed; write results.json, report.md and a plot."""
-    return run_scenario(
-        SCENARIO, output_dir, quick=quick, seeds=seeds, overrides=overrides, jobs=jobs
-    )

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from betakd.trainer import TrainerAwareCallback
+from betakd.callbacks import TrainerAwareCallback
 
 
 class SliceGradients(TrainerAwareCallback):

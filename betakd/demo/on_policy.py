@@ -27,7 +27,7 @@ from betakd.demo.config import DemoConfig
 from betakd.demo.easyvqa_data import DemoData
 from betakd.demo.evaluation import predict
 from betakd.demo.run import prepare_worker, train_config, train_logged
-from betakd.demo.scenario import Context, DemoSettings, Prepared, Scenario, run_scenario
+from betakd.demo.scenario import Context, DemoSettings, Prepared, Scenario
 from betakd.demo.strategies import Strategy, catalogue
 from betakd.demo.teacher import teacher_info
 from betakd.eval.normalize import normalize_answer
@@ -375,17 +375,3 @@ SCENARIO = Scenario(
     job_name=job_name,
     write_report=write_report,
 )
-
-
-def run_on_policy(
-    output_dir: str | Path = SCENARIO.output_dir,
-    *,
-    quick: bool = False,
-    seeds=None,
-    overrides=(),
-    jobs: int | None = None,
-) -> dict:
-    """Run the scenario for every seed; write results.json, report.md and a plot."""
-    return run_scenario(
-        SCENARIO, output_dir, quick=quick, seeds=seeds, overrides=overrides, jobs=jobs
-    )

@@ -50,7 +50,7 @@ from betakd.demo.run import (
     train_logged,
     training_block,
 )
-from betakd.demo.scenario import Context, DemoSettings, Prepared, Scenario, run_scenario
+from betakd.demo.scenario import Context, DemoSettings, Prepared, Scenario
 from betakd.demo.strategies import catalogue
 from betakd.demo.teacher import teacher_info
 
@@ -500,17 +500,3 @@ SCENARIO = Scenario(
     job_name=job_name,
     write_report=write_report,
 )
-
-
-def run_two_teachers(
-    output_dir: str | Path = SCENARIO.output_dir,
-    *,
-    quick: bool = False,
-    seeds=None,
-    overrides=(),
-    jobs: int | None = None,
-) -> dict:
-    """Run the scenario for every seed; write results.json, report.md and a plot."""
-    return run_scenario(
-        SCENARIO, output_dir, quick=quick, seeds=seeds, overrides=overrides, jobs=jobs
-    )

@@ -33,10 +33,12 @@ logger = logging.getLogger(__name__)
 class TeacherSide:
     """What the recipe builds for the teachers, whichever their sources."""
 
-    source: TeacherSource
-    # The teacher's encoder (several teachers: by name, online ones only); None when no
-    # teacher batch is built (a cache).
-    encoder: SampleEncoder | dict[str, SampleEncoder] | None
+    source: TeacherSource  # several teachers: their ensemble
+    # Each teacher's own source by name (None: the single teacher).
+    members: dict[str | None, TeacherSource]
+    # Each teacher's encoder by name, online teachers only (a cache or a server needs
+    # no teacher batch).
+    encoders: dict[str | None, SampleEncoder]
     vocab_rows: int  # the shared vocabulary (logit columns beyond it are padding)
     visual_dims: dict[str | None, int | None]  # per teacher (None: the single teacher)
     representation_dim: int
@@ -55,10 +57,11 @@ def build_teacher(
         return sides[None]
     sources = config.representation_sources() if weighting_representation(config) else []
     representation_from = [name for name in sources if name != cfg.STUDENT]
-    encoders = {name: side.encoder for name, side in sides.items() if side.encoder is not None}
+    members = {name: side.source for name, side in sides.items()}
     return TeacherSide(
-        source=TeacherEnsemble({n: side.source for n, side in sides.items()}, representation_from),
-        encoder=encoders or None,
+        source=TeacherEnsemble(members, representation_from),
+        members=members,
+        encoders={name: e for side in sides.values() for name, e in side.encoders.items()},
         vocab_rows=min(side.vocab_rows for side in sides.values()),
         visual_dims={name: side.visual_dims[name] for name, side in sides.items()},
         representation_dim=sum(sides[n].representation_dim for n in representation_from),
@@ -76,11 +79,6 @@ def _teacher_of_plan(
     if plan.settings.source == "served":
         return _served_teacher(config, plan, student)
     return _online_teacher(config, plan, student, data_cache)
-
-
-def sources_of(source: TeacherSource) -> list[TeacherSource]:
-    """The single sources behind ``source`` (the members of an ensemble)."""
-    return list(source.members.values()) if isinstance(source, TeacherEnsemble) else [source]
 
 
 def weighting_representation(config: cfg.TrainConfig) -> str | None:
@@ -149,11 +147,11 @@ def _online_teacher(
     else:
         vocab = models.vocab_rows(student.processor, student.model)
         source = _text_aligned_teacher(config, plan, teacher, student, vocab)
+    encoder = SampleEncoder(teacher.processor, teacher.adapter, config.data.max_length, data_cache)
     return TeacherSide(
         source=source,
-        encoder=SampleEncoder(
-            teacher.processor, teacher.adapter, config.data.max_length, data_cache
-        ),
+        members={plan.name: source},
+        encoders={plan.name: encoder},
         vocab_rows=vocab,
         visual_dims={plan.name: teacher.visual_width},
         representation_dim=representation_dim(
@@ -275,7 +273,8 @@ def _cached_teacher(
         source = _aligned_by_text(config, plan, source, student.processor, processor, vocab)
     return TeacherSide(
         source=source,
-        encoder=None,
+        members={plan.name: source},
+        encoders={},
         vocab_rows=vocab,
         visual_dims={plan.name: cache.teacher_visual_dim},
         representation_dim=cache.representation_dim or 1,
@@ -290,7 +289,8 @@ def _served_teacher(
     source = served_source(config, plan, student.processor, student.adapter, vocab)
     return TeacherSide(
         source=source,
-        encoder=None,
+        members={plan.name: source},
+        encoders={},
         vocab_rows=vocab,
         visual_dims={plan.name: None},
         representation_dim=2 if source.representation else 1,

@@ -333,7 +333,7 @@ class _Summariser:
         meta = BatchMeta.pop_from(batch)
         # The batch is the teacher's own encoding: it is the source's student batch and
         # its teacher batch at once, so the aligned tokens are its answer tokens in order.
-        meta.teacher_batch = batch
+        meta.teacher_batches = {None: batch}
         aligned, targets = self.teacher.source(batch, meta)
         top = self._topk(targets.tokens) if self.teacher.contents.logits else None
         records = []

@@ -54,9 +54,8 @@ class TeacherEnsemble:
     def __call__(
         self, student_batch: dict, meta: BatchMeta
     ) -> tuple[AlignedPositions, TeacherTargets]:
-        batches = meta.teacher_batch or {}
         results = {
-            name: source(student_batch, dataclasses.replace(meta, teacher_batch=batches.get(name)))
+            name: source(student_batch, self._member_meta(meta, name))
             for name, source in self.members.items()
         }
         (first_name, (aligned, _)), *others = results.items()
@@ -64,6 +63,13 @@ class TeacherEnsemble:
             check_same_student_positions((first_name, aligned), (name, other), meta.sample_ids)
         targets = {name: member for name, (_, member) in results.items()}
         return aligned, TeacherTargets(None, None, self._representation(targets), targets)
+
+    @staticmethod
+    def _member_meta(meta: BatchMeta, name: str) -> BatchMeta:
+        """What a member sees: the batch metadata with its own encoding as the single
+        teacher's (each member is a single source)."""
+        own = meta.teacher_batches.get(name)
+        return dataclasses.replace(meta, teacher_batches={} if own is None else {None: own})
 
     def _representation(self, targets: Mapping[str, TeacherTargets]) -> torch.Tensor | None:
         if not self.representation_from:

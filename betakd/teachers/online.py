@@ -156,7 +156,7 @@ def _teacher_batch(meta: BatchMeta) -> tuple[dict, list[int]]:
     if meta.teacher_batch is None:
         raise ValueError(
             "the online teacher needs the teacher's batch: collate with the teacher's "
-            "encoder (KDCollator(student, teacher))"
+            "encoder (KDCollator(student, {None: teacher}))"
         )
     counts = meta.teacher_batch.get("image_counts")
     return meta.teacher_batch, meta.image_counts if counts is None else counts.tolist()

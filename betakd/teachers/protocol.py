@@ -17,7 +17,7 @@ Everything a source returns is detached: the teacher never receives gradients.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from torch import Tensor
@@ -64,12 +64,17 @@ class BatchMeta:
     sample_ids: Sequence[str]
     sample_index: Tensor  # [B] rows in the data file
     image_counts: list[int]
-    # The teacher's own encoding, when the collator made one; with several teachers, a
-    # dict of them by teacher name.
-    teacher_batch: dict | None = None
+    # Each teacher's own encoding by teacher name (None: the single teacher), when the
+    # collator made them; an ensemble hands each member its own as the single one.
+    teacher_batches: dict = field(default_factory=dict)
     # The rows carry the student's own answers (on-policy), not the data's: a source
     # that reads the data's conversations (a served teacher) scores these instead.
     student_answers: bool = False
+
+    @property
+    def teacher_batch(self) -> dict | None:
+        """The single teacher's own encoding (an ensemble member's: its own), if made."""
+        return self.teacher_batches.get(None)
 
     @classmethod
     def pop_from(cls, inputs: dict) -> BatchMeta:
@@ -78,7 +83,7 @@ class BatchMeta:
             sample_ids=inputs.pop("sample_ids"),
             sample_index=inputs.pop("sample_index"),
             image_counts=inputs.pop("image_counts").tolist(),
-            teacher_batch=inputs.pop("teacher", None),
+            teacher_batches=inputs.pop("teacher", {}),
             student_answers=inputs.pop("student_answers", False),
         )
 
