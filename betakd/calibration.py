@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -146,6 +148,7 @@ def in_data_order(dataset, collate: Callable, samples: int, batch_size: int) -> 
         yield collate([dataset[i] for i in range(start, min(n, start + batch_size))])
 
 
+@dataclass(kw_only=True)
 class HeadCalibration:
     """The measurements above for one run, on its training data and models.
 
@@ -157,28 +160,15 @@ class HeadCalibration:
     reliability.
     """
 
-    def __init__(
-        self,
-        *,
-        model: Callable[[], torch.nn.Module],
-        module,
-        loss_inputs: Callable[[dict], tuple],
-        dataset,
-        collate: Callable,
-        batch_size: int,
-        calibration_samples: int,
-        reliability_samples: int,
-        show_progress: bool = True,
-    ) -> None:
-        self.model = model
-        self.module = module
-        self.loss_inputs = loss_inputs
-        self.dataset = dataset
-        self.collate = collate
-        self.batch_size = batch_size
-        self.calibration_samples = calibration_samples
-        self.reliability_samples = reliability_samples
-        self.show_progress = show_progress
+    model: Callable[[], torch.nn.Module]
+    module: Any  # betakd.distill.DistillationModule
+    loss_inputs: Callable[[dict], tuple]
+    dataset: Any
+    collate: Callable
+    batch_size: int
+    calibration_samples: int
+    reliability_samples: int
+    show_progress: bool = True
 
     @property
     def weighting(self) -> Weighting:

@@ -51,8 +51,9 @@ def dense_values(case, fn):
     return ce, fn(logits, teacher)
 
 
-def chunked_values(case, fn, chunk_size, compile=False, single_pass=False):
-    teacher = HiddenStateLogits(case["t_hidden"], case["t_weight"])
+def chunked_values(case, fn, chunk_size, compile=False, single_pass=False, teacher=None):
+    """CE and the energy ``fn`` chunked (default teacher: the case's hidden states)."""
+    teacher = teacher or HiddenStateLogits(case["t_hidden"], case["t_weight"])
     out = chunked.chunked_channels(
         case["hidden"],
         case["weight"],
@@ -299,17 +300,7 @@ def test_topk_with_full_vocabulary_equals_dense_teacher(single_pass):
         sparse_teacher = TopKLogits(top, ids, tail, V)
 
         def compute(fn=fn, teacher=sparse_teacher):
-            out = chunked.chunked_channels(
-                case["hidden"],
-                case["weight"],
-                {None: teacher},
-                energies={"kd": fn},
-                labels=case["labels"],
-                bias=case["bias"],
-                chunk_size=11,
-                upstream=upstream_weights(case) if single_pass else None,
-            )
-            return out.ce, out.energies["kd"]
+            return chunked_values(case, fn, 11, single_pass=single_pass, teacher=teacher)
 
         sparse = values_and_grads(case, compute)
         torch.testing.assert_close(sparse[1], dense[1], rtol=1e-5, atol=1e-6)

@@ -23,10 +23,10 @@ from betakd.demo.evaluation import predict
 from betakd.demo.on_policy import (
     ACCURACY_KEYS,
     SENTENCE_COLUMNS,
-    PolicyJob,
     PolicyRun,
     accuracy,
     job_name,
+    policy_jobs,
     run_job,
 )
 from betakd.demo.scenario import Context, Prepared, Scenario
@@ -102,12 +102,7 @@ def prepare(context: Context) -> Prepared:
         )
         for name, path in teachers.items()
     }
-    jobs = [
-        PolicyJob(run, seed, config, settings, context.inits[seed], teachers, data, context.out,
-                  tests)
-        for seed in settings.seeds
-        for run in context.runs
-    ]  # fmt: skip
+    jobs = policy_jobs(context)
     entries = {
         "design": asdict(config.cross_tokenizer),
         "runs_catalogue": [
@@ -220,15 +215,8 @@ def write_report(results: dict, out: Path) -> Path:
 
 # ----------------------------------------------------------------------------- the scenario
 
-SCENARIO = Scenario(
-    name="cross-tokenizer",
-    output_dir="betakd-demo-cross-tokenizer",
-    seeds=lambda config: config.cross_tokenizer.seeds,
-    runs=scenario_runs,
-    configure=scenario_config,
-    teachers=teacher_designs,
-    prepare=prepare,
-    run_job=run_job,
-    job_name=job_name,
-    write_report=write_report,
-)
+SCENARIO = Scenario(  # name, output folder, seeds, runs, prepare, run, job name, report
+    "cross-tokenizer", "betakd-demo-cross-tokenizer", lambda config: config.cross_tokenizer.seeds,
+    scenario_runs, prepare, run_job, job_name, write_report,
+    configure=scenario_config, teachers=teacher_designs,
+)  # fmt: skip

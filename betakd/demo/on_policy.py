@@ -205,6 +205,16 @@ def job_name(job: PolicyJob) -> str:
 # ----------------------------------------------------------------------------- the scenario
 
 
+def policy_jobs(context: Context) -> list[PolicyJob]:
+    """A job per seed and run (seeds outer), with every teacher of the scenario."""
+    return [
+        PolicyJob(run, seed, context.config, context.settings, context.inits[seed],
+                  dict(context.teachers), context.data, context.out, context.tests)
+        for seed in context.settings.seeds
+        for run in context.runs
+    ]  # fmt: skip
+
+
 def prepare(context: Context) -> Prepared:
     """The teacher's answers to the test questions (scored, and a few as examples) and a
     job per run and seed."""
@@ -214,12 +224,7 @@ def prepare(context: Context) -> Prepared:
         teacher, tests, data.image_folder, settings.eval_batch_size,
         max_new_tokens=config.on_policy.max_new_tokens,
     )  # fmt: skip
-    jobs = [
-        PolicyJob(run, seed, config, settings, context.inits[seed], dict(context.teachers), data,
-                  context.out, tests)
-        for seed in settings.seeds
-        for run in context.runs
-    ]  # fmt: skip
+    jobs = policy_jobs(context)
     entries = {
         "design": asdict(config.on_policy),
         "runs_catalogue": [
@@ -364,14 +369,8 @@ def write_report(results: dict, out: Path) -> Path:
     return report.save_report(out, lines)
 
 
-SCENARIO = Scenario(
-    name="on-policy",
-    output_dir="betakd-demo-on-policy",
-    seeds=lambda config: config.on_policy.seeds,
-    runs=scenario_runs,
+SCENARIO = Scenario(  # name, output folder, seeds, runs, prepare, run, job name, report
+    "on-policy", "betakd-demo-on-policy", lambda config: config.on_policy.seeds,
+    scenario_runs, prepare, run_job, job_name, write_report,
     configure=scenario_config,
-    prepare=prepare,
-    run_job=run_job,
-    job_name=job_name,
-    write_report=write_report,
-)
+)  # fmt: skip

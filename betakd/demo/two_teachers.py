@@ -489,14 +489,8 @@ def write_report(results: dict, out: Path) -> Path:
 
 # ----------------------------------------------------------------------------- the scenario
 
-SCENARIO = Scenario(
-    name="two-teachers",
-    output_dir="betakd-demo-two-teachers",
-    seeds=lambda config: config.two_teachers.seeds,
-    runs=scenario_runs,
+SCENARIO = Scenario(  # name, output folder, seeds, runs, prepare, run, job name, report
+    "two-teachers", "betakd-demo-two-teachers", lambda config: config.two_teachers.seeds,
+    scenario_runs, prepare, run_job, job_name, write_report,
     teachers=teacher_designs,
-    prepare=prepare,
-    run_job=run_job,
-    job_name=job_name,
-    write_report=write_report,
-)
+)  # fmt: skip

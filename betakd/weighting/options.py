@@ -20,7 +20,14 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 from typing_extensions import Self
 
@@ -127,18 +134,12 @@ class TrustOptions(Options):
             return ()
         return (value,) if isinstance(value, str) else value
 
-    @field_validator("reference", mode="before")
+    @field_validator("reference", "kind", mode="before")
     @classmethod
-    def _known_reference(cls, value: Any) -> Any:
-        if value not in TRUST_REFERENCES:
-            raise ValueError(f"trust reference must be one of {TRUST_REFERENCES}, got {value!r}")
-        return value
-
-    @field_validator("kind", mode="before")
-    @classmethod
-    def _known_kind(cls, value: Any) -> Any:
-        if value not in TRUST_KINDS:
-            raise ValueError(f"trust kind must be one of {TRUST_KINDS}, got {value!r}")
+    def _known_value(cls, value: Any, info: ValidationInfo) -> Any:
+        allowed = {"reference": TRUST_REFERENCES, "kind": TRUST_KINDS}[info.field_name]
+        if value not in allowed:
+            raise ValueError(f"trust {info.field_name} must be one of {allowed}, got {value!r}")
         return value
 
     @model_validator(mode="after")
