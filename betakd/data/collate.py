@@ -47,7 +47,8 @@ class KDCollator:
     Output: the student's model inputs and `labels` at the top level (so the
     Trainer sees them), each teacher's batch under "teacher", by teacher name (None:
     the single teacher; absent without teacher encoders), and per-sample metadata: `sample_index` (row in the data
-    file), `sample_ids` and `image_counts`.
+    file), `sample_ids`, `image_counts` and the `conversations` themselves (a source that
+    reads the text, a served teacher, takes them from there).
 
     ``on_collate(conversations, batch)``, when given, hears of every batch the data
     loader collates (a served teacher sends its requests then: the loader collates a
@@ -102,6 +103,7 @@ class KDCollator:
             }
         batch["sample_index"] = torch.tensor([c.index for c in conversations], dtype=torch.long)
         batch["sample_ids"] = [c.id for c in conversations]
+        batch["conversations"] = list(conversations)
         batch["image_counts"] = image_counts(encoded)
         if announce and self.on_collate is not None:
             self.on_collate(conversations, batch)

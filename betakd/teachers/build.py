@@ -22,7 +22,7 @@ from betakd.teachers.cache_reader import CachedTeacher, TeacherCache
 from betakd.teachers.ensemble import TeacherEnsemble
 from betakd.teachers.online import OnlineTeacher
 from betakd.teachers.protocol import TeacherSource
-from betakd.teachers.served import RecordConversations, ServedTeacher
+from betakd.teachers.served import ServedTeacher
 from betakd.teachers.text_aligned import TextAlignedTeacher
 from betakd.teachers.vllm_client import ServedTeacherError, TeacherServer
 
@@ -344,7 +344,6 @@ def served_source(
         server.check_token_api()
     return ServedTeacher(
         server,
-        RecordConversations(config.data.train_file, config.data.image_folder),
         vocab_rows=vocab,
         top_k=settings.top_k,
         images=adapter.multimodal,

@@ -67,6 +67,8 @@ class BatchMeta:
     # Each teacher's own encoding by teacher name (None: the single teacher), when the
     # collator made them; an ensemble hands each member its own as the single one.
     teacher_batches: dict = field(default_factory=dict)
+    # The batch's samples as collated (text, images, metadata), when the collator kept them.
+    conversations: Sequence | None = None
     # The rows carry the student's own answers (on-policy), not the data's: a source
     # that reads the data's conversations (a served teacher) scores these instead.
     student_answers: bool = False
@@ -84,6 +86,7 @@ class BatchMeta:
             sample_index=inputs.pop("sample_index"),
             image_counts=inputs.pop("image_counts").tolist(),
             teacher_batches=inputs.pop("teacher", {}),
+            conversations=inputs.pop("conversations", None),
             student_answers=inputs.pop("student_answers", False),
         )
 

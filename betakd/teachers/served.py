@@ -35,7 +35,7 @@ from torch import Tensor
 
 from betakd.align import AlignedPositions, align_positions, instance_representation
 from betakd.data import KDCollator
-from betakd.data.records import Conversation, load_records, parse_record
+from betakd.data.records import Conversation
 from betakd.labels import IGNORE_INDEX, supervised
 from betakd.teachers.protocol import BatchMeta, TeacherTargets
 from betakd.teachers.targets import LOG_TAIL_FLOOR, TopKLogits
@@ -249,21 +249,10 @@ def topk_targets(
 # --------------------------------------------------------------------------- source
 
 
-class RecordConversations:
-    """The conversations at given rows of a LLaVA-format data file (read once)."""
-
-    def __init__(self, train_file, image_folder) -> None:
-        self.records = load_records(train_file)
-        self.image_folder = image_folder
-
-    def __call__(self, indices: Sequence[int]) -> list[Conversation]:
-        return [parse_record(self.records[i], i, self.image_folder) for i in indices]
-
-
 class ServedTeacher:
     """A teacher source whose targets come from a :class:`TeacherServer`.
 
-    ``conversations(indices)`` gives the samples at these rows of the data file;
+    The samples' text and images come with each batch (``BatchMeta.conversations``);
     ``images``: send them (the student is a VLM); ``tokenizer`` decodes tokens in error
     messages; ``image_token_ids``: the tokens that stand for images; ``representation``:
     None or ``"teacher_confidence"`` (the weighting's h(x) from the top-k,
@@ -285,7 +274,6 @@ class ServedTeacher:
     def __init__(
         self,
         server: TeacherServer,
-        conversations,
         *,
         vocab_rows: int,
         top_k: int,
@@ -302,7 +290,6 @@ class ServedTeacher:
                 f"a served teacher cannot give the representation {representation!r}"
             )
         self.server = server
-        self.conversations = conversations
         self.vocab_rows = vocab_rows
         self.top_k = top_k
         self.images = images
@@ -432,7 +419,12 @@ class ServedTeacher:
         if sent is not None:
             answers = sent.result()
         else:
-            bodies = self.requests(endpoint, student_batch, self.conversations(indices))
+            if meta.conversations is None:
+                raise ValueError(
+                    "the served teacher reads the samples' conversations from the batch: "
+                    "collate with betakd's KDCollator"
+                )
+            bodies = self.requests(endpoint, student_batch, meta.conversations)
             answers = self.server.post_all(endpoint, bodies, names)
         samples, aligned = self.aligned(endpoint, answers, student_batch, names)
         tokens, actual = topk_targets(samples, aligned, self.top_k, self.vocab_rows, names)
