@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from betakd.distill import HEAD_FILE, DistillationModule
+from betakd.distill import HEAD_FILE, DistillationHead, DistillationModule
 from betakd.files import write_json_atomic
 
 logger = logging.getLogger(__name__)
@@ -19,7 +19,8 @@ STUDENT_PREFIX = "student."
 
 
 def save_student_and_head(
-    module: DistillationModule,
+    student,
+    head: DistillationHead,
     output_dir: Path,
     *,
     processor=None,
@@ -28,7 +29,8 @@ def save_student_and_head(
 ) -> None:
     """The student in the standard format, the head, the processor and the training
     arguments (as JSON, not the pickle ``Trainer`` writes by default). ``state_dict``:
-    the module's full state as an engine gathered it (the student's part is saved)."""
+    the distillation module's full state as an engine gathered it (the student's part
+    is saved)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     student_state = None
     if state_dict is not None:
@@ -37,8 +39,8 @@ def save_student_and_head(
             for k, v in state_dict.items()
             if k.startswith(STUDENT_PREFIX)
         }
-    module.student.save_pretrained(output_dir, state_dict=student_state)
-    module.head.save(output_dir)
+    student.save_pretrained(output_dir, state_dict=student_state)
+    head.save(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)
     if arguments_json is not None:

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from betakd import config as cfg
 from betakd.build import build_trainer, training_arguments
-from betakd.checkpoints import last_complete_checkpoint
+from betakd.checkpoints import last_complete_checkpoint, save_student_and_head
 from betakd.data import DataCache, SkipReport
 from betakd.files import write_json_atomic
 from betakd.trainer import BetaKDTrainer
@@ -164,9 +164,7 @@ def save_final(trainer: BetaKDTrainer, output_dir: Path) -> None:
     if hasattr(student, "merge_and_unload"):
         student = student.merge_and_unload()
     if trainer.is_world_process_zero():
-        student.save_pretrained(output_dir)
-        trainer.processing_class.save_pretrained(output_dir)
-        trainer.head.save(output_dir)
+        save_student_and_head(student, trainer.head, output_dir, processor=trainer.processing_class)
 
 
 def release_processes() -> bool:

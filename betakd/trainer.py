@@ -223,8 +223,10 @@ class BetaKDTrainer(Trainer):
     # these three private methods are overridden (tested with transformers 5.18-5.24).
 
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        module = self.distillation_module
         save_student_and_head(
-            self.distillation_module,
+            module.student,
+            module.head,
             Path(output_dir or self.args.output_dir),
             processor=self.processing_class,
             arguments_json=self.args.to_json_string(),
