@@ -108,7 +108,7 @@ class BetaKDTrainer(Trainer):
 
     def _get_num_items_in_batch(self, batch_samples, device):
         # transformers' hook for the item count of an accumulated batch (private, no
-        # public one; tested with transformers 5.x): betakd's count replaces its own.
+        # public one; tested with transformers 5.18-5.24): betakd's count replaces its own.
         return self.num_items(batch_samples, device)
 
     def num_items(self, batch_samples, device) -> torch.Tensor:
