@@ -557,3 +557,37 @@ def test_a_killed_server_stops_the_run_naming_the_step_and_resume_finishes_it(
         server.start()
         run_training(broken, resume=True)
     assert_same_final_state(tmp_path / "a", tmp_path / "b", atol=1e-5)
+
+
+def test_a_server_stops_when_the_process_that_started_it_is_killed(
+    vllm_environment, tiny_model_dir, tmp_path
+):
+    """A test run killed with SIGKILL (no fixture teardown) leaves no vLLM server."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    copy = servable_copy(tiny_model_dir("llama", "teacher"), tmp_path / "llama-teacher")
+    starter = (
+        "import sys, time\n"
+        "from betakd.testing.vllm_server import VLLMServer\n"
+        f"server = VLLMServer({str(copy)!r}).start()\n"
+        "print(server.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True)
+    server_pid = int(parent.stdout.readline())
+    group = os.getpgid(server_pid)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)  # raises once no process of the server's group is left
+        except ProcessLookupError:
+            return
+        time.sleep(0.5)
+    os.killpg(group, signal.SIGKILL)
+    pytest.fail("the vLLM server outlived the process that started it")

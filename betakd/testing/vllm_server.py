@@ -22,6 +22,7 @@ group (vLLM starts several processes).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ TORCH_VERSION = "2.13.0"
 TORCHVISION_VERSION = "0.28.0"
 DEFAULT_ENV = Path("~/.cache/betakd/vllm-env").expanduser()
 READY_TIMEOUT = 240.0
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 class VLLMError(RuntimeError):
@@ -130,6 +132,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_with_parent():
+    """For ``Popen(preexec_fn=...)``: on Linux, the child gets a SIGTERM when the process
+    that started it dies, even by SIGKILL (vLLM then shuts its engine processes down), so
+    a killed test run leaves no server behind; elsewhere None. libc is loaded here, in
+    the parent: the forked child only makes the call."""
+    if sys.platform != "linux":
+        return None
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def set_death_signal() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+
+    return set_death_signal
+
+
 class VLLMServer:
     """``vllm serve model_dir`` on 127.0.0.1, started in its own process group.
 
@@ -178,7 +196,12 @@ class VLLMServer:
         env.pop("PYTHONPATH", None)
         out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            self.args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            self.args,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=stop_with_parent(),
         )
         self.wait_ready()
         return self
