@@ -25,6 +25,7 @@ import torch
 
 from betakd.demo import run as demo
 from betakd.demo.evaluation import test_samples
+from betakd.demo.scenario import demo_config, settings_from, student_init
 from betakd.demo.strategies import select
 from betakd.demo.teacher import ensure_teacher, prepare_data
 
@@ -38,9 +39,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    config = demo.demo_config(quick=False)
+    config = demo_config(quick=False)
     (strategy,) = select(config, [args.strategy])
-    settings = demo.settings_from(config, test_questions=args.test_questions)
+    settings = settings_from(config, test_questions=args.test_questions)
     if args.steps:
         settings = replace(settings, steps=args.steps)
     data = prepare_data(config)
@@ -49,7 +50,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
-        inits = {seed: demo.student_init(config, out, seed) for seed in args.seeds}
+        inits = {seed: student_init(config, out, seed) for seed in args.seeds}
         cache_dir = demo.ensure_teacher_cache(config, teacher, inits[args.seeds[0]], data, settings)
         for seed in args.seeds:
             for source, source_cache in (("online", None), ("cache", cache_dir)):

@@ -186,8 +186,8 @@ def demo(quick, seeds, strategies, overrides, jobs, diagnose, scenario, output) 
     from betakd.demo import cross_tokenizer, on_policy, two_teachers
     from betakd.demo.config import DemoConfigError
     from betakd.demo.feature_channel import run_feature_channel
-    from betakd.demo.run import DemoRunError, run_demo
-    from betakd.demo.scenario import run_scenario
+    from betakd.demo.run import run_demo
+    from betakd.demo.scenario import DemoRunError, run_scenario
 
     names = [n.strip() for n in strategies.split(",") if n.strip()] if strategies else None
     scenarios = {

@@ -46,9 +46,10 @@ class KDCollator:
 
     Output: the student's model inputs and `labels` at the top level (so the
     Trainer sees them), each teacher's batch under "teacher", by teacher name (None:
-    the single teacher; absent without teacher encoders), and per-sample metadata: `sample_index` (row in the data
-    file), `sample_ids`, `image_counts` and the `conversations` themselves (a source that
-    reads the text, a served teacher, takes them from there).
+    the single teacher; absent without teacher encoders), and per-sample metadata:
+    `sample_index` (row in the data file), `sample_ids`, `image_counts` and the
+    `conversations` themselves (a source that reads the text, a served teacher, takes
+    them from there).
 
     ``on_collate(conversations, batch)``, when given, hears of every batch the data
     loader collates (a served teacher sends its requests then: the loader collates a

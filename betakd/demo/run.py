@@ -44,12 +44,6 @@ from betakd.demo.scenario import (
     Scenario,
     run_scenario,
 )
-
-# Re-exported: the names this module had before the scenario driver moved out of it.
-from betakd.demo.scenario import DemoRunError as DemoRunError
-from betakd.demo.scenario import demo_config as demo_config
-from betakd.demo.scenario import settings_from as settings_from
-from betakd.demo.scenario import student_init as student_init
 from betakd.demo.strategies import Strategy, catalogue, recommended, select
 from betakd.demo.teacher import answer_nll, cache_root, encode_file, teacher_info
 

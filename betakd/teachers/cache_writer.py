@@ -107,9 +107,9 @@ def write_cache(
 
     What is stored follows what the teacher is asked for (``teacher.contents``).
     ``fingerprint`` identifies the run's inputs (data file, tokenizer, teacher; see
-    :mod:`~betakd.teachers.cache_format`); the settings of this call are added to it. Resumable: shards already on disk
-    (complete by construction) are kept, so an interrupted run continues where it
-    stopped. ``index.json`` is written last, so a folder without it is an unfinished
+    :mod:`~betakd.teachers.cache_format`); the settings of this call are added to it.
+    Resumable: shards already on disk (complete by construction) are kept, so an
+    interrupted run continues where it stopped. ``index.json`` is written last, so a folder without it is an unfinished
     cache that readers refuse.
     """
     if shard_size < 1 or batch_size < 1 or visual_tokens < 1:

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from betakd.cli import main
 from betakd.demo.cross_tokenizer import kept_gain, other_tokenizer_config, scenario_runs
-from betakd.demo.run import demo_config
+from betakd.demo.scenario import demo_config
 
 
 def test_runs_pair_each_teacher_with_its_tokenizer_setting():
